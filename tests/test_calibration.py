@@ -1,0 +1,103 @@
+"""Calibration statistics and per-sample gradients against eager float64 references."""
+
+import pytest
+import torch
+
+from conftest import fresh_forward, tiny
+from wsvd_passes.calibration import InsertInputObservers, RemoveObservers, collect_gradients, collect_input_stats, next_token_loss
+from wsvd_passes.errors import WsvdError
+from wsvd_passes.pipeline import Pipeline
+from wsvd_passes.sites import find_sites
+
+
+def _eager_inputs(model, batches, module_name):
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, args, out, i=i: seen.setdefault(i, []).append(args[0].double()))
+             for i, m in enumerate(getattr(layer.self_attn, module_name) for layer in model.model.layers)]
+    with torch.no_grad():
+        for ids in batches:
+            model(ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    return {i: torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]) for i, xs in seen.items()}
+
+
+def test_input_stats_match_float64_reference():
+    name = "tiny-llama-gqa"
+    batches = [torch.randint(0, 384, (2, 37)), torch.randint(0, 384, (3, 11)), torch.randint(0, 384, (1, 5))]
+    stats = collect_input_stats(fresh_forward(name), batches, progress=False)
+    model = tiny(name).model
+    for role, module in (("qkv", "q_proj"), ("o", "o_proj")):
+        for i, x in _eager_inputs(model, batches, module).items():
+            got = getattr(stats[i], role)
+            assert got.tokens == x.shape[0] == 2 * 37 + 3 * 11 + 5
+            torch.testing.assert_close(got.gram, x.T @ x / x.shape[0], atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(got.absmean, x.abs().mean(0), atol=1e-6, rtol=1e-6)
+            assert got.gram.dtype == torch.float64
+
+
+def test_observers_are_removed_without_trace():
+    captured = fresh_forward("tiny-llama")
+    before = captured.gm.code
+    Pipeline([InsertInputObservers()])(captured)
+    assert "wsvd_observer_0_qkv" in captured.gm.code
+    assert len(find_sites(captured.gm)) == 2  # sites are still found through the observers
+    Pipeline([RemoveObservers()])(captured)
+    assert captured.gm.code == before
+    assert not any(n.startswith("wsvd_observer") for n, _ in captured.gm.named_children())
+
+
+def test_non_finite_statistics_are_reported():
+    captured = fresh_forward("tiny-llama")
+    site = find_sites(captured.gm)[0]
+    from wsvd_passes.graph_utils import tensor_attr
+
+    with torch.no_grad():
+        tensor_attr(captured.gm, "model.model.embed_tokens.weight")[5] = float("inf")
+    with pytest.raises(WsvdError, match=r"layer 0 q/k/v input: calibration statistics contain NaN or inf"):
+        collect_input_stats(captured, [torch.full((1, 4), 5)], progress=False)
+    assert site.layer == 0
+
+
+def test_per_sample_gradients_and_fisher_match_eager():
+    name = "tiny-qwen2"
+    captured = fresh_forward(name)
+    site = find_sites(captured.gm)[1]
+    targets = [site.k_proj.weight, site.q_proj.weight]
+    samples = [torch.randint(0, 384, (n,)) for n in (9, 23, 4)]
+    per_sample = []
+    fisher = collect_gradients(captured, samples, targets, on_sample=lambda g: per_sample.append(g), progress=False)
+
+    model = tiny(name).model
+    attn = model.model.layers[1].self_attn
+    expected = []
+    for ids in samples:
+        model.zero_grad()
+        model(ids[None], labels=ids[None], use_cache=False).loss.backward()
+        expected.append((attn.k_proj.weight.grad.clone(), attn.q_proj.weight.grad.clone()))
+    for got, (gk, gq) in zip(per_sample, expected):
+        torch.testing.assert_close(got[targets[0]], gk, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(got[targets[1]], gq, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fisher[targets[0]], torch.stack([g.square() for g, _ in expected]).mean(0), atol=1e-9, rtol=1e-4)
+    assert [p.requires_grad for p in captured.gm.parameters()] == [p.requires_grad for p in fresh_forward(name).gm.parameters()]
+
+
+def test_next_token_loss_shifts_exactly_once():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 11)
+    labels = torch.randint(0, 11, (2, 6))
+    manual = -torch.log_softmax(logits, -1)[:, :-1].gather(2, labels[:, 1:, None]).mean()
+    torch.testing.assert_close(next_token_loss(logits, labels), manual)
+    # A label shifted by one more position (the classic double shift) gives a different loss.
+    assert not torch.allclose(next_token_loss(logits, labels.roll(-1, 1)), manual)
+
+
+def test_next_token_loss_masks_and_rejects_bad_labels():
+    logits = torch.randn(1, 5, 7)
+    labels = torch.tensor([[1, 2, -100, -100, 3]])
+    manual = -torch.log_softmax(logits, -1)[0, [0, 3]].gather(1, torch.tensor([[2], [3]])).mean()
+    torch.testing.assert_close(next_token_loss(logits, labels), manual)
+    with pytest.raises(WsvdError, match="do not match logits"):
+        next_token_loss(logits, labels[:, :4])
+    with pytest.raises(WsvdError, match="every label is masked"):
+        next_token_loss(logits, torch.full((1, 5), -100))

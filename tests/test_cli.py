@@ -1,0 +1,76 @@
+"""The wsvd command line: results, JSON, and one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from wsvd_passes.cli import main
+
+
+def test_eval_prints_table_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["eval", "--model", "tiny-llama-gqa", "--max-windows", "3", "--seq-len", "64", "--quiet", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["tokens"] == 3 * 63 and result["windows"] == 3
+    assert result["data"]["source"] == "pydoc_data.topics:evaluation"
+    assert f"{result['ppl']:.3f}" in printed
+
+
+def test_eval_on_a_user_file(tmp_path):
+    data = tmp_path / "d.txt"
+    data.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    out = tmp_path / "r.json"
+    assert main(["eval", "--model", "tiny-llama", "--data", str(data), "--seq-len", "100", "--quiet", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["data"]["source"] == str(data) and result["windows"] == 9
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--model", "no-such-model"], "unknown model 'no-such-model'"),
+    (["eval", "--model", "tiny-llama", "--data", "/nonexistent.txt"], "does not exist"),
+    (["eval", "--model", "tiny-llama", "--max-windows", "0"], "--max-windows 0 must be at least 1"),
+])
+def test_bad_input_gives_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def _run_cli(*argv):
+    return subprocess.run([sys.executable, "-m", "wsvd_passes.cli", *argv], capture_output=True, text=True, timeout=300)
+
+
+def test_non_decoder_checkpoint_is_refused_in_one_line(tmp_path):
+    from transformers import ViTConfig, ViTModel
+
+    ViTModel(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=20,
+                       image_size=8, patch_size=4)).save_pretrained(tmp_path)
+    proc = _run_cli("sites", "--model", str(tmp_path), "--quiet")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "holds a ViT model, which is not a causal language model" in proc.stderr
+
+
+def test_decoder_without_rope_is_refused_in_one_line(tmp_path):
+    from transformers import BertConfig, BertLMHeadModel
+
+    BertLMHeadModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=20, is_decoder=True)).save_pretrained(tmp_path)
+    proc = _run_cli("sites", "--model", str(tmp_path), "--quiet")
+    assert proc.returncode == 2 and "has no tokenizer files" in proc.stderr
+    from wsvd_passes.models import load_model
+
+    load_model("tiny-llama").tokenizer.save_pretrained(tmp_path)
+    proc = _run_cli("sites", "--model", str(tmp_path), "--quiet")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "no rotate-half rotary embedding (RoPE) on the query path" in proc.stderr
+
+
+def test_sites_command_lists_every_layer(capsys):
+    assert main(["sites", "--model", "tiny-qwen2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and lines[1].split()[2:6] == ["6", "2", "16", "96"]

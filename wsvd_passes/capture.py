@@ -1,0 +1,118 @@
+"""Capture a Hugging Face decoder with ``torch.export``.
+
+Two graphs are captured from the same eager model:
+
+- ``forward``: full-sequence logits, ``gm(input_ids [B, S]) -> logits [B, S, V]``
+  with dynamic batch and sequence dims (calibration, gradients, evaluation);
+- ``decode``: one new token against a preallocated static KV cache (transformers'
+  ExecuTorch recipe), ``gm(input_ids [B, 1], cache_position [1]) -> logits [B, 1, V]``;
+  the cache lives in mutable buffers of the graph module.
+
+Passes edit the *unlifted* graph module (``ep.module()``); parameters and buffers
+are attributes of it, reached by ``get_attr`` nodes. :meth:`CapturedGraph.reexport`
+turns the edited module back into an ``ExportedProgram``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Literal
+
+import torch
+
+from .errors import WsvdError
+
+
+class CausalLMLogits(torch.nn.Module):
+    """Wraps a causal LM so that export sees ``input_ids -> logits`` and nothing else."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+@dataclasses.dataclass
+class CapturedGraph:
+    """An editable exported graph and what is needed to call and re-export it."""
+
+    gm: torch.fx.GraphModule
+    kind: Literal["forward", "decode"]
+    example_kwargs: dict
+    dynamic_shapes: dict | None
+    config: object  # the model's (text) config: rope theta, vocab size, ...
+
+    def __call__(self, **kwargs) -> torch.Tensor:
+        return self.gm(**kwargs)
+
+    def reexport(self) -> torch.export.ExportedProgram:
+        """Export the (possibly edited) graph module again, keeping the dynamic dims."""
+        return torch.export.export(
+            self.gm, (), kwargs=self.example_kwargs, dynamic_shapes=self.dynamic_shapes, strict=False
+        )
+
+
+def _unlift(ep: torch.export.ExportedProgram) -> torch.fx.GraphModule:
+    # check_guards=False keeps the input-shape guard node out of the graph we edit;
+    # torch releases without that argument never inserted one.
+    if "check_guards" in inspect.signature(ep.module).parameters:
+        return ep.module(check_guards=False)
+    return ep.module()
+
+
+def _text_config(model: torch.nn.Module):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _export_error(e: Exception, what: str) -> WsvdError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return WsvdError(f"torch.export could not capture the {what} of this model ({type(e).__name__}: {first})")
+
+
+def capture_forward(model: torch.nn.Module, *, example_batch: int = 2, example_len: int = 17) -> CapturedGraph:
+    """Export the full-sequence forward with dynamic batch and sequence length."""
+    config = _text_config(model)
+    if getattr(model, "training", False):
+        model.eval()
+    max_len = int(getattr(config, "max_position_embeddings", 4096))
+    example = torch.zeros(example_batch, example_len, dtype=torch.long)
+    dynamic = {"input_ids": {0: torch.export.Dim("batch", max=1024), 1: torch.export.Dim("seq", min=2, max=max_len)}}
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(
+                CausalLMLogits(model), (), kwargs={"input_ids": example}, dynamic_shapes=dynamic, strict=False
+            )
+    except Exception as e:  # noqa: BLE001 - re-raised as one user-facing line
+        raise _export_error(e, "full-sequence forward") from e
+    return CapturedGraph(_unlift(ep), "forward", {"input_ids": example}, dynamic, config)
+
+
+def capture_decode(model: torch.nn.Module, *, batch_size: int = 1, max_cache_len: int = 256) -> CapturedGraph:
+    """Export one decode step over a static KV cache of ``max_cache_len`` positions."""
+    from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
+
+    config = _text_config(model)
+    if getattr(model, "training", False):
+        model.eval()
+    generation_config = getattr(model, "generation_config", None)
+    saved = getattr(generation_config, "cache_implementation", None)
+    try:
+        if generation_config is not None:
+            generation_config.cache_implementation = "static"
+        wrapper = TorchExportableModuleForDecoderOnlyLM(model, batch_size=batch_size, max_cache_len=max_cache_len)
+        example = {
+            "input_ids": torch.zeros(batch_size, 1, dtype=torch.long),
+            "cache_position": torch.zeros(1, dtype=torch.long),
+        }
+        with torch.no_grad():
+            ep = wrapper.export(**example, strict=True)  # non-strict lifts the cache as constants
+    except Exception as e:  # noqa: BLE001 - re-raised as one user-facing line
+        raise _export_error(e, "static-cache decode step") from e
+    finally:
+        if generation_config is not None:
+            generation_config.cache_implementation = saved
+    return CapturedGraph(_unlift(ep), "decode", example, None, config)

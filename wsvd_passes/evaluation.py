@@ -1,0 +1,71 @@
+"""Language-model evaluation on token windows: perplexity, KL to a reference, top-1 agreement.
+
+Over windows of S tokens each position t < S-1 predicts token t+1 (the shift of
+:func:`~wsvd_passes.calibration.next_token_loss`). With ``N`` scored positions:
+
+    ppl  = exp( (1/N) sum -log p(x_{t+1} | x_<=t) )
+    kl   = (1/N) sum KL( p_ref(. | x_<=t) || p(. | x_<=t) )      (nats)
+    top1 = (1/N) sum [argmax p_ref = argmax p]
+
+Both models see the same windows in the same batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .errors import WsvdError
+
+Logits = Callable[[torch.Tensor], torch.Tensor]  # int64 [B, S] -> float [B, S, V]
+
+
+@dataclasses.dataclass
+class EvalResult:
+    ppl: float
+    tokens: int
+    nll: float  # mean negative log-likelihood, nats/token
+    kl: float | None = None
+    top1: float | None = None
+    ref_ppl: float | None = None
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+def evaluate(
+    logits_fn: Logits,
+    windows: torch.Tensor,
+    *,
+    reference: Logits | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> EvalResult:
+    """Score ``logits_fn`` on ``windows`` (int64 [n, S]); compare with ``reference`` if given."""
+    if windows.ndim != 2 or windows.shape[1] < 2:
+        raise WsvdError(f"evaluation windows must be [n, S>=2] token ids, got {tuple(windows.shape)}")
+    nll = kl = agree = ref_nll = 0.0
+    tokens = 0
+    with torch.no_grad():
+        for start in tqdm(range(0, len(windows), batch_size), desc="evaluation", disable=not progress):
+            ids = windows[start : start + batch_size]
+            target = ids[:, 1:].reshape(-1)
+            logp = F.log_softmax(logits_fn(ids)[:, :-1].double(), -1).reshape(target.numel(), -1)
+            nll += float(-logp.gather(1, target[:, None]).sum())
+            tokens += target.numel()
+            if reference is not None:
+                ref = F.log_softmax(reference(ids)[:, :-1].double(), -1).reshape(target.numel(), -1)
+                ref_nll += float(-ref.gather(1, target[:, None]).sum())
+                kl += float((ref.exp() * (ref - logp)).sum())
+                agree += float((ref.argmax(-1) == logp.argmax(-1)).sum())
+    if not math.isfinite(nll):
+        raise WsvdError("the model produced non-finite log-probabilities on the evaluation data")
+    result = EvalResult(ppl=math.exp(nll / tokens), tokens=tokens, nll=nll / tokens)
+    if reference is not None:
+        result.kl, result.top1, result.ref_ppl = kl / tokens, agree / tokens, math.exp(ref_nll / tokens)
+    return result

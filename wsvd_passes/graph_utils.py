@@ -1,0 +1,75 @@
+"""Small helpers for editing an unlifted export graph module.
+
+Export attributes every node to a module through ``meta["nn_module_stack"]`` and
+records its output in ``meta["val"]``; a node created without them is attributed to
+the root after re-export and breaks site finding. Every pass therefore creates
+nodes through these helpers, which copy metadata from the node being replaced.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule, Node
+
+_COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "torch_fn")
+
+
+def copy_meta(new: Node, like: Node, *, val=None) -> Node:
+    """Give ``new`` the module attribution of ``like``; ``val`` is its example output, if known."""
+    for key in _COPIED_META:
+        if key in like.meta:
+            new.meta[key] = like.meta[key]
+    if val is not None:
+        new.meta["val"] = val
+    return new
+
+
+def owner_and_name(target: str) -> tuple[str, str]:
+    """Split 'a.b.c' into ('a.b', 'c')."""
+    owner, _, name = target.rpartition(".")
+    return owner, name
+
+
+def add_tensor_attr(gm: GraphModule, target: str, value: torch.Tensor, *, parameter: bool) -> None:
+    """Register ``value`` at dotted ``target`` as a parameter or (persistent) buffer.
+
+    Intermediate submodules are created as empty ``nn.Module`` when missing.
+    """
+    owner_path, name = owner_and_name(target)
+    owner = gm
+    for part in filter(None, owner_path.split(".")):
+        if not hasattr(owner, part):
+            owner.add_module(part, torch.nn.Module())
+        owner = getattr(owner, part)
+    if hasattr(owner, name):
+        raise ValueError(f"{target} already exists in the graph module")
+    if parameter:
+        owner.register_parameter(name, torch.nn.Parameter(value, requires_grad=value.is_floating_point()))
+    else:
+        owner.register_buffer(name, value)
+
+
+def get_attr_node(gm: GraphModule, target: str, like: Node) -> Node:
+    """A ``get_attr`` node for ``target`` placed before ``like`` and attributed to its module."""
+    with gm.graph.inserting_before(like):
+        node = gm.graph.get_attr(target)
+    value = gm.get_parameter(target) if target in dict(gm.named_parameters()) else gm.get_buffer(target)
+    return copy_meta(node, like, val=torch.empty_like(value, device="meta"))
+
+
+def tensor_attr(gm: GraphModule, target: str) -> torch.Tensor:
+    """The parameter or buffer stored at ``target``."""
+    owner_path, name = owner_and_name(target)
+    return getattr(gm.get_submodule(owner_path) if owner_path else gm, name)
+
+
+def remove_attr_if_unused(gm: GraphModule, target: str) -> None:
+    """Delete a parameter/buffer no node uses any more (else it survives re-export),
+    with its dangling ``get_attr`` nodes."""
+    readers = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == target]
+    if any(n.users for n in readers):
+        return
+    for n in readers:
+        gm.graph.erase_node(n)
+    owner_path, name = owner_and_name(target)
+    delattr(gm.get_submodule(owner_path) if owner_path else gm, name)
