@@ -9,7 +9,9 @@ Two graphs are captured from the same eager model:
   the cache lives in mutable buffers of the graph module.
 
 Passes edit the *unlifted* graph module (``ep.module()``); parameters and buffers
-are attributes of it, reached by ``get_attr`` nodes. :meth:`CapturedGraph.reexport`
+are attributes of it, reached by ``get_attr`` nodes. They share storage with the
+eager model (no copy is made), so passes replace tensors and never write into
+existing ones. :meth:`CapturedGraph.reexport`
 turns the edited module back into an ``ExportedProgram``.
 """
 
