@@ -2,6 +2,8 @@
 
     wsvd eval  --model NAME|PATH [--data FILE] [--json OUT]   perplexity on the evaluation text
     wsvd sites --model NAME|PATH                              the attention sites found in the graph
+    wsvd compress --model NAME|PATH --recipe R --rho1 X --out DIR
+    wsvd table --model NAME --recipes R1,R2 --rho1 0.9,0.5 --json OUT
 
 Problems with the input print one ``error:`` line and exit with status 2.
 """
@@ -9,6 +11,7 @@ Problems with the input print one ``error:`` line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -40,7 +43,31 @@ def _parser() -> argparse.ArgumentParser:
 
     si = sub.add_parser("sites", help="list the attention sites found in the captured graph")
     _add_model(si)
+
+    co = sub.add_parser("compress", help="compress Q/K/V with one recipe and save the result")
+    _add_model(co)
+    co.add_argument("--recipe", required=True, help="see `wsvd_passes.recipes` (svd, asvd, svd-llm, qsvd-noq, wsvd-noft, wsvd-noq)")
+    co.add_argument("--rho1", type=float, required=True, help="kept fraction of Q/K/V parameters, in (0, 1]")
+    co.add_argument("--out", required=True, help="output directory")
+    _add_calibration(co)
+    co.add_argument("--json", dest="json_out", help="also write the report to this JSON file")
+
+    ta = sub.add_parser("table", help="perplexity / KL / top-1 of recipes at several ratios (WSVD Table 1 analog)")
+    _add_model(ta)
+    ta.add_argument("--recipes", default="svd,asvd,svd-llm,qsvd-noq,wsvd-noft,wsvd-noq")
+    ta.add_argument("--rho1", default="0.9,0.8,0.7,0.6,0.5", help="comma-separated ratios")
+    ta.add_argument("--data", help="evaluation text file (default: evaluation half of pydoc_data.topics)")
+    ta.add_argument("--eval-windows", type=int, default=32, help="evaluation windows (default 32)")
+    _add_calibration(ta)
+    ta.add_argument("--json", dest="json_out", help="write the rows to this JSON file")
     return parser
+
+
+def _add_calibration(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib-data", help="calibration text file (default: calibration half of pydoc_data.topics)")
+    p.add_argument("--calib-windows", type=int, default=64, help="calibration windows (default 64)")
+    p.add_argument("--grad-samples", type=int, default=None, help="windows used for gradients (default: all)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
 
 
 def _environment() -> dict:
@@ -107,11 +134,124 @@ def _quiet_libraries(quiet: bool) -> None:
         transformers.utils.logging.disable_progress_bar()
 
 
+def _prepare(args, recipe_names: list[str]):
+    from .capture import capture_forward
+    from .compress import calibrate
+    from .data import text_source, token_windows
+    from .models import load_model
+    from .recipes import get_recipe
+
+    recipes = [get_recipe(n.strip()) for n in recipe_names]
+    lm = load_model(args.model)
+    text, provenance = text_source(args.calib_data, "calibration")
+    windows = token_windows(lm.tokenizer, text, args.seq_len, args.calib_windows)
+    captured = capture_forward(lm.model)
+    start = time.perf_counter()
+    calib = calibrate(captured, windows, recipes, grad_samples=args.grad_samples, progress=not args.quiet)
+    provenance.update(windows=len(windows), seq_len=args.seq_len, grad_samples=calib.samples,
+                      seconds=round(time.perf_counter() - start, 1))
+    return lm, captured, calib, recipes, provenance
+
+
+def _parse_rho1(text: str) -> list[float]:
+    from .errors import WsvdError
+
+    try:
+        values = [float(v) for v in str(text).split(",")]
+    except ValueError:
+        raise WsvdError(f"--rho1 {text!r} is not a comma-separated list of numbers") from None
+    for v in values:
+        if not 0 < v <= 1:
+            raise WsvdError(f"rho1 {v} is outside (0, 1]: it is the kept fraction of Q/K/V parameters")
+    return values
+
+
+def _factored_copy(captured, calib, recipe, rho1):
+    import copy
+
+    from .compress import factor_plan
+    from .factorize import FactorizeQKV
+    from .pipeline import Pipeline
+
+    plan, report = factor_plan(calib, recipe, rho1)
+    compressed = copy.deepcopy(captured)
+    Pipeline([FactorizeQKV(plan)])(compressed)
+    return compressed, report
+
+
+def cmd_compress(args) -> dict:
+    import torch
+    from safetensors.torch import save_file
+
+    (rho1,) = _parse_rho1(args.rho1)
+    lm, captured, calib, (recipe,), provenance = _prepare(args, [args.recipe])
+    compressed, report = _factored_copy(captured, calib, recipe, rho1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    factors = {k: v.detach().contiguous() for k, v in compressed.gm.state_dict().items() if ".wsvd." in k}
+    save_file(factors, out / "factors.safetensors")
+    torch.export.save(compressed.reexport(), out / "model.pt2")
+    manifest = {"model": lm.name, "recipe": dataclasses.asdict(recipe), "rho1_target": rho1, **report.as_dict(),
+                "calibration": provenance, "environment": _environment()}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    print(f"{recipe.name}: rho1 {report.rho1:.3f} rho2 {report.rho2:.3f} -> {out}")
+    return manifest
+
+
+class _MemoLogits:
+    """Reference logits computed once per evaluation batch and reused for every row."""
+
+    def __init__(self, fn):
+        self.fn, self.memo = fn, {}
+
+    def __call__(self, ids):
+        key = ids.numpy().tobytes()
+        if key not in self.memo:
+            self.memo[key] = self.fn(ids)
+        return self.memo[key]
+
+
+def cmd_table(args) -> list[dict]:
+    from .data import text_source, token_windows
+    from .evaluation import evaluate
+
+    rhos = _parse_rho1(args.rho1)
+    lm, captured, calib, recipes, provenance = _prepare(args, args.recipes.split(","))
+    text, eval_source = text_source(args.data, "evaluation")
+    windows = token_windows(lm.tokenizer, text, args.seq_len, args.eval_windows)
+    reference = _MemoLogits(lambda ids: captured.gm(input_ids=ids))
+    fp = evaluate(reference, windows, progress=not args.quiet)
+    rows = [{"recipe": "fp", "rho1": 1.0, "rho2": 1.0, "bits": 16, "ppl": fp.ppl, "kl": 0.0, "top1": 1.0,
+             "tokens": fp.tokens}]
+    header = f"{'recipe':<11}{'rho1':>6}{'got':>7}{'rho2':>7}{'bits':>5}{'ppl':>10}{'kl':>9}{'top1':>8}{'sec':>6}"
+    print(header)
+    print(f"{'fp':<11}{1.0:>6.2f}{1.0:>7.3f}{1.0:>7.3f}{16:>5}{fp.ppl:>10.3f}{0.0:>9.4f}{1.0:>8.4f}")
+    for recipe in recipes:
+        for rho1 in rhos:
+            start = time.perf_counter()
+            compressed, report = _factored_copy(captured, calib, recipe, rho1)
+            r = evaluate(lambda ids: compressed.gm(input_ids=ids), windows, reference=reference, progress=False)
+            seconds = time.perf_counter() - start
+            rows.append({"recipe": recipe.name, "rho1": rho1, "rho1_achieved": report.rho1, "rho2": report.rho2,
+                         "bits": 16, "ppl": r.ppl, "kl": r.kl, "top1": r.top1, "tokens": r.tokens,
+                         "seconds": round(seconds, 1), "above_break_even": len(report.above_break_even)})
+            print(f"{recipe.name:<11}{rho1:>6.2f}{report.rho1:>7.3f}{report.rho2:>7.3f}{16:>5}{r.ppl:>10.3f}"
+                  f"{r.kl:>9.4f}{r.top1:>8.4f}{seconds:>6.0f}", flush=True)
+            del compressed
+    print(f"model {lm.name}; calibration {provenance['source']} ({provenance['windows']} x {provenance['seq_len']} "
+          f"tokens, {provenance['grad_samples']} gradient samples, {provenance['seconds']} s); "
+          f"evaluation {eval_source['source']} ({len(windows)} windows)")
+    for row in rows:
+        row.update(model=lm.name)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_libraries(getattr(args, "quiet", False))
     try:
-        result = {"eval": cmd_eval, "sites": cmd_sites}[args.command](args)
+        commands = {"eval": cmd_eval, "sites": cmd_sites, "compress": cmd_compress, "table": cmd_table}
+        result = commands[args.command](args)
         if getattr(args, "json_out", None):
             Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
     except WsvdError as e:

@@ -37,14 +37,26 @@ _CACHE_WRITES = {aten.index_copy_.default, aten.index_copy.default, aten.index_p
 
 
 @dataclasses.dataclass
-class Linear:
-    """One ``aten.linear(x, W, b)`` node. ``W`` is [out_features, in_features]."""
+class Projection:
+    """A q/k/v/o projection, dense ``linear(x, W, b)`` or factored ``linear(linear(x, D), U, b)``.
 
-    node: Node
-    weight: str  # get_attr target of W in the graph module
+    W is [out_features, in_features]. Factored: D is [rank, in_features] and the latent
+    C = x D^T is [.., rank]; U is [out_features, rank] (block diagonal for per-head factors,
+    and C is shared by q, k and v for joint factors). Targets are ``get_attr`` names.
+    """
+
+    node: Node  # the (outer) linear producing the projection output
+    weight: str | None  # dense W; None when factored
     bias: str | None
     out_features: int
     in_features: int
+    down: str | None = None
+    up: str | None = None
+    latent: Node | None = None
+
+    @property
+    def factored(self) -> bool:
+        return self.down is not None
 
 
 @dataclasses.dataclass
@@ -79,10 +91,10 @@ class AttentionSite:
     hidden_size: int
     scale: float  # softmax scale used by the attention call
     qkv_input: Node  # the normalised hidden state q, k and v are computed from [B, S, hidden]
-    q_proj: Linear
-    k_proj: Linear
-    v_proj: Linear
-    o_proj: Linear
+    q_proj: Projection
+    k_proj: Projection
+    v_proj: Projection
+    o_proj: Projection
     q_rope: Rope
     k_rope: Rope
     k_cache: CacheWrite | None  # None in the full-sequence graph
@@ -145,14 +157,18 @@ def _attr(gm: GraphModule, node: Node, what: str) -> str:
     return node.target
 
 
-def _linear(gm: GraphModule, node: Node, what: str, where: str) -> Linear:
+def _linear(gm: GraphModule, node: Node, what: str, where: str) -> Projection:
     node = _skip_shape_ops(node)
     if not _is(node, aten.linear.default):
         raise WsvdError(f"{where}: the {what} does not come from a linear projection (found {_describe(node)})")
     weight = _attr(gm, node.args[1], f"{what} weight")
     bias = _attr(gm, node.args[2], f"{what} bias") if len(node.args) > 2 and node.args[2] is not None else None
-    out_f, in_f = _shape(node.args[1])
-    return Linear(node, weight, bias, out_f, in_f)
+    out_f, rank = _shape(node.args[1])
+    inner = _skip_shape_ops(node.args[0])
+    if _is(inner, aten.linear.default) and len(inner.args) == 2:  # factored: x -> D -> U
+        down = _attr(gm, inner.args[1], f"{what} down-projection")
+        return Projection(node, None, bias, out_f, _shape(inner.args[1])[1], down=down, up=weight, latent=inner)
+    return Projection(node, weight, bias, out_f, rank)
 
 
 def _describe(node) -> str:
@@ -223,7 +239,7 @@ def _cache_write(gm: GraphModule, node: Node) -> tuple[Node, CacheWrite | None]:
     return value, CacheWrite(node, buffer, index, _shape(node.args[0])[2])
 
 
-def _output_projection(gm: GraphModule, attn: Node, where: str) -> Linear:
+def _output_projection(gm: GraphModule, attn: Node, where: str) -> Projection:
     node = attn
     while True:
         users = list(node.users)
