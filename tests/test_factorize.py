@@ -121,6 +121,7 @@ def test_rank_accounting_matches_the_paper_formulas():
     assert report.ranks[0]["k"] == [r] * 3
     assert report.rho1 == pytest.approx((1 + H / E) * r / H)
     assert report.rho2 == pytest.approx(r / H)
+    assert report.rho1_per_layer == pytest.approx([report.rho1] * 2) and report.rho2_per_layer == pytest.approx([r / H] * 2)
     _, report = factor_plan(calib, RECIPES["svd"], 0.5)
     r_k = math.floor(0.5 * E * 96 / (E + 96))
     assert report.ranks[0]["k"] == [r_k] and report.rho2 == pytest.approx(2 * r_k / (2 * 96))

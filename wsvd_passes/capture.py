@@ -47,9 +47,6 @@ class CapturedGraph:
     dynamic_shapes: dict | None
     config: object  # the model's (text) config: rope theta, vocab size, ...
 
-    def __call__(self, **kwargs) -> torch.Tensor:
-        return self.gm(**kwargs)
-
     def reexport(self) -> torch.export.ExportedProgram:
         """Export the (possibly edited) graph module again, keeping the dynamic dims."""
         return torch.export.export(

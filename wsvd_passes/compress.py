@@ -82,12 +82,14 @@ class FactorReport:
     rho1: float
     rho2: float
     ranks: dict[int, dict[str, list[int]]]  # layer -> proj -> ranks
+    rho1_per_layer: list[float]
     rho2_per_layer: list[float]
     above_break_even: list[tuple]
     finetune: dict | None
 
     def as_dict(self) -> dict:
-        return {"rho1": self.rho1, "rho2": self.rho2, "rho2_per_layer": self.rho2_per_layer,
+        return {"rho1": self.rho1, "rho2": self.rho2, "rho1_per_layer": self.rho1_per_layer,
+                "rho2_per_layer": self.rho2_per_layer,
                 "ranks": {str(k): v for k, v in self.ranks.items()},
                 "above_break_even": [list(k) for k in self.above_break_even], "finetune": self.finetune}
 
@@ -110,7 +112,8 @@ def factor_plan(calib: Calibration, recipe: Recipe, rho1: float | None) -> tuple
         plan[site.layer], ranks[site.layer] = _layer_factors(site, layer_groups, kept, recipe, calib, ft)
     rho2 = [_cache_width(site, ranks[site.layer], recipe.granularity) / (2 * site.n_kv_heads * site.head_dim)
             for site in calib.sites]
-    report = FactorReport(achieved_rho1(groups, kept), sum(rho2) / len(rho2), ranks, rho2,
+    rho1_layers = [achieved_rho1([g for g in groups if g.layer == s.layer], kept) for s in calib.sites]
+    report = FactorReport(achieved_rho1(groups, kept), sum(rho2) / len(rho2), ranks, rho1_layers, rho2,
                           above_break_even(groups, kept), ft)
     return plan, report
 
