@@ -10,7 +10,7 @@ from .calibration import InsertInputObservers, RemoveObservers, collect_gradient
 from .capture import CapturedGraph, capture_decode, capture_forward
 from .errors import WsvdError
 from .evaluation import EvalResult, evaluate
-from .generation import greedy_generate
+from .generation import generate, greedy_generate
 from .models import LoadedModel, load_model
 from .pipeline import GraphPass, Pipeline, same_function
 from .sites import AttentionSite, find_sites
@@ -18,5 +18,5 @@ from .sites import AttentionSite, find_sites
 __all__ = [
     "AttentionSite", "CapturedGraph", "EvalResult", "GraphPass", "InsertInputObservers", "LoadedModel", "Pipeline",
     "RemoveObservers", "WsvdError", "capture_decode", "capture_forward", "collect_gradients", "collect_input_stats",
-    "evaluate", "find_sites", "greedy_generate", "load_model", "next_token_loss", "same_function",
+    "evaluate", "find_sites", "generate", "greedy_generate", "load_model", "next_token_loss", "same_function",
 ]

@@ -23,7 +23,7 @@ import torch
 from torch.fx import GraphModule
 
 from .errors import WsvdError
-from .graph_utils import add_tensor_attr, copy_meta, get_attr_node, remove_attr_if_unused
+from .graph_utils import add_tensor_attr, copy_meta, get_attr_node, infer_val, remove_attr_if_unused
 from .lowrank import PROJECTIONS
 from .pipeline import GraphPass
 from .sites import AttentionSite
@@ -86,15 +86,15 @@ class FactorizeQKV(GraphPass):
             add_tensor_attr(gm, f"{owner}.{latent_name}_down", down.to(dtype).contiguous(), parameter=True)
             d_node = get_attr_node(gm, f"{owner}.{latent_name}_down", first)
             with gm.graph.inserting_before(first):
-                latents[latent_name] = copy_meta(
-                    gm.graph.call_function(aten.linear.default, (site.qkv_input, d_node)), first)
+                latents[latent_name] = infer_val(gm, copy_meta(
+                    gm.graph.call_function(aten.linear.default, (site.qkv_input, d_node)), first))
         for name, proj in projections.items():
             add_tensor_attr(gm, f"{owner}.{name}_up", f.ups[name].to(dtype).contiguous(), parameter=True)
             add_tensor_attr(gm, f"{owner}.{name}_ranks", torch.tensor(f.ranks[name], dtype=torch.long), parameter=False)
             u_node = get_attr_node(gm, f"{owner}.{name}_up", proj.node)
             args = (latents[f.latent_of[name]], u_node) + ((proj.node.args[2],) if len(proj.node.args) > 2 else ())
             with gm.graph.inserting_before(proj.node):
-                new = copy_meta(gm.graph.call_function(aten.linear.default, args), proj.node, val=proj.node.meta.get("val"))
+                new = infer_val(gm, copy_meta(gm.graph.call_function(aten.linear.default, args), proj.node))
             proj.node.replace_all_uses_with(new)
             gm.graph.erase_node(proj.node)
             remove_attr_if_unused(gm, proj.weight)

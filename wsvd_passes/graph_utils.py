@@ -73,3 +73,27 @@ def remove_attr_if_unused(gm: GraphModule, target: str) -> None:
         gm.graph.erase_node(n)
     owner_path, name = owner_and_name(target)
     delattr(gm.get_submodule(owner_path) if owner_path else gm, name)
+
+
+def infer_val(gm: GraphModule, node: Node) -> Node:
+    """Set ``meta["val"]`` of a new ``call_function`` node by running its op on fake tensors
+    of the graph's own fake mode (symbolic shapes included); site finding reads these shapes."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    inputs = [a for a in node.all_input_nodes if isinstance(a.meta.get("val"), FakeTensor)]
+    if not inputs:
+        raise ValueError(f"cannot infer the output of {node.name}: no input carries a fake tensor")
+    mode = inputs[0].meta["val"].fake_mode
+
+    def to_fake(a):
+        if not isinstance(a, Node):
+            return a
+        if a.op == "get_attr":
+            return mode.from_tensor(tensor_attr(gm, a.target))
+        return a.meta["val"]
+
+    args = torch.fx.node.map_aggregate(node.args, to_fake)
+    kwargs = torch.fx.node.map_aggregate(node.kwargs, to_fake)
+    with mode, torch.no_grad():
+        node.meta["val"] = node.target(*args, **kwargs)
+    return node

@@ -51,8 +51,9 @@ class Projection:
     out_features: int
     in_features: int
     down: str | None = None
-    up: str | None = None
+    up: str | None = None  # None for a latent V whose up-projection is folded into o_proj
     latent: Node | None = None
+    latent_cache: CacheWrite | None = None  # set when the latent (not K/V) is what the cache stores
 
     @property
     def factored(self) -> bool:
@@ -108,6 +109,11 @@ class AttentionSite:
     def gqa_ratio(self) -> int:
         return self.n_heads // self.n_kv_heads
 
+    @property
+    def latent_kv(self) -> bool:
+        """True when the caches hold K/V latents (after the latent-KV rewrite)."""
+        return self.k_proj.latent_cache is not None
+
 
 def _val(node: Node):
     return node.meta.get("val")
@@ -146,9 +152,13 @@ def _projection_source(linear: Node) -> Node:
     """The tensor a projection reads, walking back through shape ops and the linear
     factors of an already factored projection (x -> down -> up)."""
     node = linear.args[0]
-    while _is_passthrough(node) or _is(node, aten.linear.default):
-        node = node.args[0]
-    return node
+    while True:
+        if _is_passthrough(node) or _is(node, aten.linear.default):
+            node = node.args[0]
+        elif _is(node, *_CACHE_WRITES):
+            node = _written_value(node)
+        else:
+            return node
 
 
 def _attr(gm: GraphModule, node: Node, what: str) -> str:
@@ -164,10 +174,14 @@ def _linear(gm: GraphModule, node: Node, what: str, where: str) -> Projection:
     weight = _attr(gm, node.args[1], f"{what} weight")
     bias = _attr(gm, node.args[2], f"{what} bias") if len(node.args) > 2 and node.args[2] is not None else None
     out_f, rank = _shape(node.args[1])
-    inner = _skip_shape_ops(node.args[0])
+    inner, latent_cache = _cache_write(gm, node.args[0])  # latent KV cache: x -> D -> cache -> U
+    inner = _skip_shape_ops(inner)
     if _is(inner, aten.linear.default) and len(inner.args) == 2:  # factored: x -> D -> U
         down = _attr(gm, inner.args[1], f"{what} down-projection")
-        return Projection(node, None, bias, out_f, _shape(inner.args[1])[1], down=down, up=weight, latent=inner)
+        return Projection(node, None, bias, out_f, _shape(inner.args[1])[1], down=down, up=weight, latent=inner,
+                          latent_cache=latent_cache)
+    if latent_cache is not None:
+        raise WsvdError(f"{where}: the cached {what} latent is not produced by a down-projection")
     return Projection(node, weight, bias, out_f, rank)
 
 
@@ -230,13 +244,18 @@ def _cache_write(gm: GraphModule, node: Node) -> tuple[Node, CacheWrite | None]:
         return node, None
     buffer = _attr(gm, node.args[0], "KV cache")
     if node.target in (aten.index_copy_.default, aten.index_copy.default):
-        index, value = node.args[2], node.args[3]
+        index = node.args[2]
     else:  # index_put_(cache, (None, None, positions), value)
         indices = [i for i in node.args[1] if i is not None]
         if len(indices) != 1:
             raise WsvdError(f"cache write {node.name} indexes more than the sequence dim: unsupported cache layout")
-        index, value = indices[0], node.args[2]
-    return value, CacheWrite(node, buffer, index, _shape(node.args[0])[2])
+        index = indices[0]
+    return _written_value(node), CacheWrite(node, buffer, index, _shape(node.args[0])[2])
+
+
+def _written_value(write: Node) -> Node:
+    """The tensor a cache write stores (index_copy_(cache, dim, index, value) / index_put_(cache, idx, value))."""
+    return write.args[3] if write.target in (aten.index_copy_.default, aten.index_copy.default) else write.args[2]
 
 
 def _output_projection(gm: GraphModule, attn: Node, where: str) -> Projection:
@@ -269,18 +288,28 @@ def _site(gm: GraphModule, layer: int, attn: Node) -> AttentionSite:
     k = _linear(gm, k_rope.x, "key", where)
     v = _linear(gm, v_written, "value", where)
     o = _output_projection(gm, attn, where)
+    head_dim = _shape(q_rope.out)[-1]
+    if k.latent_cache is not None:  # latent KV cache: the caches hold K and V latents
+        k_cache = k.latent_cache
+        if v_cache is None or _shape(v_cache.node)[-1] == head_dim and v.factored:
+            raise WsvdError(f"{where}: the K latent is cached but V is not: unsupported cache layout")
+    if v_cache is not None and k.latent_cache is not None:  # V latent attended directly, up-projection folded
+        v = Projection(v.node, None, None, v.out_features, v.in_features, down=v.weight, latent=v.node,
+                       latent_cache=v_cache)
 
     qkv_input = _projection_source(q.node)
     if not (qkv_input is _projection_source(k.node) is _projection_source(v.node)):
         raise WsvdError(f"{where}: q, k and v projections do not share one input; wsvd needs a standard self-attention")
-    _, n_heads, _, head_dim = _shape(q_rope.out)
+    n_heads = _shape(q_rope.out)[1]
     n_kv_heads = _shape(k_rope.out)[1]
     hidden = _shape(qkv_input)[-1]
+    v_width = v.out_features // n_kv_heads if v.up is None and v.factored else head_dim  # latent V: its rank
     checks = [
         (q.out_features == n_heads * head_dim, f"q_proj has {q.out_features} outputs, not n_heads*head_dim = {n_heads * head_dim}"),
-        (k.out_features == v.out_features == n_kv_heads * head_dim, "k_proj/v_proj outputs differ from n_kv_heads*head_dim"),
+        (k.out_features == n_kv_heads * head_dim, "k_proj outputs differ from n_kv_heads*head_dim"),
+        (v.out_features == n_kv_heads * v_width, "v_proj outputs differ from n_kv_heads*head_dim"),
         (n_heads % n_kv_heads == 0, f"{n_heads} query heads are not a multiple of {n_kv_heads} kv heads"),
-        (o.in_features == n_heads * head_dim, "o_proj input size differs from n_heads*head_dim"),
+        (o.in_features == n_heads * v_width, "o_proj input size differs from n_heads * value width"),
         ((k_expand is None) == (n_heads == n_kv_heads), "GQA expansion does not match the head counts"),
         ((k_cache is None) == (v_cache is None), "only one of k and v is written to a cache"),
     ]
