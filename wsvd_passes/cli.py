@@ -4,6 +4,7 @@
     wsvd sites --model NAME|PATH                              the attention sites found in the graph
     wsvd compress --model NAME|PATH --recipe R --rho1 X --out DIR
     wsvd table --model NAME --recipes R1,R2 --rho1 0.9,0.5 --json OUT
+    wsvd generate --model NAME|PATH --prompt TEXT [--recipe wsvd-noq --rho1 X] [--no-lower] [--no-compile]
 
 Problems with the input print one ``error:`` line and exit with status 2.
 """
@@ -60,6 +61,20 @@ def _parser() -> argparse.ArgumentParser:
     ta.add_argument("--eval-windows", type=int, default=32, help="evaluation windows (default 32)")
     _add_calibration(ta)
     ta.add_argument("--json", dest="json_out", help="write the rows to this JSON file")
+
+    ge = sub.add_parser("generate", help="generate text through the (compressed, lowered, compiled) decode graph")
+    _add_model(ge)
+    ge.add_argument("--prompt", required=True)
+    ge.add_argument("--max-new-tokens", type=int, default=32)
+    ge.add_argument("--recipe", help="compress with this per-head recipe first (wsvd-noft, wsvd-noq) and cache latents")
+    ge.add_argument("--rho1", type=float, default=0.5)
+    ge.add_argument("--no-lower", action="store_true", help="keep the un-lowered latent attention (plain aten ops)")
+    ge.add_argument("--no-compile", action="store_true", help="run the decode step eagerly (no torch.compile)")
+    ge.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ge.add_argument("--top-k", type=int, default=None)
+    ge.add_argument("--seed", type=int, default=0)
+    _add_calibration(ge)
+    ge.add_argument("--json", dest="json_out", help="also write the result to this JSON file")
     return parser
 
 
@@ -97,6 +112,60 @@ def cmd_eval(args) -> dict:
     print(f"{lm.name[-16:]:<16}{provenance['source'][-32:]:<32}{len(windows):>8}{result.tokens:>9}{result.ppl:>10.3f}")
     return {"model": lm.name, "data": provenance, "seq_len": args.seq_len, "windows": len(windows),
             **result.as_dict(), "seconds": round(seconds, 2), "environment": _environment()}
+
+
+def cmd_generate(args) -> dict:
+    import torch
+
+    from .capture import capture_decode
+    from .factorize import FactorizeQKV
+    from .generation import generate
+    from .latent_kv import LatentKVCache
+    from .pipeline import Pipeline
+
+    if args.max_new_tokens < 1:
+        raise WsvdError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
+    if args.recipe:
+        (rho1,) = _parse_rho1(args.rho1)
+        args.grad_samples = args.grad_samples or min(args.calib_windows, 16)
+        lm, captured, calib, (recipe,), _ = _prepare(args, [args.recipe])
+        from .compress import factor_plan
+
+        plan, report = factor_plan(calib, recipe, rho1)
+    else:
+        from .models import load_model
+
+        lm, plan = load_model(args.model), None
+    prompt = lm.tokenizer(args.prompt, return_tensors="pt").input_ids
+    decoder = capture_decode(lm.model, max_cache_len=prompt.shape[1] + args.max_new_tokens)
+    path = "dense decode graph"
+    if plan is not None:
+        rewrite = LatentKVCache(decoder.config)
+        Pipeline([FactorizeQKV(plan), rewrite])(decoder)
+        path = f"{args.recipe} rho1 {report.rho1:.2f}, latent cache {rewrite.bytes.ratio:.3f} of dense"
+        if not args.no_lower:
+            import lowering
+
+            lowering.lower(decoder)
+            path += ", lowered to wsvd::latent_attention"
+    step = decoder.gm
+    if not args.no_compile:
+        import lowering
+
+        step = lowering.compile_step(decoder)
+        path += ", torch.compile"
+    kwargs = dict(temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    generate(decoder, prompt, 1, step=step, **kwargs)  # warm-up (compilation)
+    start = time.perf_counter()
+    tokens = generate(decoder, prompt, args.max_new_tokens, step=step, **kwargs)
+    seconds = time.perf_counter() - start
+    text = lm.tokenizer.decode(tokens[0, prompt.shape[1]:], skip_special_tokens=True)
+    steps = tokens.shape[1] - 1
+    print(f"[{path}]")
+    print(args.prompt + text)
+    print(f"{steps} decode steps in {seconds:.2f} s ({steps / seconds:.1f} steps/s, prompt fed token by token)")
+    return {"model": lm.name, "path": path, "prompt": args.prompt, "completion": text,
+            "tokens": tokens[0].tolist(), "steps_per_second": steps / seconds, "environment": _environment()}
 
 
 def cmd_sites(args) -> dict:
@@ -250,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_libraries(getattr(args, "quiet", False))
     try:
-        commands = {"eval": cmd_eval, "sites": cmd_sites, "compress": cmd_compress, "table": cmd_table}
+        commands = {"eval": cmd_eval, "sites": cmd_sites, "compress": cmd_compress, "table": cmd_table,
+                    "generate": cmd_generate}
         result = commands[args.command](args)
         if getattr(args, "json_out", None):
             Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")

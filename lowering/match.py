@@ -1,0 +1,72 @@
+"""Lowering pass: attention over a latent KV cache -> one ``wsvd::latent_attention`` node.
+
+Matched per attention site (as left by :class:`wsvd_passes.latent_kv.LatentKVCache`):
+
+    SDPA(q_rot, GQA(RoPE_tables(unflatten(linear(flatten(CK_cache), U_k)))), GQA(CV_cache), mask)
+
+where RoPE uses the rewrite's tables for positions 0..L-1 and the mask admits the
+cache indices up to the current one. It becomes
+
+    latent_attention(q_rot[:, :, 0], CK_cache, B_K, CV_cache, index + 1, inv_freq, scale, a)[:, :, None]
+
+with B_K [n_kv, r_k, D] the diagonal blocks of U_k, transposed. Everything the K
+rebuild computed becomes dead and is removed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule
+
+import lowering.ops  # noqa: F401  (registers torch.ops.wsvd.latent_attention)
+from wsvd_passes.errors import WsvdError
+from wsvd_passes.graph_utils import add_tensor_attr, copy_meta, get_attr_node, infer_val, tensor_attr
+from wsvd_passes.latent_kv import ROPE_COS, ROPE_INV_FREQ, ROPE_SCALING, ROPE_SIN
+from wsvd_passes.pipeline import GraphPass
+from wsvd_passes.sites import AttentionSite
+
+aten = torch.ops.aten
+
+
+class LowerLatentAttention(GraphPass):
+    """Replace every latent-cache attention by the fused op."""
+
+    def transform(self, gm: GraphModule, sites: list[AttentionSite]) -> bool:
+        if not all(s.latent_kv for s in sites):
+            raise WsvdError("the graph does not cache K/V latents: run LatentKVCache before lowering")
+        inv_freq = get_attr_node(gm, ROPE_INV_FREQ, sites[0].attention)
+        scaling = float(tensor_attr(gm, ROPE_SCALING))
+        for site in sites:
+            self._lower(gm, site, inv_freq, scaling)
+        gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure(impure_random=False))
+        return True
+
+    @staticmethod
+    def _lower(gm: GraphModule, site: AttentionSite, inv_freq, scaling: float) -> None:
+        where = f"layer {site.layer}"
+        for node, name in ((site.k_rope.cos, ROPE_COS), (site.k_rope.sin, ROPE_SIN)):
+            if not (node.op == "get_attr" and node.target == name):
+                raise WsvdError(f"{where}: keys are not rotated with the cache-position RoPE tables; cannot lower")
+        n_kv, H = site.n_kv_heads, site.head_dim
+        U_k = tensor_attr(gm, site.k_proj.up).detach()
+        r_k = U_k.shape[1] // n_kv
+        bk = torch.stack([U_k[h * H : (h + 1) * H, h * r_k : (h + 1) * r_k].T for h in range(n_kv)]).contiguous()
+        owner = site.k_proj.up.rpartition(".")[0]
+        add_tensor_attr(gm, f"{owner}.k_up_heads", bk, parameter=True)
+        attn = site.attention
+        graph = gm.graph
+
+        def call(op, *args):
+            with graph.inserting_before(attn):
+                return infer_val(gm, copy_meta(graph.call_function(op, args), attn))
+
+        batch = site.q_rope.out.meta["val"].shape[0]
+        lengths = call(aten.expand.default, call(aten.add.Tensor, site.k_cache.index, 1), [batch])
+        q = call(aten.squeeze.dim, site.q_rope.out, 2)
+        out = call(torch.ops.wsvd.latent_attention.default, q, site.k_cache.node,
+                   get_attr_node(gm, f"{owner}.k_up_heads", attn), site.v_cache.node, lengths, inv_freq,
+                   site.scale, scaling)
+        dtype = attn.meta["val"].dtype
+        if dtype != torch.float32:
+            out = call(aten.to.dtype, out, dtype)
+        attn.replace_all_uses_with(call(aten.unsqueeze.default, out, 2))

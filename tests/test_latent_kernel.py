@@ -1,0 +1,193 @@
+"""The fused latent-KV decode attention (Triton kernel and PyTorch version) against the float64 reference.
+
+Inputs are random with peaked attention (q scaled so that the scores have a standard deviation
+of PEAK, far from uniform), awkward sizes (lengths 1, 63, 65, 4099; ranks 29 and 37 with heads
+of lower rank padded with zeros; r_v != r_k) and the latents in float32, bfloat16 or int8. Each
+implementation is compared with the reference computed from the same rounded/quantised inputs.
+The Triton kernel runs on CUDA, else on the CPU under TRITON_INTERPRET=1.
+"""
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kernels.latent_attention import latent_decode_attention_triton
+from kernels.reference import latent_decode_attention_reference, latent_decode_attention_torch
+from wsvd_passes.rope import rope_tables
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+TRITON = CUDA or os.environ.get("TRITON_INTERPRET") == "1"
+needs_triton = pytest.mark.skipif(not TRITON, reason="the Triton kernel needs CUDA or TRITON_INTERPRET=1")
+IMPLS = [pytest.param(latent_decode_attention_triton, id="triton", marks=needs_triton),
+         pytest.param(latent_decode_attention_torch, id="torch")]
+PEAK = 4.0
+TOL = {"float32": 1e-4, "bfloat16": 1e-3, "float16": 1e-3, "int8": 1e-4}  # times the output's largest entry
+
+
+def _quantise(c: torch.Tensor, dtype: str):
+    if dtype != "int8":
+        return c.to(getattr(torch, dtype)), None
+    scale = c.abs().amax(dim=-1).clamp_min(1e-6) / 127  # per (token, head)
+    return (c / scale[..., None]).round().clamp(-127, 127).to(torch.int8), scale
+
+
+def make_case(lengths, *, n_q=6, n_kv=2, head_dim=64, r_k=29, r_v=19, head_ranks=None, dtype="float32",
+              attention_scaling=1.0, extra=5, seed=0):
+    """Keyword arguments of the three functions; cache capacity max(lengths) + extra."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, max_len = len(lengths), max(lengths) + extra
+    bk = torch.randn(n_kv, r_k, head_dim, generator=gen) / math.sqrt(max(r_k, 1))
+    ck = torch.randn(batch, n_kv, max_len, r_k, generator=gen)
+    for h, rank in enumerate(head_ranks or []):  # a lossy head of lower rank: zero rows of bk, zero latents
+        bk[h, rank:] = 0
+        ck[:, h, :, rank:] = 0
+    cv = torch.randn(batch, n_kv, max_len, r_v, generator=gen)
+    q = torch.randn(batch, n_q, head_dim, generator=gen) * PEAK  # scores ~ N(0, PEAK^2)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    float_dtype = torch.float32 if dtype == "int8" else getattr(torch, dtype)
+    ck, ck_scale = _quantise(ck, dtype)
+    cv, cv_scale = _quantise(cv, dtype)
+    case = dict(q=q.to(float_dtype), ck=ck, bk=bk.to(float_dtype), cv=cv, lengths=torch.tensor(lengths),
+                inv_freq=inv_freq, scale=head_dim**-0.5, attention_scaling=attention_scaling,
+                ck_scale=ck_scale, cv_scale=cv_scale)
+    return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in case.items()}
+
+
+def assert_matches(out, ref, dtype="float32"):
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    atol = TOL[dtype] * ref.abs().max().clamp_min(1e-3).item()
+    torch.testing.assert_close(out.double().cpu(), ref.cpu(), atol=atol, rtol=0)
+
+
+# (n_q, n_kv, D, r_k, per-head ranks, r_v, attention scaling)
+CONFIGS = {"gqa3-d64": (6, 2, 64, 29, [29, 17], 19, 1.0), "gqa3-d32": (9, 3, 32, 37, [37, 5, 30], 29, 1.25)}
+
+
+def _config(name):
+    n_q, n_kv, head_dim, r_k, head_ranks, r_v, a = CONFIGS[name]
+    return dict(n_q=n_q, n_kv=n_kv, head_dim=head_dim, r_k=r_k, head_ranks=head_ranks, r_v=r_v, attention_scaling=a)
+
+
+def test_reference_matches_dense_rope_attention():
+    """The reference agrees with dense SDPA on keys roped by the model's own tables (wsvd_passes.rope)."""
+    case = make_case([5, 40], **_config("gqa3-d64"))
+    q, ck, bk, cv, lengths = (case[k].cpu().double() for k in ("q", "ck", "bk", "cv", "lengths"))
+    max_len, half = ck.shape[2], q.shape[-1] // 2
+    cos, sin = rope_tables(case["inv_freq"].cpu(), case["attention_scaling"], max_len)
+    k = ck @ bk[None]
+    k = k * cos.double() + torch.cat([-k[..., half:], k[..., :half]], dim=-1) * sin.double()
+    mask = (torch.arange(max_len) < lengths[:, None])[:, None, None, :]
+    dense = F.scaled_dot_product_attention(q[:, :, None], k, cv, attn_mask=mask, scale=case["scale"],
+                                           enable_gqa=True)[:, :, 0]
+    torch.testing.assert_close(latent_decode_attention_reference(**case).cpu(), dense, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_mixed_lengths(impl, dtype, config):
+    case = make_case([1, 63, 65], dtype=dtype, **_config(config))
+    assert_matches(impl(**case), latent_decode_attention_reference(**case), dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_long_sequence(impl, dtype):
+    case = make_case([4099], n_q=6, n_kv=2, head_dim=64, r_k=37, head_ranks=[37, 30], r_v=29, dtype=dtype, extra=0)
+    assert_matches(impl(**case), latent_decode_attention_reference(**case), dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_garbage_beyond_lengths_is_ignored(impl, dtype):
+    """Cache rows at and past lengths[b] hold infinities (int8: 127 with an infinite scale)."""
+    case = make_case([1, 63, 65], dtype=dtype, extra=40, **_config("gqa3-d64"))
+    clean = impl(**case)
+    for b, n in enumerate(case["lengths"].tolist()):
+        for name in ("ck", "cv"):
+            c = case[name]
+            c[b, :, n:] = 127 if c.dtype == torch.int8 else float("inf")
+            if c.dtype == torch.int8:
+                case[f"{name}_scale"][b, :, n:] = float("inf")
+    dirty = impl(**case)
+    assert torch.isfinite(dirty).all()
+    torch.testing.assert_close(dirty, clean, atol=0, rtol=0)
+    assert_matches(dirty, latent_decode_attention_reference(**case), dtype)
+
+
+@needs_triton
+def test_num_splits_agree():
+    """1 slice, and 3 or 7 slices of which many are empty (length 1 has 6 empty of 7), agree."""
+    case = make_case([1, 63, 65, 130], **_config("gqa3-d32"))
+    ref = latent_decode_attention_reference(**case)
+    one = latent_decode_attention_triton(**case, num_splits=1)
+    assert_matches(one, ref)
+    for num_splits in (3, 7):
+        out = latent_decode_attention_triton(**case, num_splits=num_splits)
+        torch.testing.assert_close(out, one, atol=1e-6 * ref.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_non_contiguous_inputs(impl):
+    case = make_case([20, 9], **_config("gqa3-d64"))
+    ref = latent_decode_attention_reference(**case)
+    case["q"] = case["q"].transpose(0, 1).contiguous().transpose(0, 1)
+    case["ck"] = torch.cat([case["ck"], case["ck"]], dim=-1)[..., : case["ck"].shape[-1]]
+    case["bk"] = case["bk"].transpose(1, 2).contiguous().transpose(1, 2)
+    case["cv"] = case["cv"].transpose(2, 3).contiguous().transpose(2, 3)
+    assert not any(case[k].is_contiguous() for k in ("q", "ck", "bk", "cv"))
+    assert_matches(impl(**case), ref)
+
+
+def _bad(case, **changes):
+    return {**case, **changes}
+
+
+BAD_INPUTS = {
+    "int8 without scale": (lambda c: _bad(c, ck=c["ck"].to(torch.int8)), "ck is int8 but ck_scale is missing"),
+    "scale for float latents": (lambda c: _bad(c, cv_scale=c["cv"][..., 0]), "cv_scale is given"),
+    "n_q not a multiple": (lambda c: _bad(c, q=c["q"][:, :5]), "not a multiple of n_kv"),
+    "odd head dim": (lambda c: _bad(c, q=c["q"][..., :63]), "must be even"),
+    "bk shape": (lambda c: _bad(c, bk=c["bk"][:, :28]), "bk must be"),
+    "cv batch": (lambda c: _bad(c, cv=c["cv"][:1]), "cv must be"),
+    "lengths shape": (lambda c: _bad(c, lengths=c["lengths"][:1]), "lengths must be"),
+    "float lengths": (lambda c: _bad(c, lengths=c["lengths"].float()), "lengths must be an integer"),
+    "inv_freq shape": (lambda c: _bad(c, inv_freq=c["inv_freq"][:31]), "inv_freq must be"),
+    "num_splits": (lambda c: _bad(c, num_splits=0), "num_splits must be >= 1"),
+}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("bad", list(BAD_INPUTS))
+def test_bad_inputs_raise(impl, bad):
+    make_bad, message = BAD_INPUTS[bad]
+    with pytest.raises(ValueError, match=message):
+        impl(**make_bad(make_case([3, 4], **_config("gqa3-d64"))))
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 40), min_size=1, max_size=3),
+    n_kv=st.integers(1, 3),
+    group=st.integers(1, 3),
+    half_dim=st.integers(1, 12),
+    r_k=st.integers(1, 20),
+    r_v=st.integers(1, 20),
+    dtype=st.sampled_from(["float32", "bfloat16", "float16", "int8"]),
+    num_splits=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+)
+def test_property_small_shapes(lengths, n_kv, group, half_dim, r_k, r_v, dtype, num_splits, seed):
+    """The PyTorch version (and the Triton kernel where it runs) match the reference, length 0 included."""
+    case = make_case(lengths, n_q=n_kv * group, n_kv=n_kv, head_dim=2 * half_dim, r_k=r_k, r_v=r_v,
+                     dtype=dtype, extra=3, seed=seed)
+    ref = latent_decode_attention_reference(**case)
+    assert_matches(latent_decode_attention_torch(**case), ref, dtype)
+    if TRITON:
+        assert_matches(latent_decode_attention_triton(**case, num_splits=num_splits), ref, dtype)

@@ -1,0 +1,93 @@
+"""Lowering: latent-cache attention -> wsvd::latent_attention; same tokens, one op node, compile, export."""
+
+import copy
+
+import pytest
+import torch
+
+from test_latent_kv import factored_decoder, steps
+from wsvd_passes.generation import generate, greedy_generate
+from wsvd_passes.latent_kv import LatentKVCache
+from wsvd_passes.pipeline import Pipeline
+from wsvd_passes.errors import WsvdError
+
+import lowering
+from lowering.ops import latent_attention
+
+aten = torch.ops.aten
+
+
+def latent_decoder(name="tiny-llama-gqa", **kw):
+    decoder, report = factored_decoder(name, **kw)
+    Pipeline([LatentKVCache(decoder.config)])(decoder)
+    return decoder
+
+
+def _op_nodes(gm):
+    return [n for n in gm.graph.nodes if n.target is torch.ops.wsvd.latent_attention.default]
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-llama-gqa"])
+def test_lowered_graph_decodes_like_the_latent_graph(name):
+    unlowered = latent_decoder(name)
+    lowered = lowering.lower(copy.deepcopy(unlowered))
+    assert len(_op_nodes(lowered.gm)) == 2
+    assert not lowered.gm.graph.find_nodes(op="call_function", target=aten.scaled_dot_product_attention.default)
+    ids = torch.randint(3, 300, (1, 17))
+    torch.testing.assert_close(steps(lowered, ids), steps(unlowered, ids), atol=5e-5, rtol=1e-5)
+    assert torch.equal(greedy_generate(lowered, ids[:, :4], 30), greedy_generate(unlowered, ids[:, :4], 30))
+
+
+def test_compiled_lowered_step_and_sampling():
+    lowered = lowering.lower(latent_decoder())
+    step = lowering.compile_step(lowered)
+    prompt = torch.randint(3, 300, (1, 6))
+    assert torch.equal(generate(lowered, prompt, 12, step=step), greedy_generate(lowered, prompt, 12))
+    a = generate(lowered, prompt, 12, step=step, temperature=0.8, top_k=20, seed=7)
+    b = generate(lowered, prompt, 12, temperature=0.8, top_k=20, seed=7)
+    assert torch.equal(a, b)
+
+
+def test_lowered_program_exports_with_one_op_node_per_layer(tmp_path):
+    lowered = lowering.lower(latent_decoder())
+    ep = lowered.reexport()
+    assert len([n for n in ep.graph.nodes if n.target is torch.ops.wsvd.latent_attention.default]) == 2
+    torch.export.save(ep, tmp_path / "lowered.pt2")
+    loaded = torch.export.load(tmp_path / "lowered.pt2").module()
+    kwargs = {"input_ids": torch.tensor([[5]]), "cache_position": torch.tensor([0])}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**kwargs), ep.module()(**kwargs))
+
+
+def test_op_passes_opcheck():
+    torch.manual_seed(0)
+    B, n_kv, rep, L, D, r_k, r_v = 2, 2, 3, 11, 16, 5, 7
+    args = (torch.randn(B, n_kv * rep, D), torch.randn(B, n_kv, L, r_k), torch.randn(n_kv, r_k, D),
+            torch.randn(B, n_kv, L, r_v), torch.tensor([4, 11]), 1.0 / 10000 ** (torch.arange(0, D, 2) / D),
+            D ** -0.5, 1.0)
+    torch.library.opcheck(latent_attention, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_lowering_needs_the_latent_rewrite():
+    decoder, _ = factored_decoder("tiny-llama")
+    with pytest.raises(WsvdError, match="run LatentKVCache before lowering"):
+        lowering.lower(decoder)
+
+
+def test_smollm2_generates_the_same_tokens_through_the_lowered_op(smollm2, smollm2_forward):
+    from wsvd_passes.capture import capture_decode
+    from wsvd_passes.compress import calibrate, factor_plan
+    from wsvd_passes.data import pydoc_text, token_windows
+    from wsvd_passes.factorize import FactorizeQKV
+    from wsvd_passes.recipes import RECIPES
+
+    recipe = RECIPES["wsvd-noft"]
+    windows = token_windows(smollm2.tokenizer, pydoc_text("calibration"), 128, max_windows=4)
+    calib = calibrate(copy.deepcopy(smollm2_forward), windows, [recipe], progress=False)
+    plan, _ = factor_plan(calib, recipe, 0.6)
+    decoder = capture_decode(smollm2.model, max_cache_len=48)
+    Pipeline([FactorizeQKV(plan), LatentKVCache(decoder.config)])(decoder)
+    prompt = smollm2.tokenizer("The capital of France is Paris. The capital of Germany is", return_tensors="pt").input_ids
+    unlowered = greedy_generate(decoder, prompt, 16)
+    lowered = lowering.lower(decoder)
+    assert torch.equal(greedy_generate(lowered, prompt, 16), unlowered)
