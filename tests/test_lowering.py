@@ -91,3 +91,25 @@ def test_smollm2_generates_the_same_tokens_through_the_lowered_op(smollm2, smoll
     unlowered = greedy_generate(decoder, prompt, 16)
     lowered = lowering.lower(decoder)
     assert torch.equal(greedy_generate(lowered, prompt, 16), unlowered)
+
+
+def test_generate_and_decode_bench_commands(tmp_path, capsys):
+    import json
+
+    from wsvd_passes.cli import main
+
+    out = tmp_path / "g.json"
+    assert main(["generate", "--model", "tiny-llama-gqa", "--prompt", "def f(x):", "--max-new-tokens", "6",
+                 "--recipe", "wsvd-noft", "--rho1", "0.6", "--calib-windows", "4", "--seq-len", "32", "--no-compile",
+                 "--quiet", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert "lowered to wsvd::latent_attention" in result["path"] and len(result["tokens"]) > 6
+    assert "lowered to wsvd::latent_attention" in capsys.readouterr().out
+
+    out = tmp_path / "b.json"
+    assert main(["bench", "decode", "--device", "cpu", "--quick", "--cache-len", "40", "--steps", "4",
+                 "--no-compile", "--json", str(out)]) == 0
+    bench = json.loads(out.read_text())
+    assert bench["dense"]["tokens_per_s"] > 0 and bench["latent"]["tokens_per_s"] > 0
+    assert bench["cache_bytes_latent"] < bench["cache_bytes_dense"] and bench["rho2"] == 0.5
+    assert main(["bench", "decode", "--device", "cpu", "--cache-len", "4", "--steps", "8"]) == 2

@@ -5,6 +5,7 @@
     wsvd compress --model NAME|PATH --recipe R --rho1 X --out DIR
     wsvd table --model NAME --recipes R1,R2 --rho1 0.9,0.5 --json OUT
     wsvd generate --model NAME|PATH --prompt TEXT [--recipe wsvd-noq --rho1 X] [--no-lower] [--no-compile]
+    wsvd bench kernel|decode [--device cuda|cpu] [--quick] [--json OUT]
 
 Problems with the input print one ``error:`` line and exit with status 2.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import sys
 import time
@@ -75,6 +77,18 @@ def _parser() -> argparse.ArgumentParser:
     ge.add_argument("--seed", type=int, default=0)
     _add_calibration(ge)
     ge.add_argument("--json", dest="json_out", help="also write the result to this JSON file")
+
+    be = sub.add_parser("bench", help="benchmarks: the fused kernel vs SDPA, or end-to-end decode tokens/s")
+    be.add_argument("kind", choices=["kernel", "decode"])
+    be.add_argument("--device", default=None, help="cuda (default when available) or cpu (smoke test only)")
+    be.add_argument("--quick", action="store_true", help="one tiny shape (CPU smoke test)")
+    be.add_argument("--batch", type=int, default=1, help="decode: batch size")
+    be.add_argument("--cache-len", type=int, default=4096, help="decode: static cache length")
+    be.add_argument("--steps", type=int, default=32, help="decode: timed decode steps")
+    be.add_argument("--rank-ratio", type=float, default=0.5, help="decode: per-head rank / head dim")
+    be.add_argument("--no-compile", action="store_true", help="decode: time the eager graph")
+    be.add_argument("--quiet", action="store_true")
+    be.add_argument("--json", dest="json_out", help="write the results to this JSON file")
     return parser
 
 
@@ -168,6 +182,35 @@ def cmd_generate(args) -> dict:
             "tokens": tokens[0].tolist(), "steps_per_second": steps / seconds, "environment": _environment()}
 
 
+def cmd_bench(args) -> dict:
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise WsvdError("--device cuda: no CUDA device is available; use --device cpu --quick for a smoke test")
+    if args.kind == "kernel":
+        from kernels.bench import bench_kernel, print_kernel_table
+
+        if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise WsvdError("the Triton kernel runs on the CPU only under TRITON_INTERPRET=1; set it (and use --quick)")
+        try:
+            result = bench_kernel(device=device, quick=args.quick, progress=not args.quiet)
+        except ValueError as e:  # the benchmark's own one-line argument errors
+            raise WsvdError(str(e)) from None
+        print_kernel_table(result)
+        return result
+    from lowering.bench import bench_decode, print_decode
+
+    if not 0 < args.rank_ratio <= 1:
+        raise WsvdError(f"--rank-ratio {args.rank_ratio} is outside (0, 1]")
+    if args.steps < 1 or args.cache_len <= args.steps:
+        raise WsvdError(f"--cache-len ({args.cache_len}) must exceed --steps ({args.steps}) >= 1")
+    result = bench_decode(device=device, quick=args.quick, batch=args.batch, cache_len=args.cache_len,
+                          steps=args.steps, rank_ratio=args.rank_ratio, compile=not args.no_compile)
+    print_decode(result)
+    return result
+
+
 def cmd_sites(args) -> dict:
     from .capture import capture_forward
     from .models import load_model
@@ -188,7 +231,6 @@ def cmd_sites(args) -> dict:
 def _quiet_libraries(quiet: bool) -> None:
     """Keep library chatter that says nothing about the user's run off the terminal."""
     import logging
-    import os
 
     import torch
 
@@ -320,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries(getattr(args, "quiet", False))
     try:
         commands = {"eval": cmd_eval, "sites": cmd_sites, "compress": cmd_compress, "table": cmd_table,
-                    "generate": cmd_generate}
+                    "generate": cmd_generate, "bench": cmd_bench}
         result = commands[args.command](args)
         if getattr(args, "json_out", None):
             Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")

@@ -67,7 +67,9 @@ def generate(
     tokens = torch.empty(batch, total, dtype=prompt.dtype)
     tokens[:, : prompt.shape[1]] = prompt
     for pos in range(total - 1):
-        logits = step(input_ids=tokens[:, pos : pos + 1], cache_position=torch.tensor([pos]))
+        # a fresh contiguous [B, 1] tensor: a compiled step then sees the same strides at every length
+        ids = tokens[:, pos : pos + 1].clone(memory_format=torch.contiguous_format)
+        logits = step(input_ids=ids, cache_position=torch.tensor([pos]))
         if pos + 1 >= prompt.shape[1]:
             tokens[:, pos + 1] = _next_token(logits[:, -1].float(), temperature, top_k, generator)
     return tokens
