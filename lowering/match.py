@@ -9,7 +9,8 @@ cache indices up to the current one. It becomes
 
     latent_attention(q_rot[:, :, 0], CK_cache, B_K, CV_cache, index + 1, inv_freq, scale, a)[:, :, None]
 
-with B_K [n_kv, r_k, D] the diagonal blocks of U_k, transposed. Everything the K
+with B_K [n_kv, r_k, D] the diagonal blocks of U_k, transposed (for a shared latent: each kv head's
+rows of U_k, transposed, and the cache broadcast to every kv head). Everything the K
 rebuild computed becomes dead and is removed.
 """
 
@@ -49,8 +50,11 @@ class LowerLatentAttention(GraphPass):
                 raise WsvdError(f"{where}: keys are not rotated with the cache-position RoPE tables; cannot lower")
         n_kv, H = site.n_kv_heads, site.head_dim
         U_k = tensor_attr(gm, site.k_proj.up).detach()
-        r_k = U_k.shape[1] // n_kv
-        bk = torch.stack([U_k[h * H : (h + 1) * H, h * r_k : (h + 1) * r_k].T for h in range(n_kv)]).contiguous()
+        k_heads, r_k = tensor_attr(gm, site.k_cache.buffer).shape[1::2]
+        v_heads = tensor_attr(gm, site.v_cache.buffer).shape[1]
+        # B_K[h] = (kv head h's rows of U_k, restricted to h's latent columns when the cache is per head)^T
+        cols = [slice(h * r_k, (h + 1) * r_k) if k_heads > 1 else slice(0, r_k) for h in range(n_kv)]
+        bk = torch.stack([U_k[h * H : (h + 1) * H, cols[h]].T for h in range(n_kv)]).contiguous()
         owner = site.k_proj.up.rpartition(".")[0]
         add_tensor_attr(gm, f"{owner}.k_up_heads", bk, parameter=True)
         attn = site.attention
@@ -63,9 +67,15 @@ class LowerLatentAttention(GraphPass):
         batch = site.q_rope.out.meta["val"].shape[0]
         lengths = call(aten.expand.default, call(aten.add.Tensor, site.k_cache.index, 1), [batch])
         q = call(aten.squeeze.dim, site.q_rope.out, 2)
-        out = call(torch.ops.wsvd.latent_attention.default, q, site.k_cache.node,
-                   get_attr_node(gm, f"{owner}.k_up_heads", attn), site.v_cache.node, lengths, inv_freq,
-                   site.scale, scaling)
+        def per_kv_head(cache, heads):  # a shared latent is read by every kv head (a broadcast view)
+            if heads == n_kv:
+                return cache
+            shape = list(cache.meta["val"].shape)
+            return call(aten.expand.default, cache, [shape[0], n_kv, *shape[2:]])
+
+        out = call(torch.ops.wsvd.latent_attention.default, q, per_kv_head(site.k_cache.node, k_heads),
+                   get_attr_node(gm, f"{owner}.k_up_heads", attn), per_kv_head(site.v_cache.node, v_heads), lengths,
+                   inv_freq, site.scale, scaling)
         dtype = attn.meta["val"].dtype
         if dtype != torch.float32:
             out = call(aten.to.dtype, out, dtype)

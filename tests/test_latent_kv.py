@@ -63,15 +63,26 @@ def test_latent_cache_decodes_like_the_factored_graph(name):
         k.endswith("k_latent_cache") for k in ep.constants)
 
 
+@pytest.mark.parametrize("recipe", ["qsvd-noq", "svd-llm"])
+def test_shared_latents_decode_like_the_factored_graph(recipe):
+    """Joint factors cache their one shared latent; per-projection factors cache K and V latents whole."""
+    decoder, report = factored_decoder("tiny-llama-gqa", recipe=recipe)
+    ids = torch.randint(3, 300, (1, 11))
+    before = steps(decoder, ids)
+    rewrite = LatentKVCache(decoder.config)
+    Pipeline([rewrite])(decoder)
+    torch.testing.assert_close(steps(decoder, ids), before, atol=2e-5, rtol=1e-5)
+    site = find_sites(decoder.gm)[0]
+    cache = dict(decoder.gm.named_buffers())[site.k_cache.buffer]
+    if recipe == "qsvd-noq":
+        assert site.k_cache.buffer == site.v_cache.buffer and cache.shape == (1, 1, 40, report.ranks[0]["qkv"][0])
+    else:
+        assert site.k_cache.buffer != site.v_cache.buffer and cache.shape == (1, 1, 40, report.ranks[0]["k"][0])
+
+
 def test_latent_rewrite_refuses_what_it_cannot_do():
     with pytest.raises(WsvdError, match="K and V are not factored"):
         Pipeline([LatentKVCache(tiny("tiny-llama").config)])(copy.deepcopy(tiny_decode("tiny-llama")))
-    joint, _ = factored_decoder("tiny-llama-gqa", recipe="qsvd-noq")
-    with pytest.raises(WsvdError, match="joint \\(shared-latent\\) factors are not supported"):
-        Pipeline([LatentKVCache(joint.config)])(joint)
-    projection, _ = factored_decoder("tiny-llama-gqa", recipe="svd-llm")
-    with pytest.raises(WsvdError, match="not per head"):
-        Pipeline([LatentKVCache(projection.config)])(projection)
     forward = copy.deepcopy(tiny_forward("tiny-llama"))
     with pytest.raises(WsvdError, match="needs the decode graph"):
         Pipeline([LatentKVCache(forward.config)])(forward)

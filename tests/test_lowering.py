@@ -27,9 +27,10 @@ def _op_nodes(gm):
     return [n for n in gm.graph.nodes if n.target is torch.ops.wsvd.latent_attention.default]
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-llama-gqa"])
-def test_lowered_graph_decodes_like_the_latent_graph(name):
-    unlowered = latent_decoder(name)
+@pytest.mark.parametrize("name, recipe", [("tiny-llama", "wsvd-noft"), ("tiny-llama-gqa", "wsvd-noft"),
+                                          ("tiny-llama-gqa", "qsvd-noq"), ("tiny-llama-gqa", "svd-llm")])
+def test_lowered_graph_decodes_like_the_latent_graph(name, recipe):
+    unlowered = latent_decoder(name, recipe=recipe)
     lowered = lowering.lower(copy.deepcopy(unlowered))
     assert len(_op_nodes(lowered.gm)) == 2
     assert not lowered.gm.graph.find_nodes(op="call_function", target=aten.scaled_dot_product_attention.default)

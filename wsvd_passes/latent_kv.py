@@ -1,4 +1,4 @@
-"""The latent-KV rewrite of a per-head factored decode graph.
+"""The latent-KV rewrite of a factored decode graph.
 
 Before (per layer, one new token at cache index t, K/V caches [B, n_kv, L, H]):
 
@@ -15,7 +15,8 @@ where V's up-projection is folded into o_proj: for query head i of kv group g,
 weights sum to one). K is rebuilt for every cached position with the model's own
 RoPE tables (:mod:`wsvd_passes.rope`). The result is exact up to rounding; the
 attention sub-graph it leaves is what :mod:`lowering` replaces by the fused op.
-Ranks are per head padded to the layer maximum (zero rows/columns, exact).
+Ranks are per head padded to the layer maximum (zero rows/columns, exact). Joint
+(QSVD) factors cache their one shared latent, which every head reads.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class CacheBytes:
 
 
 class LatentKVCache(GraphPass):
-    """Cache per-head K/V latents instead of K and V (needs per-head factors, a decode graph)."""
+    """Cache K/V latents instead of K and V (needs factored K/V and a decode graph)."""
 
     def __init__(self, config):
         self.inv_freq, self.attention_scaling = rope_parameters(config)
@@ -82,29 +83,23 @@ class LatentKVCache(GraphPass):
             raise WsvdError(f"{where}: the cache already holds latents")
         if not (site.k_proj.factored and site.v_proj.factored):
             raise WsvdError(f"{where}: K and V are not factored; run the factorisation pass first")
-        if site.k_proj.latent is site.v_proj.latent:
-            raise WsvdError(f"{where}: joint (shared-latent) factors are not supported by the latent-KV cache yet; "
-                            "use per-head factors (wsvd recipes)")
-        for proj in (site.k_proj, site.v_proj):
-            if not _block_diagonal(tensor_attr(gm, proj.up), site.n_kv_heads):
-                raise WsvdError(f"{where}: K/V factors are not per head (up-projection not block diagonal); "
-                                "the latent cache needs per-head factors (wsvd recipes)")
         if site.k_proj.bias is not None:
             raise WsvdError(f"{where}: k_proj has a bias; rebuilding biased keys from the latent is not supported yet")
 
     def _rewrite(self, gm: GraphModule, site: AttentionSite) -> None:
         graph = gm.graph
         B, n_kv, L, H = tensor_attr(gm, site.k_cache.buffer).shape
-        n_q, rep = site.n_heads, site.gqa_ratio
+        n_q = site.n_heads
         owner = site.k_proj.down.rpartition(".")[0]
-        r_k = tensor_attr(gm, site.k_proj.down).shape[0] // n_kv
-        r_v = tensor_attr(gm, site.v_proj.down).shape[0] // n_kv
         dtype = tensor_attr(gm, site.k_cache.buffer).dtype
-        for name, r in (("k", r_k), ("v", r_v)):
-            add_tensor_attr(gm, f"{owner}.{name}_latent_cache", torch.zeros(B, n_kv, L, r, dtype=dtype), parameter=False)
+        layout = _cache_layout(gm, site)
+        for name, (_, heads, r) in layout.items():
+            add_tensor_attr(gm, f"{owner}.{name}_latent_cache", torch.zeros(B, heads, L, r, dtype=dtype), parameter=False)
+            self.bytes.latent += B * heads * L * r * dtype.itemsize
         self.bytes.dense += 2 * B * n_kv * L * H * dtype.itemsize
-        self.bytes.latent += B * n_kv * L * (r_k + r_v) * dtype.itemsize
-        W_o, b_o = _folded_output(gm, site, r_v)
+        k_name, v_name = ("qkv", "qkv") if "qkv" in layout else ("k", "v")
+        _, v_heads, r_v = layout[v_name]
+        W_o, b_o = _folded_output(gm, site, v_heads, r_v)
         add_tensor_attr(gm, f"{owner}.o_folded", W_o.to(dtype), parameter=True)
         if b_o is not None:
             add_tensor_attr(gm, f"{owner}.o_folded_bias", b_o.to(dtype), parameter=True)
@@ -114,20 +109,21 @@ class LatentKVCache(GraphPass):
             with graph.inserting_before(anchor):
                 return infer_val(gm, copy_meta(graph.call_function(op, args, kwargs), anchor))
 
-        def write_latent(name: str, latent: Node, r: int) -> Node:
-            heads = call(aten.transpose.int, call(aten.view.default, latent, [B, 1, n_kv, r]), 1, 2)
+        def write_latent(name: str, latent: Node, heads: int, r: int) -> Node:
+            per_head = call(aten.transpose.int, call(aten.view.default, latent, [B, 1, heads, r]), 1, 2)
             cache = get_attr_node(gm, f"{owner}.{name}_latent_cache", anchor)
-            return call(aten.index_copy_.default, cache, 2, site.k_cache.index, heads)
+            return call(aten.index_copy_.default, cache, 2, site.k_cache.index, per_head)
 
-        def expand(x: Node, width: int) -> Node:
-            if rep == 1:
+        def expand(x: Node, heads: int, width: int) -> Node:
+            """[B, heads, L, width] -> [B, n_q, L, width] (GQA expansion, or broadcast of a shared latent)."""
+            if heads == n_q:
                 return x
-            x = call(aten.expand.default, call(aten.unsqueeze.default, x, 2), [B, n_kv, rep, L, width])
+            x = call(aten.expand.default, call(aten.unsqueeze.default, x, 2), [B, heads, n_q // heads, L, width])
             return call(aten.reshape.default, x, [B, n_q, L, width])
 
-        ck = write_latent("k", site.k_proj.latent, r_k)
-        cv = write_latent("v", site.v_proj.latent, r_v)
-        flat = call(aten.reshape.default, call(aten.transpose.int, ck, 1, 2), [B, L, n_kv * r_k])
+        written = {name: write_latent(name, latent, heads, r) for name, (latent, heads, r) in layout.items()}
+        _, k_heads, r_k = layout[k_name]
+        flat = call(aten.reshape.default, call(aten.transpose.int, written[k_name], 1, 2), [B, L, k_heads * r_k])
         up = get_attr_node(gm, site.k_proj.up, anchor)
         keys = call(aten.transpose.int, call(aten.view.default, call(aten.linear.default, flat, up), [B, L, n_kv, H]), 1, 2)
         rotated = call(aten.cat.default, [call(aten.neg.default, call(aten.slice.Tensor, keys, 3, H // 2, H)),
@@ -137,8 +133,8 @@ class LatentKVCache(GraphPass):
         kwargs = dict(anchor.kwargs, scale=site.scale)
         mask = anchor.args[3] if len(anchor.args) > 3 else anchor.kwargs.get("attn_mask")
         kwargs.pop("attn_mask", None)
-        out = call(aten.scaled_dot_product_attention.default, site.q_rope.out, expand(keys, H), expand(cv, r_v), mask,
-                   **kwargs)
+        out = call(aten.scaled_dot_product_attention.default, site.q_rope.out, expand(keys, n_kv, H),
+                   expand(written[v_name], v_heads, r_v), mask, **kwargs)
         out = call(aten.reshape.default, call(aten.transpose.int, out, 1, 2), [B, 1, n_q * r_v])
         o_args = (out, get_attr_node(gm, f"{owner}.o_folded", anchor))
         if b_o is not None:
@@ -149,6 +145,22 @@ class LatentKVCache(GraphPass):
         site.o_proj.node.replace_all_uses_with(new_o)
         for old in (site.k_cache.node, site.v_cache.node):  # in-place writes into the dense caches
             old.meta["wsvd_dead"] = True
+
+
+def _cache_layout(gm: GraphModule, site: AttentionSite) -> dict[str, tuple[Node, int, int]]:
+    """Latent caches of one layer: name -> (latent node, cache heads, width per head).
+
+    Per-head factors (block-diagonal up-projections) cache one latent per kv head; joint
+    factors cache the one shared latent; per-projection factors cache the K and V latents
+    whole (one "head" each, every kv head reads all of it).
+    """
+    n_kv = site.n_kv_heads
+    widths = {p: tensor_attr(gm, proj.down).shape[0] for p, proj in (("k", site.k_proj), ("v", site.v_proj))}
+    if site.k_proj.latent is site.v_proj.latent:
+        return {"qkv": (site.k_proj.latent, 1, widths["k"])}
+    per_head = all(_block_diagonal(tensor_attr(gm, proj.up), n_kv) for proj in (site.k_proj, site.v_proj))
+    heads = n_kv if per_head else 1
+    return {p: (proj.latent, heads, widths[p] // heads) for p, proj in (("k", site.k_proj), ("v", site.v_proj))}
 
 
 def _block_diagonal(U: torch.Tensor, n: int) -> bool:
@@ -163,13 +175,19 @@ def _still_needed(node: Node) -> bool:
     return node.is_impure(impure_random=False) and not node.meta.get("wsvd_dead", False)
 
 
-def _folded_output(gm: GraphModule, site: AttentionSite, r_v: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """W_o' [E, n_q r_v] = per query head W_o[:, i] U_v,g(i); b_o' = b_o + W_o b_v."""
+def _folded_output(gm: GraphModule, site: AttentionSite, v_heads: int, r_v: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """W_o' [E, n_q r_v] = per query head W_o[:, i] U_v,g(i); b_o' = b_o + W_o b_v.
+
+    U_v,g is kv head g's rows of U_v, restricted to g's latent columns when the cache is per head."""
     H, rep, n_q = site.head_dim, site.gqa_ratio, site.n_heads
     W_o = tensor_attr(gm, site.o_proj.weight).detach().double()
     U_v = tensor_attr(gm, site.v_proj.up).detach().double()
-    blocks = [W_o[:, i * H : (i + 1) * H] @ U_v[(i // rep) * H : (i // rep + 1) * H, (i // rep) * r_v : (i // rep + 1) * r_v]
-              for i in range(n_q)]
+
+    def u_v(g: int) -> torch.Tensor:
+        rows = U_v[g * H : (g + 1) * H]
+        return rows[:, g * r_v : (g + 1) * r_v] if v_heads > 1 else rows
+
+    blocks = [W_o[:, i * H : (i + 1) * H] @ u_v(i // rep) for i in range(n_q)]
     bias = tensor_attr(gm, site.o_proj.bias).detach().double() if site.o_proj.bias else None
     if site.v_proj.bias is not None:
         b_v = tensor_attr(gm, site.v_proj.bias).detach().double().view(-1, H)

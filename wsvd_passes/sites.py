@@ -291,7 +291,7 @@ def _site(gm: GraphModule, layer: int, attn: Node) -> AttentionSite:
     head_dim = _shape(q_rope.out)[-1]
     if k.latent_cache is not None:  # latent KV cache: the caches hold K and V latents
         k_cache = k.latent_cache
-        if v_cache is None or _shape(v_cache.node)[-1] == head_dim and v.factored:
+        if v_cache is None:
             raise WsvdError(f"{where}: the K latent is cached but V is not: unsupported cache layout")
     if v_cache is not None and k.latent_cache is not None:  # V latent attended directly, up-projection folded
         v = Projection(v.node, None, None, v.out_features, v.in_features, down=v.weight, latent=v.node,
@@ -303,11 +303,12 @@ def _site(gm: GraphModule, layer: int, attn: Node) -> AttentionSite:
     n_heads = _shape(q_rope.out)[1]
     n_kv_heads = _shape(k_rope.out)[1]
     hidden = _shape(qkv_input)[-1]
-    v_width = v.out_features // n_kv_heads if v.up is None and v.factored else head_dim  # latent V: its rank
+    v_width = _shape(v_arg)[-1]  # head_dim, or the latent width when V stays latent
+    v_heads = _shape(v_cache.node)[1] if v.up is None and v_cache is not None else n_kv_heads
     checks = [
         (q.out_features == n_heads * head_dim, f"q_proj has {q.out_features} outputs, not n_heads*head_dim = {n_heads * head_dim}"),
         (k.out_features == n_kv_heads * head_dim, "k_proj outputs differ from n_kv_heads*head_dim"),
-        (v.out_features == n_kv_heads * v_width, "v_proj outputs differ from n_kv_heads*head_dim"),
+        (v.out_features == v_heads * v_width, "v_proj outputs differ from its heads times the value width"),
         (n_heads % n_kv_heads == 0, f"{n_heads} query heads are not a multiple of {n_kv_heads} kv heads"),
         (o.in_features == n_heads * v_width, "o_proj input size differs from n_heads * value width"),
         ((k_expand is None) == (n_heads == n_kv_heads), "GQA expansion does not match the head counts"),
