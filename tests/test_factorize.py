@@ -174,3 +174,19 @@ def test_compress_and_table_commands(tmp_path, capsys):
     assert rows[0]["kl"] == 0 and rows[0]["top1"] == 1
     assert all(r["kl"] >= 0 and 0 <= r["top1"] <= 1 for r in rows[1:]) and rows[2]["kl"] > 0
     assert rows[2]["rho1_achieved"] < rows[1]["rho1_achieved"]
+
+
+def test_smollm2_full_rank_per_head_factors_reproduce_logits_and_half_rank_stays_usable(smollm2, smollm2_forward):
+    from wsvd_passes.data import pydoc_text, token_windows
+    from wsvd_passes.evaluation import evaluate
+
+    calib_windows = token_windows(smollm2.tokenizer, pydoc_text("calibration"), 128, max_windows=4)
+    recipe = RECIPES["wsvd-noft"]
+    calib = calibrate(copy.deepcopy(smollm2_forward), calib_windows, [recipe], progress=False)
+    windows = token_windows(smollm2.tokenizer, pydoc_text("evaluation"), 128, max_windows=2)
+    full, _ = _factored(smollm2_forward, calib, recipe, None)
+    same_function(full.gm, smollm2_forward.gm, [{"input_ids": windows}], atol=2e-3, rtol=1e-3)
+    half, report = _factored(smollm2_forward, calib, recipe, 0.5)
+    fp = lambda ids: smollm2_forward.gm(input_ids=ids)  # noqa: E731
+    result = evaluate(lambda ids: half.gm(input_ids=ids), windows, reference=fp, progress=False)
+    assert report.rho1 <= 0.5 and result.top1 > 0.5 and result.kl < 1.0  # plain SVD collapses (KL ~7.6)
