@@ -1,0 +1,100 @@
+"""Rotation passes compute the same function (float64) and keep the graph usable."""
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from wsvd_passes.capture import capture_decode, capture_forward
+from wsvd_passes.errors import WsvdError
+from wsvd_passes.generation import greedy_generate
+from wsvd_passes.hadamard import random_hadamard
+from wsvd_passes.pipeline import Pipeline, same_function
+from wsvd_passes.residual import find_residual_stream
+from wsvd_passes.rotate import OnlineHadamard, RotateResidual, RotateValueHeads
+
+
+def _double_llama(heads, kv_heads, head_dim, bias, seed, layers=2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden = heads * head_dim
+    config = LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, attention_bias=bias,
+                         mlp_bias=bias, tie_word_embeddings=seed % 2 == 0)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).double().eval()
+    with torch.no_grad():  # non-trivial norm gammas, so that their fusion is tested
+        for module in model.modules():
+            if hasattr(module, "variance_epsilon"):
+                module.weight.uniform_(0.5, 1.5)
+    return model
+
+
+ALL = [RotateResidual, RotateValueHeads, OnlineHadamard]
+
+
+@settings(max_examples=6)
+@given(kv_heads=st.sampled_from([1, 2, 3]), gqa=st.sampled_from([1, 2]), head_dim=st.sampled_from([8, 16]),
+       bias=st.booleans(), seed=st.integers(0, 100))
+def test_rotations_compute_the_same_function(kv_heads, gqa, head_dim, bias, seed):
+    model = _double_llama(kv_heads * gqa, kv_heads, head_dim, bias, seed)
+    reference, rotated = capture_forward(model), capture_forward(model)
+    Pipeline([p(seed=seed) for p in ALL])(rotated)
+    inputs = [{"input_ids": torch.randint(0, 64, (2, 17))}, {"input_ids": torch.randint(0, 64, (1, 5))}]
+    # HF's RMSNorm computes in float32 even for float64 models: that rounding is the tolerance
+    same_function(rotated.gm, reference.gm, inputs, atol=1e-6)
+    same_function(rotated.reexport().module(), reference.gm, inputs, atol=1e-6)
+    assert not any(g for g in (n.gamma for n in find_residual_stream(rotated.gm).norms))  # gammas fused away
+
+
+def test_hadamard_is_exactly_orthogonal_for_awkward_orders():
+    for n in (12, 24, 96, 160, 576):
+        H = random_hadamard(n, seed=3)
+        torch.testing.assert_close(H @ H.T, torch.eye(n, dtype=torch.float64), atol=1e-13, rtol=0)
+        assert torch.allclose(H.abs(), torch.full_like(H, n**-0.5))
+    assert not torch.equal(random_hadamard(96, 0), random_hadamard(96, 1))
+    with pytest.raises(WsvdError, match="no Hadamard matrix of order 50"):
+        random_hadamard(50, 0)
+
+
+def test_rotated_factored_decode_graph_generates_the_same_tokens():
+    from wsvd_passes.compress import calibrate, factor_plan
+    from wsvd_passes.factorize import FactorizeQKV
+    from wsvd_passes.recipes import RECIPES
+
+    model = _double_llama(6, 2, 16, False, 1).float()
+    recipe = RECIPES["wsvd-noft"]
+    calib = calibrate(capture_forward(model), torch.randint(0, 64, (4, 30)), [recipe], progress=False)
+    plan, _ = factor_plan(calib, recipe, 0.7)
+    decoder = capture_decode(model, max_cache_len=32)
+    Pipeline([FactorizeQKV(plan)])(decoder)
+    prompt = torch.randint(0, 64, (1, 5))
+    before = greedy_generate(decoder, prompt, 20)
+    Pipeline([p() for p in ALL])(decoder)
+    assert torch.equal(greedy_generate(decoder, prompt, 20), before)
+
+
+def test_rotation_refuses_models_without_rmsnorm_and_odd_sizes():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=64)
+    config._attn_implementation = "sdpa"
+    gpt2 = capture_forward(GPT2LMHeadModel(config).eval())
+    with pytest.raises(WsvdError, match="token embeddings|RMSNorm|linear"):
+        find_residual_stream(gpt2.gm)
+    odd = capture_forward(_double_llama(5, 5, 10, False, 0))  # hidden 50: no Hadamard of that order
+    with pytest.raises(WsvdError, match="RotateResidual: no Hadamard matrix of order 50"):
+        Pipeline([RotateResidual()])(odd)
+
+
+def test_smollm2_rotated_logits_match(smollm2, smollm2_forward):
+    rotated = copy.deepcopy(smollm2_forward)
+    Pipeline([p() for p in ALL])(rotated)
+    ids = smollm2.tokenizer("The capital of France is Paris. The capital of Germany is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        a, b = rotated.gm(input_ids=ids), smollm2_forward.gm(input_ids=ids)
+    assert (a - b).abs().max() < 1e-3 * b.abs().max()
+    assert torch.equal(a.argmax(-1), b.argmax(-1))

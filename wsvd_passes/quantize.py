@@ -1,0 +1,135 @@
+"""Fake quantisation (quantise then dequantise) of weights and activations for QAT passes.
+
+Symmetric round-to-nearest of a row x [n] (the last dim) to ``bits`` bits, with
+``qmax = 2^(bits-1) - 1`` and a clip ratio c in (0, 1] (1: no clipping)::
+
+    scale = c * max|x| / qmax,    fq(x) = scale * clamp(round(x / scale), -qmax, qmax)
+
+The integer range is the symmetric [-qmax, qmax] ([-7, 7] at 4 bits, [-127, 127] at 8):
+it leaves the code -qmax-1 unused but maps +max|x| and -max|x| exactly, so fq(-x) = -fq(x).
+An all-zero row gets the smallest normal scale (as in torchao) and quantises to zeros.
+
+- Weights W [out, in]: one scale per output row; the clip ratio per row may be searched
+  to minimise ``||w_row - fq(w_row)||^2`` (:func:`search_weight_clip`).
+- Activations X [..., d]: dynamic, one scale per token, or per group of ``group``
+  consecutive features (per token per head for a latent [..., heads * r] with group=r).
+
+``bits >= 16`` is the identity. Half-precision inputs are quantised in float32 and cast back.
+
+Straight-through estimator: with ``ste=True`` the result is ``x + (fq(x) - x).detach()``,
+whose value is fq(x) and whose gradient w.r.t. x is exactly the identity: nothing flows
+through the rounding, the clamp or the scale (without ``ste`` only the scale carries a
+gradient). Unlike a custom ``autograd.Function`` (torchao's ``_Round``), whose backward is lost
+when torch.export inlines it to ``aten.round``, the detach stays in the exported graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .errors import WsvdError
+
+
+@dataclasses.dataclass(frozen=True)
+class Bits:
+    """Bit widths of linear-layer weights and input activations; 16 means not quantised."""
+
+    weight: int
+    activation: int
+
+
+BIT_SETTINGS = {
+    "w8a8": Bits(8, 8),
+    "w4a4": Bits(4, 4),
+    "w8a4": Bits(8, 4),
+    "w4a8": Bits(4, 8),
+    "w16a16": Bits(16, 16),
+    "w16": Bits(16, 16),
+}
+
+
+def parse_bits(text: str) -> Bits:
+    """``"w8a4"`` -> Bits(weight=8, activation=4); ``"w16"`` turns quantisation off."""
+    if text not in BIT_SETTINGS:
+        raise WsvdError(f"unknown bit setting {text!r}: use one of {', '.join(BIT_SETTINGS)}")
+    return BIT_SETTINGS[text]
+
+
+def ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Value q, gradient w.r.t. x the identity (straight-through estimator)."""
+    return x + (q - x).detach()
+
+
+def fake_quant_weight(w: torch.Tensor, bits: int, *, clip_ratio: torch.Tensor | float | None = None,
+                      ste: bool = False) -> torch.Tensor:
+    """Per-output-row fake quantisation of W [out, in]; ``clip_ratio`` is a float or a tensor [out]."""
+    if bits >= 16:
+        return w
+    if isinstance(clip_ratio, torch.Tensor):
+        clip_ratio = clip_ratio.to(_work_dtype(w)).unsqueeze(-1)
+    elif clip_ratio is not None and not 0 < clip_ratio <= 1:
+        raise WsvdError(f"clip ratio {clip_ratio} is outside (0, 1]: use a ratio such as 0.9")
+    return _output(w, _fake_quant_rows(w, bits, clip_ratio), ste)
+
+
+def fake_quant_activation(x: torch.Tensor, bits: int, *, group: int | None = None, ste: bool = False) -> torch.Tensor:
+    """Dynamic per-token fake quantisation of X [..., d], or per token per group of ``group`` features."""
+    if bits >= 16:
+        return x
+    if group is None:
+        return _output(x, _fake_quant_rows(x, bits), ste)
+    if x.shape[-1] % group:
+        raise WsvdError(f"group size {group} does not divide the feature width {x.shape[-1]}: use a divisor")
+    q = _fake_quant_rows(x.unflatten(-1, (-1, group)), bits).flatten(-2)
+    return _output(x, q, ste)
+
+
+@torch.no_grad()
+def search_weight_clip(w: torch.Tensor, bits: int, *, grid: int = 100, min_ratio: float = 0.8) -> torch.Tensor:
+    """Clip ratio [out] per row of W, from ``linspace(1, min_ratio, grid)``, minimising the squared error.
+
+    Ties keep the larger ratio, so a row that clipping does not help keeps 1.0.
+    """
+    if grid < 1 or not 0 < min_ratio <= 1:
+        raise WsvdError(f"clip search needs grid >= 1 and min_ratio in (0, 1], got grid={grid}, min_ratio={min_ratio}")
+    work = w.to(_work_dtype(w))
+    best = torch.ones(w.shape[0], dtype=work.dtype, device=w.device)
+    if bits >= 16:
+        return best
+    best_err = torch.full_like(best, float("inf"))
+    for ratio in torch.linspace(1.0, min_ratio, grid, dtype=work.dtype, device=w.device):
+        clip = ratio.expand_as(best)
+        err = (work - fake_quant_weight(work, bits, clip_ratio=clip)).square().sum(-1)
+        better = err < best_err
+        best = torch.where(better, clip, best)
+        best_err = torch.where(better, err, best_err)
+    return best
+
+
+def _work_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 for half-precision inputs, else the input's own dtype."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _qmax(bits: int) -> int:
+    if bits < 2:
+        raise WsvdError(f"cannot quantise to {bits} bits: use 2 or more (16 or more turns quantisation off)")
+    return 2 ** (bits - 1) - 1
+
+
+def _fake_quant_rows(x: torch.Tensor, bits: int, clip: torch.Tensor | float | None = None) -> torch.Tensor:
+    """fq of every row (last dim) of x with its own scale, in x's dtype (see the module docstring)."""
+    qmax = _qmax(bits)
+    work = x.to(_work_dtype(x))
+    absmax = work.abs().amax(dim=-1, keepdim=True)
+    if clip is not None:
+        absmax = absmax * clip
+    scale = (absmax / qmax).clamp_min(torch.finfo(work.dtype).tiny)
+    # times the reciprocal rather than divided by the scale, as torchao does, so that ties round alike
+    return (torch.clamp(torch.round(work * scale.reciprocal()), -qmax, qmax) * scale).to(x.dtype)
+
+
+def _output(x: torch.Tensor, q: torch.Tensor, straight_through: bool) -> torch.Tensor:
+    return ste(x, q) if straight_through else q

@@ -1,0 +1,132 @@
+"""Rotation passes (QuaRot / WSVD S1): exact orthogonal changes of basis that spread outliers.
+
+- :class:`RotateResidual`: fuse every RMSNorm gamma into the linears reading it, then rotate
+  the residual stream by a seeded random-sign Hadamard S1 [E, E] (h -> h S1):
+  embeddings ``E' = E S1``; readers ``W' = W diag(gamma) S1``; writers ``W' = S1^T W``,
+  ``b' = b S1``. RMSNorm without gamma commutes with S1, so the function is unchanged.
+- :class:`RotateValueHeads`: per-head Hadamard H [D, D] on V's output side, matched in
+  o_proj: ``W_v,h' = H^T W_v,h`` (or ``U_v,h' = H^T U_v,h`` for factored V), ``b_v,h' = b_v,h H``,
+  ``W_o[:, i]' = W_o[:, i] H``.
+- :class:`OnlineHadamard`: where fusion is impossible (the input of the MLP's down_proj, after
+  the nonlinearity) insert ``x -> x H`` as a linear with a Hadamard buffer and set ``W' = W H``.
+
+All new tensors are computed in float64 from the current ones and replace them (weights are
+never written in place: captures share storage with the eager model).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule, Node
+
+from .errors import WsvdError
+from .graph_utils import add_tensor_attr, copy_meta, get_attr_node, infer_val, remove_attr_if_unused, tensor_attr
+from .hadamard import random_hadamard
+from .pipeline import GraphPass
+from .residual import find_residual_stream
+from .sites import AttentionSite
+
+aten = torch.ops.aten
+
+
+def replace_tensor_arg(gm: GraphModule, user: Node, index: int, value: torch.Tensor, suffix: str) -> None:
+    """Give ``user`` a new parameter in place of its ``index``-th (get_attr) argument."""
+    old = user.args[index]
+    if not (isinstance(old, Node) and old.op == "get_attr"):
+        raise WsvdError(f"{user.name}: argument {index} is not a stored tensor")
+    current = tensor_attr(gm, old.target)
+    target = f"{old.target}_{suffix}"
+    n = 1
+    while _exists(gm, target):
+        n += 1
+        target = f"{old.target}_{suffix}{n}"
+    add_tensor_attr(gm, target, value.to(current.dtype).contiguous(), parameter=isinstance(current, torch.nn.Parameter))
+    user.replace_input_with(old, get_attr_node(gm, target, user))
+    remove_attr_if_unused(gm, old.target)
+
+
+def _exists(gm: GraphModule, target: str) -> bool:
+    try:
+        tensor_attr(gm, target)
+        return True
+    except AttributeError:
+        return False
+
+
+def _weight(gm: GraphModule, node: Node, index: int = 1) -> torch.Tensor:
+    return tensor_attr(gm, node.args[index].target).detach().double()
+
+
+class RotateResidual(GraphPass):
+    """Fuse RMSNorm gammas and rotate the residual stream by a random Hadamard S1."""
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    def transform(self, gm: GraphModule, sites: list[AttentionSite]) -> bool:
+        stream = find_residual_stream(gm)
+        E = stream.embedding.args[0].meta["val"].shape[1]
+        S1 = random_hadamard(E, self.seed)
+        replace_tensor_arg(gm, stream.embedding, 0, _weight(gm, stream.embedding, 0) @ S1, "rot")
+        for norm in stream.norms:
+            gamma = tensor_attr(gm, norm.gamma).detach().double() if norm.gamma else torch.ones(E, dtype=torch.float64)
+            for reader in norm.readers:
+                replace_tensor_arg(gm, reader, 1, _weight(gm, reader) * gamma[None, :] @ S1, "rot")
+            if norm.gamma:
+                norm.out.replace_all_uses_with(norm.normalised)
+                gm.graph.erase_node(norm.out)
+                remove_attr_if_unused(gm, norm.gamma)
+        for writer in stream.writers:
+            replace_tensor_arg(gm, writer, 1, S1.T @ _weight(gm, writer), "rot")
+            if len(writer.args) > 2 and writer.args[2] is not None:
+                replace_tensor_arg(gm, writer, 2, _weight(gm, writer, 2) @ S1, "rot")
+        return True
+
+
+class RotateValueHeads(GraphPass):
+    """Per-head Hadamard on V's output side, undone inside o_proj."""
+
+    def __init__(self, seed: int = 1):
+        self.seed = seed
+
+    def transform(self, gm: GraphModule, sites: list[AttentionSite]) -> bool:
+        for site in sites:
+            if site.latent_kv:
+                raise WsvdError(f"layer {site.layer}: rotate V before the latent-KV rewrite")
+            D = site.head_dim
+            R = random_hadamard(D, self.seed + site.layer)
+            v = site.v_proj.node  # dense W_v [n_kv D, E] or factored U_v [n_kv D, r]: rotate each head's rows
+            W = _weight(gm, v)
+            replace_tensor_arg(gm, v, 1, torch.cat([R.T @ block for block in W.split(D)]), "vrot")
+            if len(v.args) > 2 and v.args[2] is not None:
+                b = _weight(gm, v, 2)
+                replace_tensor_arg(gm, v, 2, torch.cat([block @ R for block in b.split(D)]), "vrot")
+            o = site.o_proj.node
+            W_o = _weight(gm, o)
+            replace_tensor_arg(gm, o, 1, torch.cat([block @ R for block in W_o.split(D, dim=1)], dim=1), "vrot")
+        return True
+
+
+class OnlineHadamard(GraphPass):
+    """``x -> x H`` before every residual writer that is not an attention output (the MLP down_proj)."""
+
+    def __init__(self, seed: int = 2):
+        self.seed = seed
+
+    def transform(self, gm: GraphModule, sites: list[AttentionSite]) -> bool:
+        attention_outputs = {s.o_proj.node for s in sites}
+        for writer in find_residual_stream(gm).writers:
+            if writer in attention_outputs:
+                continue
+            W = _weight(gm, writer)
+            H = random_hadamard(W.shape[1], self.seed)
+            owner = writer.args[1].target.rpartition(".")[0]
+            add_tensor_attr(gm, f"{owner}.online_hadamard", H.T.to(tensor_attr(gm, writer.args[1].target).dtype).contiguous(),
+                            parameter=False)
+            x = writer.args[0]
+            with gm.graph.inserting_before(writer):
+                rotated = infer_val(gm, copy_meta(gm.graph.call_function(
+                    aten.linear.default, (x, get_attr_node(gm, f"{owner}.online_hadamard", writer))), writer))
+            writer.replace_input_with(x, rotated)
+            replace_tensor_arg(gm, writer, 1, W @ H, "had")
+        return True
