@@ -20,7 +20,8 @@ Straight-through estimator: with ``ste=True`` the result is ``x + (fq(x) - x).de
 whose value is fq(x) and whose gradient w.r.t. x is exactly the identity: nothing flows
 through the rounding, the clamp or the scale (without ``ste`` only the scale carries a
 gradient). Unlike a custom ``autograd.Function`` (torchao's ``_Round``), whose backward is lost
-when torch.export inlines it to ``aten.round``, the detach stays in the exported graph.
+when torch.export inlines it to ``aten.round``, the detach stays in the exported graph;
+``ExportedProgram.run_decompositions`` turns it into ``aten.alias`` and so drops the STE.
 """
 
 from __future__ import annotations
