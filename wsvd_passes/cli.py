@@ -53,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     co.add_argument("--rho1", type=float, required=True, help="kept fraction of Q/K/V parameters, in (0, 1]")
     co.add_argument("--out", required=True, help="output directory")
     _add_calibration(co)
+    co.add_argument("--bits", default="w16a16", help="w8a8, w4a4, w8a4, w4a8 or w16a16 for quantising recipes")
     co.add_argument("--json", dest="json_out", help="also write the report to this JSON file")
 
     ta = sub.add_parser("table", help="perplexity / KL / top-1 of recipes at several ratios (WSVD Table 1 analog)")
@@ -62,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     ta.add_argument("--data", help="evaluation text file (default: evaluation half of pydoc_data.topics)")
     ta.add_argument("--eval-windows", type=int, default=32, help="evaluation windows (default 32)")
     _add_calibration(ta)
+    ta.add_argument("--bits", default="w16a16", help="w8a8, w4a4, w8a4, w4a8 or w16a16 for quantising recipes")
     ta.add_argument("--json", dest="json_out", help="write the rows to this JSON file")
 
     ge = sub.add_parser("generate", help="generate text through the (compressed, lowered, compiled) decode graph")
@@ -258,10 +260,17 @@ def _prepare(args, recipe_names: list[str]):
     windows = token_windows(lm.tokenizer, text, args.seq_len, args.calib_windows)
     captured = capture_forward(lm.model)
     start = time.perf_counter()
-    calib = calibrate(captured, windows, recipes, grad_samples=args.grad_samples, progress=not args.quiet)
-    provenance.update(windows=len(windows), seq_len=args.seq_len, grad_samples=calib.samples,
+    calib = (calibrate(captured, windows, recipes, grad_samples=args.grad_samples, progress=not args.quiet)
+             if any(r.factor for r in recipes) else None)
+    provenance.update(windows=len(windows), seq_len=args.seq_len, grad_samples=calib.samples if calib else 0,
                       seconds=round(time.perf_counter() - start, 1))
     return lm, captured, calib, recipes, provenance
+
+
+def _bits(args):
+    from .quantize import parse_bits
+
+    return parse_bits(getattr(args, "bits", "w16a16"))
 
 
 def _parse_rho1(text: str) -> list[float]:
@@ -277,16 +286,26 @@ def _parse_rho1(text: str) -> list[float]:
     return values
 
 
-def _factored_copy(captured, calib, recipe, rho1):
+def _compressed_copy(captured, calib, recipe, rho1, bits):
+    """A copy of ``captured`` with the recipe's passes applied; returns it and the factor report (or None)."""
     import copy
 
     from .compress import factor_plan
     from .factorize import FactorizeQKV
+    from .fake_quant import FakeQuantize
     from .pipeline import Pipeline
+    from .rotate import OnlineHadamard, RotateResidual, RotateValueHeads
 
-    plan, report = factor_plan(calib, recipe, rho1)
+    passes, report = [], None
+    if recipe.factor:
+        plan, report = factor_plan(calib, recipe, rho1)
+        passes.append(FactorizeQKV(plan))
+    if recipe.rotate:
+        passes += [RotateResidual(), RotateValueHeads(), OnlineHadamard()]
+    if recipe.quantize:
+        passes.append(FakeQuantize(bits))
     compressed = copy.deepcopy(captured)
-    Pipeline([FactorizeQKV(plan)])(compressed)
+    Pipeline(passes)(compressed)
     return compressed, report
 
 
@@ -296,7 +315,9 @@ def cmd_compress(args) -> dict:
 
     (rho1,) = _parse_rho1(args.rho1)
     lm, captured, calib, (recipe,), provenance = _prepare(args, [args.recipe])
-    compressed, report = _factored_copy(captured, calib, recipe, rho1)
+    if not recipe.factor:
+        raise WsvdError(f"recipe {recipe.name} has no low-rank factors to save; use a factorisation recipe")
+    compressed, report = _compressed_copy(captured, calib, recipe, rho1, _bits(args))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     factors = {k: v.detach().contiguous() for k, v in compressed.gm.state_dict().items() if ".wsvd." in k}
@@ -327,26 +348,28 @@ def cmd_table(args) -> list[dict]:
     from .evaluation import evaluate
 
     rhos = _parse_rho1(args.rho1)
+    bits = _bits(args)
     lm, captured, calib, recipes, provenance = _prepare(args, args.recipes.split(","))
     text, eval_source = text_source(args.data, "evaluation")
     windows = token_windows(lm.tokenizer, text, args.seq_len, args.eval_windows)
     reference = _MemoLogits(lambda ids: captured.gm(input_ids=ids))
     fp = evaluate(reference, windows, progress=not args.quiet)
-    rows = [{"recipe": "fp", "rho1": 1.0, "rho2": 1.0, "bits": 16, "ppl": fp.ppl, "kl": 0.0, "top1": 1.0,
+    rows = [{"recipe": "fp", "rho1": 1.0, "rho2": 1.0, "bits": "w16a16", "ppl": fp.ppl, "kl": 0.0, "top1": 1.0,
              "tokens": fp.tokens}]
-    header = f"{'recipe':<11}{'rho1':>6}{'got':>7}{'rho2':>7}{'bits':>5}{'ppl':>10}{'kl':>9}{'top1':>8}{'sec':>6}"
-    print(header)
-    print(f"{'fp':<11}{1.0:>6.2f}{1.0:>7.3f}{1.0:>7.3f}{16:>5}{fp.ppl:>10.3f}{0.0:>9.4f}{1.0:>8.4f}")
+    print(f"{'recipe':<11}{'rho1':>6}{'got':>7}{'rho2':>7}{'bits':>8}{'ppl':>10}{'kl':>9}{'top1':>8}{'sec':>6}")
+    print(f"{'fp':<11}{1.0:>6.2f}{1.0:>7.3f}{1.0:>7.3f}{'w16a16':>8}{fp.ppl:>10.3f}{0.0:>9.4f}{1.0:>8.4f}")
     for recipe in recipes:
-        for rho1 in rhos:
+        spec = f"w{bits.weight}a{bits.activation}" if recipe.quantize else "w16a16"
+        for rho1 in rhos if recipe.factor else [1.0]:
             start = time.perf_counter()
-            compressed, report = _factored_copy(captured, calib, recipe, rho1)
+            compressed, report = _compressed_copy(captured, calib, recipe, rho1, bits)
             r = evaluate(lambda ids: compressed.gm(input_ids=ids), windows, reference=reference, progress=False)
             seconds = time.perf_counter() - start
-            rows.append({"recipe": recipe.name, "rho1": rho1, "rho1_achieved": report.rho1, "rho2": report.rho2,
-                         "bits": 16, "ppl": r.ppl, "kl": r.kl, "top1": r.top1, "tokens": r.tokens,
-                         "seconds": round(seconds, 1), "above_break_even": len(report.above_break_even)})
-            print(f"{recipe.name:<11}{rho1:>6.2f}{report.rho1:>7.3f}{report.rho2:>7.3f}{16:>5}{r.ppl:>10.3f}"
+            got, rho2 = (report.rho1, report.rho2) if report else (1.0, 1.0)
+            rows.append({"recipe": recipe.name, "rho1": rho1, "rho1_achieved": got, "rho2": rho2, "bits": spec,
+                         "ppl": r.ppl, "kl": r.kl, "top1": r.top1, "tokens": r.tokens, "seconds": round(seconds, 1),
+                         "above_break_even": len(report.above_break_even) if report else 0})
+            print(f"{recipe.name:<11}{rho1:>6.2f}{got:>7.3f}{rho2:>7.3f}{spec:>8}{r.ppl:>10.3f}"
                   f"{r.kl:>9.4f}{r.top1:>8.4f}{seconds:>6.0f}", flush=True)
             del compressed
     print(f"model {lm.name}; calibration {provenance['source']} ({provenance['windows']} x {provenance['seq_len']} "

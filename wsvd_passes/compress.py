@@ -49,7 +49,7 @@ def calibrate(
     weights = {s.layer: {p: tensor_attr(captured.gm, getattr(s, f"{p}_proj").weight).detach() for p in PROJECTIONS}
                for s in sites}
     groups = {}
-    for r in recipes:
+    for r in (r for r in recipes if r.factor):
         key = (r.granularity, r.scaling)
         if key not in groups:
             groups[key] = [g for s in sites for g in split_groups(
@@ -57,9 +57,9 @@ def calibrate(
                 make_scaling(stats[s.layer].qkv, r.scaling, s.hidden_size, alpha=r.alpha, where=f"layer {s.layer}"),
                 r.granularity, s.head_dim)]
     accumulators = {key: ImportanceAccumulator(groups[key], sites[0].head_dim)
-                    for key in {(r.granularity, r.scaling) for r in recipes if r.allocation == "importance"}}
+                    for key in {(r.granularity, r.scaling) for r in recipes if r.factor and r.allocation == "importance"}}
     fisher, n = {}, 0
-    if accumulators or any(r.finetune for r in recipes):
+    if accumulators or any(r.factor and r.finetune for r in recipes):
         targets = {getattr(s, f"{p}_proj").weight: (s.layer, p) for s in sites for p in PROJECTIONS}
         samples = windows if grad_samples is None else windows[:grad_samples]
 

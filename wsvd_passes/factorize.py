@@ -43,6 +43,18 @@ class LayerFactors:
     ranks: dict[str, list[int]]  # per projection: rank per head (head) or [rank] (other granularities)
 
 
+def ranks_target(up: str) -> str:
+    """The rank buffer that goes with an up-projection target (``.../wsvd.k_up`` -> ``.../wsvd.k_ranks``)."""
+    return up.removesuffix("_up") + "_ranks"
+
+
+def block_diagonal(U: torch.Tensor, n: int) -> bool:
+    """True when U [n H, n r] has n diagonal blocks and zeros elsewhere (per-head factors)."""
+    rows, cols = U.shape[0] // n, U.shape[1] // n
+    mask = torch.block_diag(*[torch.ones(rows, cols, dtype=torch.bool)] * n)
+    return U.shape == mask.shape and not bool(U.detach()[~mask].any())
+
+
 def pad_heads(ups: list[torch.Tensor], downs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack per-head factors (up_h [H, r_h], down_h [r_h, E]) into D [n r_max, E] and block-diagonal U."""
     r_max = max(max(d.shape[0] for d in downs), 1)
@@ -90,7 +102,8 @@ class FactorizeQKV(GraphPass):
                     gm.graph.call_function(aten.linear.default, (site.qkv_input, d_node)), first))
         for name, proj in projections.items():
             add_tensor_attr(gm, f"{owner}.{name}_up", f.ups[name].to(dtype).contiguous(), parameter=True)
-            add_tensor_attr(gm, f"{owner}.{name}_ranks", torch.tensor(f.ranks[name], dtype=torch.long), parameter=False)
+            add_tensor_attr(gm, ranks_target(f"{owner}.{name}_up"), torch.tensor(f.ranks[name], dtype=torch.long),
+                            parameter=False)
             u_node = get_attr_node(gm, f"{owner}.{name}_up", proj.node)
             args = (latents[f.latent_of[name]], u_node) + ((proj.node.args[2],) if len(proj.node.args) > 2 else ())
             with gm.graph.inserting_before(proj.node):

@@ -27,6 +27,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .errors import WsvdError
+from .factorize import block_diagonal
 from .graph_utils import add_tensor_attr, copy_meta, get_attr_node, infer_val, remove_attr_if_unused, tensor_attr
 from .pipeline import GraphPass
 from .rope import rope_parameters, rope_tables
@@ -158,15 +159,9 @@ def _cache_layout(gm: GraphModule, site: AttentionSite) -> dict[str, tuple[Node,
     widths = {p: tensor_attr(gm, proj.down).shape[0] for p, proj in (("k", site.k_proj), ("v", site.v_proj))}
     if site.k_proj.latent is site.v_proj.latent:
         return {"qkv": (site.k_proj.latent, 1, widths["k"])}
-    per_head = all(_block_diagonal(tensor_attr(gm, proj.up), n_kv) for proj in (site.k_proj, site.v_proj))
+    per_head = all(block_diagonal(tensor_attr(gm, proj.up), n_kv) for proj in (site.k_proj, site.v_proj))
     heads = n_kv if per_head else 1
     return {p: (proj.latent, heads, widths[p] // heads) for p, proj in (("k", site.k_proj), ("v", site.v_proj))}
-
-
-def _block_diagonal(U: torch.Tensor, n: int) -> bool:
-    rows, cols = U.shape[0] // n, U.shape[1] // n
-    mask = torch.block_diag(*[torch.ones(rows, cols, dtype=torch.bool)] * n)
-    return U.shape == mask.shape and not bool(U.detach()[~mask].any())
 
 
 def _still_needed(node: Node) -> bool:

@@ -8,8 +8,15 @@
 | qsvd-noq    | joint       | ASVD (alpha .5) | importance | no        | QSVD without quantisation          |
 | wsvd-noft   | head        | whitening       | importance | no        | WSVD-noFT                          |
 | wsvd-noq    | head        | whitening       | importance | yes       | WSVD-noQ (Algorithm 1)             |
+| rtn         | -           | -               | -          | -         | round-to-nearest W/A quantisation  |
+| quarot      | -           | -               | -          | -         | QuaRot: rotations + RTN            |
+| qsvd        | joint       | ASVD (alpha .5) | importance | no        | QSVD: qsvd-noq + rotations + quant |
+| wsvd-noqat  | head        | whitening       | importance | yes       | WSVD without local QAT             |
 
-The baselines factor Q, K and V separately, as the WSVD paper does for them.
+The baselines factor Q, K and V separately, as the WSVD paper does for them. The last four
+quantise (``--bits``): weights per output channel with a clipping search, activations
+per token (latents per token per head); rotations come first. WSVD's local QAT with a
+learnable S2 is not implemented yet.
 """
 
 from __future__ import annotations
@@ -30,6 +37,9 @@ class Recipe:
     beta: float = 0.5  # Sigma split: down gets Sigma^beta, up Sigma^(1-beta)
     finetune_steps: int = 100
     finetune_lr: float = 1e-4
+    factor: bool = True  # False: no low-rank factors (quantisation-only baselines)
+    rotate: bool = False  # RMSNorm fusion + Hadamard S1, per-head V Hadamard, online Hadamard
+    quantize: bool = False  # fake-quant weights and activations at the requested bits
 
 
 RECIPES = {
@@ -41,6 +51,10 @@ RECIPES = {
         Recipe("qsvd-noq", "joint", "asvd", "importance"),
         Recipe("wsvd-noft", "head", "whiten", "importance"),
         Recipe("wsvd-noq", "head", "whiten", "importance", finetune=True),
+        Recipe("rtn", "head", "none", "uniform", factor=False, quantize=True),
+        Recipe("quarot", "head", "none", "uniform", factor=False, rotate=True, quantize=True),
+        Recipe("qsvd", "joint", "asvd", "importance", rotate=True, quantize=True),
+        Recipe("wsvd-noqat", "head", "whiten", "importance", finetune=True, rotate=True, quantize=True),
     ]
 }
 

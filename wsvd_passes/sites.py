@@ -22,6 +22,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .errors import WsvdError
+from .quantize import fake_quant_activation  # quantise-dequantise keeps shapes: walked through like a view
 
 aten = torch.ops.aten
 
@@ -137,7 +138,7 @@ def module_path(node: Node) -> str:
 
 
 def _is_passthrough(node) -> bool:
-    return _is(node, *_SHAPE_OPS) or (
+    return _is(node, *_SHAPE_OPS, fake_quant_activation) or (
         isinstance(node, Node) and node.op == "call_module" and node.target.startswith(PASSTHROUGH_MODULE_PREFIX)
     )
 

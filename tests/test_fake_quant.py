@@ -1,0 +1,51 @@
+"""Fake-quant pass: identity at 16 bits, error shrinking with bits, latents per token per head."""
+
+import copy
+
+import torch
+
+from conftest import tiny_forward
+from wsvd_passes.compress import calibrate, factor_plan
+from wsvd_passes.factorize import FactorizeQKV
+from wsvd_passes.fake_quant import FakeQuantize
+from wsvd_passes.pipeline import Pipeline
+from wsvd_passes.quantize import fake_quant_activation, parse_bits
+from wsvd_passes.recipes import RECIPES
+from wsvd_passes.rotate import OnlineHadamard, RotateResidual, RotateValueHeads
+from wsvd_passes.sites import find_sites
+
+
+def _compressed(bits, rotate=True):
+    reference = tiny_forward("tiny-llama-gqa")
+    recipe = RECIPES["wsvd-noft"]
+    calib = calibrate(reference, torch.randint(0, 384, (4, 40)), [recipe], progress=False)
+    plan, _ = factor_plan(calib, recipe, 0.7)
+    graph = copy.deepcopy(reference)
+    rotations = [RotateResidual(), RotateValueHeads(), OnlineHadamard()] if rotate else []
+    Pipeline([FactorizeQKV(plan), *rotations, FakeQuantize(parse_bits(bits))])(graph)
+    return graph
+
+
+def test_sixteen_bits_is_the_identity():
+    reference = copy.deepcopy(tiny_forward("tiny-llama"))
+    code = reference.gm.code
+    Pipeline([FakeQuantize(parse_bits("w16a16"))])(reference)
+    assert reference.gm.code == code
+
+
+def test_error_shrinks_with_bits_and_latents_are_quantised_per_head():
+    ids = torch.randint(0, 384, (2, 30))
+    with torch.no_grad():
+        exact = _compressed("w16a16").gm(input_ids=ids)
+        errors = {b: float((_compressed(b).gm(input_ids=ids) - exact).abs().mean()) for b in ("w8a8", "w4a8", "w4a4")}
+    assert 0 < errors["w8a8"] < errors["w4a8"] < errors["w4a4"]
+
+    graph = _compressed("w8a8")
+    site = find_sites(graph.gm)[0]  # sites are still found through the quantisers
+    quantisers = [n for n in graph.gm.graph.nodes if n.target is fake_quant_activation]
+    up_inputs = {n.kwargs["group"] for n in quantisers if site.k_proj.node in n.users}
+    r_max = graph.gm.get_parameter(site.k_proj.down).shape[0] // site.n_kv_heads
+    assert up_inputs == {r_max}
+    lm_head = next(n for n in graph.gm.graph.nodes if n.op == "output").all_input_nodes[0]
+    assert lm_head.args[0].target is not fake_quant_activation  # the LM head stays in full precision
+    assert graph.reexport() is not None
