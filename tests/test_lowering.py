@@ -114,3 +114,5 @@ def test_generate_and_decode_bench_commands(tmp_path, capsys):
     assert bench["dense"]["tokens_per_s"] > 0 and bench["latent"]["tokens_per_s"] > 0
     assert bench["cache_bytes_latent"] < bench["cache_bytes_dense"] and bench["rho2"] == 0.5
     assert main(["bench", "decode", "--device", "cpu", "--cache-len", "4", "--steps", "8"]) == 2
+    assert main(["generate", "--model", "tiny-llama", "--prompt", "x", "--recipe", "rtn"]) == 2
+    assert "has no low-rank factors" in capsys.readouterr().err

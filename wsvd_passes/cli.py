@@ -142,6 +142,11 @@ def cmd_generate(args) -> dict:
     if args.max_new_tokens < 1:
         raise WsvdError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
     if args.recipe:
+        from .recipes import get_recipe
+
+        if not get_recipe(args.recipe).factor:
+            raise WsvdError(f"recipe {args.recipe} has no low-rank factors, so there is no latent cache to decode "
+                            "from: use a factorising recipe (e.g. wsvd-noq)")
         (rho1,) = _parse_rho1(args.rho1)
         args.grad_samples = args.grad_samples or min(args.calib_windows, 16)
         lm, captured, calib, (recipe,), _ = _prepare(args, [args.recipe])
