@@ -145,6 +145,8 @@ def test_unknown_recipe_and_bad_rho1_are_refused(capsys):
     assert "unknown recipe 'nope'" in capsys.readouterr().err
     assert main(["table", "--model", "tiny-llama", "--rho1", "0.5,1.5"]) == 2
     assert "rho1 1.5 is outside (0, 1]" in capsys.readouterr().err
+    assert main(["table", "--model", "tiny-llama", "--eval-windows", "0"]) == 2
+    assert "--eval-windows 0 must be at least 1" in capsys.readouterr().err
 
 
 def test_compress_and_table_commands(tmp_path, capsys):

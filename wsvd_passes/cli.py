@@ -260,6 +260,10 @@ def _prepare(args, recipe_names: list[str]):
     from .recipes import get_recipe
 
     recipes = [get_recipe(n.strip()) for n in recipe_names]
+    for flag in ("calib_windows", "grad_samples", "eval_windows"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise WsvdError(f"--{flag.replace('_', '-')} {value} must be at least 1")
     lm = load_model(args.model)
     text, provenance = text_source(args.calib_data, "calibration")
     windows = token_windows(lm.tokenizer, text, args.seq_len, args.calib_windows)
