@@ -32,6 +32,15 @@ def test_eval_on_a_user_file(tmp_path):
     (["eval", "--model", "no-such-model"], "unknown model 'no-such-model'"),
     (["eval", "--model", "tiny-llama", "--data", "/nonexistent.txt"], "does not exist"),
     (["eval", "--model", "tiny-llama", "--max-windows", "0"], "--max-windows 0 must be at least 1"),
+    (["eval"], "wsvd eval needs --model NAME|PATH (or --artifact DIR)"),
+    (["compress", "--model", "tiny-llama", "--recipe", "nope", "--rho1", "0.5", "--out", "x"], "unknown recipe 'nope'"),
+    (["compress", "--model", "tiny-llama", "--recipe", "wsvd", "--rho1", "1.5", "--out", "x"], "rho1 1.5 is outside (0, 1]"),
+    (["compress", "--model", "tiny-llama", "--recipe", "wsvd-noq", "--rho1", "0.5", "--calib-windows", "1",
+      "--seq-len", "32", "--out", "x"], "1 calibration window(s) are too few"),
+    (["compress", "--model", "tiny-llama", "--recipe", "wsvd", "--rho1", "0.5", "--bits", "w3a3", "--out", "x"],
+     "unknown bit setting 'w3a3'"),
+    (["eval", "--artifact", "/nonexistent-dir"], "has no manifest.json"),
+    (["generate", "--artifact", "/nonexistent-dir", "--recipe", "wsvd-noq", "--prompt", "x"], "not both"),
 ])
 def test_bad_input_gives_one_line(argv, message, capsys):
     assert main(argv) == 2

@@ -16,6 +16,10 @@ sequence (a "sample") and reduces the per-sample gradients g of the next-token
 loss w.r.t. chosen weights. The built-in reduction is the diagonal Fisher
 F = E_samples[g * g]; a callback sees every per-sample gradient for other
 reductions (e.g. projections onto singular vectors for rank importance).
+
+Data comes as text windows (int64 token ids [n, S], labels = ids) or as image-text samples:
+dicts of graph kwargs (``inputs_embeds`` [1, S, E], ...) plus ``labels`` [1, S] with -100 on
+unsupervised positions (:mod:`wsvd_passes.mm_data`); :func:`split_batch` tells them apart.
 """
 
 from __future__ import annotations
@@ -111,15 +115,29 @@ def _stats(obs: InputStatsObserver, where: str) -> InputStats:
     return InputStats(gram, absmean, n)
 
 
-def collect_input_stats(captured: CapturedGraph, batches: Iterable[torch.Tensor], *, progress: bool = True) -> list[SiteStats]:
-    """Run ``batches`` (int64 [B, S] token ids) through the graph; return stats per site, in layer order."""
+def split_batch(batch: torch.Tensor | dict) -> tuple[dict, torch.Tensor]:
+    """(graph kwargs, labels [B, S]) of token ids [B, S] (labels = ids) or a dict of graph kwargs with "labels"."""
+    if isinstance(batch, dict):
+        if "labels" not in batch:
+            raise WsvdError("an image-text batch needs 'labels' [B, S] (-100 where not supervised): build it with mm_data")
+        return {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
+    return {"input_ids": batch}, batch
+
+
+def as_batches(data: torch.Tensor | Sequence[dict], batch_size: int) -> list:
+    """Text windows [n, S] in batches of ``batch_size``; image-text samples (batch 1 each) one by one."""
+    return list(data) if isinstance(data, (list, tuple)) else list(data.split(batch_size))
+
+
+def collect_input_stats(captured: CapturedGraph, batches: Iterable[torch.Tensor | dict], *, progress: bool = True) -> list[SiteStats]:
+    """Run ``batches`` (int64 [B, S] token ids, or image-text dicts) through the graph; return stats per site."""
     if captured.kind != "forward":
         raise WsvdError("calibration needs the full-sequence graph: capture it with capture_forward()")
     Pipeline([InsertInputObservers()])(captured)
     try:
         with torch.no_grad():
-            for ids in tqdm(list(batches), desc="calibration statistics", disable=not progress):
-                captured.gm(input_ids=ids)
+            for batch in tqdm(list(batches), desc="calibration statistics", disable=not progress):
+                captured.gm(**split_batch(batch)[0])
         n_sites = len(find_sites(captured.gm))
         return [
             SiteStats(
@@ -150,7 +168,7 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def collect_gradients(
     captured: CapturedGraph,
-    samples: Iterable[torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
+    samples: Iterable[torch.Tensor | tuple[torch.Tensor, torch.Tensor] | dict],
     targets: Sequence[str],
     *,
     on_sample: Callable[[dict[str, torch.Tensor]], None] | None = None,
@@ -158,7 +176,8 @@ def collect_gradients(
 ) -> dict[str, torch.Tensor]:
     """Per-sample gradients of the next-token loss w.r.t. the weights named in ``targets``.
 
-    Each sample is one sequence: int64 ids [S] (labels = ids) or a pair (ids [S], labels [S]).
+    Each sample is one sequence: int64 ids [S] (labels = ids), a pair (ids [S], labels [S]), or an
+    image-text dict (graph kwargs with batch 1 and ``labels`` [1, S]).
     Returns the diagonal Fisher ``F[name] = mean_samples(g * g)`` (float32, shaped like the
     weight); ``on_sample`` receives each sample's gradients ``{name: g}`` before reduction.
     """
@@ -176,9 +195,13 @@ def collect_gradients(
         for name, p in params.items():
             p.requires_grad_(name in fisher)
         for sample in tqdm(list(samples), desc="per-sample gradients", disable=not progress):
-            ids, labels = sample if isinstance(sample, tuple) else (sample, sample)
+            if isinstance(sample, dict):
+                kwargs, labels = split_batch(sample)
+            else:
+                ids, labels = sample if isinstance(sample, tuple) else (sample, sample)
+                kwargs, labels = {"input_ids": ids[None]}, labels[None]
             with torch.enable_grad():
-                loss = next_token_loss(gm(input_ids=ids[None]), labels[None])
+                loss = next_token_loss(gm(**kwargs), labels)
                 grads = torch.autograd.grad(loss, [params[t] for t in targets])
             grads = dict(zip(targets, grads))
             if on_sample is not None:

@@ -8,6 +8,9 @@ Two graphs are captured from the same eager model:
   ExecuTorch recipe), ``gm(input_ids [B, 1], cache_position [1]) -> logits [B, 1, V]``;
   the cache lives in mutable buffers of the graph module.
 
+Vision-language models (a config with a vision config) are captured at their language
+decoder instead, with ``inputs_embeds`` in place of ``input_ids`` (:mod:`wsvd_passes.vlm`).
+
 Passes edit the *unlifted* graph module (``ep.module()``); parameters and buffers
 are attributes of it, reached by ``get_attr`` nodes. They share storage with the
 eager model (no copy is made), so passes replace tensors and never write into
@@ -74,6 +77,10 @@ def _export_error(e: Exception, what: str) -> WsvdError:
 
 def capture_forward(model: torch.nn.Module, *, example_batch: int = 2, example_len: int = 17) -> CapturedGraph:
     """Export the full-sequence forward with dynamic batch and sequence length."""
+    from .vlm import capture_vlm_forward, is_vlm
+
+    if is_vlm(model):
+        return capture_vlm_forward(model, example_batch=example_batch, example_len=example_len)
     config = _text_config(model)
     if getattr(model, "training", False):
         model.eval()
@@ -94,6 +101,10 @@ def capture_decode(model: torch.nn.Module, *, batch_size: int = 1, max_cache_len
     """Export one decode step over a static KV cache of ``max_cache_len`` positions."""
     from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
 
+    from .vlm import capture_vlm_decode, is_vlm
+
+    if is_vlm(model):
+        return capture_vlm_decode(model, batch_size=batch_size, max_cache_len=max_cache_len)
     config = _text_config(model)
     if getattr(model, "training", False):
         model.eval()

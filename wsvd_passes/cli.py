@@ -1,11 +1,13 @@
 """The ``wsvd`` command line.
 
     wsvd eval  --model NAME|PATH [--data FILE] [--json OUT]   perplexity on the evaluation text
+    wsvd eval  --model VLM --mc data.jsonl [--artifact DIR]   multiple-choice image questions (VLMs)
     wsvd sites --model NAME|PATH                              the attention sites found in the graph
     wsvd compress --model NAME|PATH --recipe R --rho1 X --out DIR
     wsvd table --model NAME --recipes R1,R2 --rho1 0.9,0.5 --json OUT
     wsvd generate --model NAME|PATH --prompt TEXT [--recipe wsvd-noq --rho1 X] [--no-lower] [--no-compile]
     wsvd bench kernel|decode [--device cuda|cpu] [--quick] [--json OUT]
+    wsvd report DIR [--out OUT_DIR]                           markdown report with plots of a compress --out DIR
 
 Problems with the input print one ``error:`` line and exit with status 2.
 """
@@ -13,7 +15,6 @@ Problems with the input print one ``error:`` line and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -28,7 +29,8 @@ from .errors import WsvdError
 def _add_model(p: argparse.ArgumentParser) -> None:
     from .models import MODEL_NAMES
 
-    p.add_argument("--model", required=True, help=f"one of {', '.join(MODEL_NAMES)} or a local checkpoint directory")
+    p.add_argument("--model", help=f"one of {', '.join(MODEL_NAMES)} or a local checkpoint directory "
+                   "(with --artifact: defaults to the model recorded in it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -43,6 +45,13 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
+    ev.add_argument("--mc", help="multiple-choice image questions (JSONL: image, question, options, answer) for a VLM")
+    ev.add_argument("--artifact", help="score the compressed model of this `wsvd compress --out` directory beside the "
+                    "uncompressed one (ppl, KL, top-1; written to DIR/evaluation.json), or with --mc its accuracy")
+    ev.add_argument("--generate", type=int, default=0, metavar="N",
+                    help="with --mc: also predict by greedy generation of up to N tokens")
+    ev.add_argument("--max-items", type=int, default=None, help="with --mc: score N items drawn with --seed")
+    ev.add_argument("--seed", type=int, default=0, help="with --mc --max-items: the sampling seed (default 0)")
 
     si = sub.add_parser("sites", help="list the attention sites found in the captured graph")
     _add_model(si)
@@ -54,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     co.add_argument("--out", required=True, help="output directory")
     _add_calibration(co)
     co.add_argument("--bits", default="w16a16", help="w8a8, w4a4, w8a4, w4a8 or w16a16 for quantising recipes")
+    co.add_argument("--tune-beta", action="store_true",
+                    help="tune QSVD's beta (Sigma split) of quantising factor recipes on 8 calibration windows")
     co.add_argument("--json", dest="json_out", help="also write the report to this JSON file")
 
     ta = sub.add_parser("table", help="perplexity / KL / top-1 of recipes at several ratios (WSVD Table 1 analog)")
@@ -63,7 +74,10 @@ def _parser() -> argparse.ArgumentParser:
     ta.add_argument("--data", help="evaluation text file (default: evaluation half of pydoc_data.topics)")
     ta.add_argument("--eval-windows", type=int, default=32, help="evaluation windows (default 32)")
     _add_calibration(ta)
-    ta.add_argument("--bits", default="w16a16", help="w8a8, w4a4, w8a4, w4a8 or w16a16 for quantising recipes")
+    ta.add_argument("--bits", default="w16a16", help="w8a8, w4a4, w8a4, w4a8 or w16a16 for quantising recipes; "
+                    "a comma-separated list runs each (one calibration)")
+    ta.add_argument("--tune-beta", action="store_true",
+                    help="tune QSVD's beta (Sigma split) of quantising factor recipes on 8 calibration windows")
     ta.add_argument("--json", dest="json_out", help="write the rows to this JSON file")
 
     ge = sub.add_parser("generate", help="generate text through the (compressed, lowered, compiled) decode graph")
@@ -72,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     ge.add_argument("--max-new-tokens", type=int, default=32)
     ge.add_argument("--recipe", help="compress with this per-head recipe first (wsvd-noft, wsvd-noq) and cache latents")
     ge.add_argument("--rho1", type=float, default=0.5)
+    ge.add_argument("--artifact", help="decode the compressed model of this `wsvd compress --out` directory")
     ge.add_argument("--no-lower", action="store_true", help="keep the un-lowered latent attention (plain aten ops)")
     ge.add_argument("--no-compile", action="store_true", help="run the decode step eagerly (no torch.compile)")
     ge.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -91,12 +106,19 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--no-compile", action="store_true", help="decode: time the eager graph")
     be.add_argument("--quiet", action="store_true")
     be.add_argument("--json", dest="json_out", help="write the results to this JSON file")
+
+    rp = sub.add_parser("report", help="markdown report with PNG plots of a `wsvd compress --out` directory")
+    rp.add_argument("dir", help="directory written by wsvd compress --out")
+    rp.add_argument("--out", help="where to write report.md and the PNGs (default: DIR)")
     return parser
 
 
 def _add_calibration(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-data", help="calibration text file (default: calibration half of pydoc_data.topics)")
     p.add_argument("--calib-windows", type=int, default=64, help="calibration windows (default 64)")
+    p.add_argument("--calib", help="image-text calibration data for a VLM (JSONL: image, question, answer)")
+    p.add_argument("--calib-samples", type=int, default=None, help="with --calib: N items drawn with --calib-seed")
+    p.add_argument("--calib-seed", type=int, default=0, help="with --calib --calib-samples: the sampling seed")
     p.add_argument("--grad-samples", type=int, default=None, help="windows used for gradients (default: all)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
 
@@ -115,19 +137,75 @@ def cmd_eval(args) -> dict:
     from .evaluation import evaluate
     from .models import load_model
 
+    if args.mc:
+        return _eval_multiple_choice(args)
     if args.max_windows is not None and args.max_windows < 1:
         raise WsvdError(f"--max-windows {args.max_windows} must be at least 1")
-    lm = load_model(args.model)
+    if args.artifact:
+        from .artifact import load
+
+        art = load(args.artifact, model=args.model)
+        lm, compressed = art.model, art.captured
+    else:
+        lm, compressed = load_model(args.model), None
+    _require_text_model(lm, "eval --mc data.jsonl")
     text, provenance = text_source(args.data, "evaluation")
     windows = token_windows(lm.tokenizer, text, args.seq_len, args.max_windows)
     captured = capture_forward(lm.model)
     start = time.perf_counter()
-    result = evaluate(lambda ids: captured.gm(input_ids=ids), windows, batch_size=args.batch_size, progress=not args.quiet)
+    if compressed is None:
+        result = evaluate(lambda ids: captured.gm(input_ids=ids), windows, batch_size=args.batch_size,
+                          progress=not args.quiet)
+    else:  # the compressed model against the uncompressed one on the same windows
+        result = evaluate(lambda ids: compressed.gm(input_ids=ids), windows, reference=lambda ids: captured.gm(input_ids=ids),
+                          batch_size=args.batch_size, progress=not args.quiet)
     seconds = time.perf_counter() - start
-    print(f"{'model':<16}{'data':<32}{'windows':>8}{'tokens':>9}{'ppl':>10}")
-    print(f"{lm.name[-16:]:<16}{provenance['source'][-32:]:<32}{len(windows):>8}{result.tokens:>9}{result.ppl:>10.3f}")
-    return {"model": lm.name, "data": provenance, "seq_len": args.seq_len, "windows": len(windows),
-            **result.as_dict(), "seconds": round(seconds, 2), "environment": _environment()}
+    print(f"{'model':<16}{'data':<32}{'windows':>8}{'tokens':>9}{'ppl':>10}" + (f"{'ref ppl':>10}{'kl':>9}{'top1':>8}" if compressed else ""))
+    print(f"{lm.name[-16:]:<16}{provenance['source'][-32:]:<32}{len(windows):>8}{result.tokens:>9}{result.ppl:>10.3f}"
+          + (f"{result.ref_ppl:>10.3f}{result.kl:>9.4f}{result.top1:>8.4f}" if compressed else ""))
+    out = {"model": lm.name, "artifact": args.artifact, "data": provenance, "seq_len": args.seq_len,
+           "windows": len(windows), **result.as_dict(), "seconds": round(seconds, 2), "environment": _environment()}
+    if args.artifact:  # `wsvd report DIR` shows it
+        (Path(args.artifact) / "evaluation.json").write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+def _require_text_model(lm, instead: str) -> None:
+    if lm.processor is not None:
+        raise WsvdError(f"{lm.name} is a vision-language model and this command takes text: use `wsvd {instead}`")
+
+
+def _eval_multiple_choice(args) -> dict:
+    """Accuracy on multiple-choice image questions, uncompressed and (with --artifact) compressed side by side."""
+    from .capture import capture_forward
+    from .data import text_source
+    from .mm_data import load_items, sample_items
+    from .models import load_model
+    from .multiple_choice import compare, prepare
+
+    if args.generate < 0:
+        raise WsvdError(f"--generate {args.generate} must be at least 0")
+    items = sample_items(load_items(args.mc), args.max_items, args.seed)
+    if args.artifact:
+        from .artifact import load
+
+        art = load(args.artifact, model=args.model)
+        lm, models = art.model, {"compressed": art.captured}
+    else:
+        lm, models = load_model(args.model), {}
+    if lm.processor is None:
+        raise WsvdError(f"{lm.name} is a text-only model: --mc needs a vision-language model")
+    models = {"uncompressed": capture_forward(lm.model), **models}
+    start = time.perf_counter()
+    results = compare({name: (lambda kw, c=c: c.gm(**kw)) for name, c in models.items()}, prepare(lm, items),
+                      model=lm.model, tokenizer=lm.tokenizer, max_new_tokens=args.generate)
+    print(f"{'model':<14}{'items':>6}{'accuracy':>10}{'agree':>7}" + (f"{'gen acc':>9}" if args.generate else ""))
+    for name, r in results.items():
+        gen = f"{r['generation_accuracy']:>9.3f}" if args.generate else ""
+        print(f"{name:<14}{r['total']:>6}{r['accuracy']:>10.3f}{r['agreement']:>7.3f}{gen}")
+    return {"model": lm.name, "data": text_source(args.mc, "evaluation")[1], "artifact": args.artifact,
+            "seed": args.seed, "results": results, "seconds": round(time.perf_counter() - start, 2),
+            "environment": _environment()}
 
 
 def cmd_generate(args) -> dict:
@@ -141,7 +219,16 @@ def cmd_generate(args) -> dict:
 
     if args.max_new_tokens < 1:
         raise WsvdError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
-    if args.recipe:
+    if args.artifact and args.recipe:
+        raise WsvdError("give --artifact DIR or --recipe NAME, not both")
+    plan = None
+    if args.artifact:
+        from .artifact import load, read_manifest
+        from .models import load_model
+
+        manifest = read_manifest(args.artifact)
+        lm = load_model(args.model or manifest["model"])
+    elif args.recipe:
         from .recipes import get_recipe
 
         if not get_recipe(args.recipe).factor:
@@ -156,14 +243,25 @@ def cmd_generate(args) -> dict:
     else:
         from .models import load_model
 
-        lm, plan = load_model(args.model), None
+        lm = load_model(args.model)
+    _require_text_model(lm, "eval --mc data.jsonl --generate N")
     prompt = lm.tokenizer(args.prompt, return_tensors="pt").input_ids
-    decoder = capture_decode(lm.model, max_cache_len=prompt.shape[1] + args.max_new_tokens)
+    max_cache_len = prompt.shape[1] + args.max_new_tokens
     path = "dense decode graph"
-    if plan is not None:
+    if args.artifact:  # the saved passes replayed on the decode graph
+        decoder = load(args.artifact, decode=True, max_cache_len=max_cache_len, model=lm).captured
+        path = f"{manifest['recipe']['name']} {manifest['bits']} from {args.artifact}"
+        factored = manifest["recipe"]["factor"]
+    else:
+        decoder = capture_decode(lm.model, max_cache_len=max_cache_len)
+        if plan is not None:
+            Pipeline([FactorizeQKV(plan)])(decoder)
+            path = f"{args.recipe} rho1 {report.rho1:.2f}"
+        factored = plan is not None
+    if factored:
         rewrite = LatentKVCache(decoder.config)
-        Pipeline([FactorizeQKV(plan), rewrite])(decoder)
-        path = f"{args.recipe} rho1 {report.rho1:.2f}, latent cache {rewrite.bytes.ratio:.3f} of dense"
+        Pipeline([rewrite])(decoder)
+        path += f", latent cache {rewrite.bytes.ratio:.3f} of dense"
         if not args.no_lower:
             import lowering
 
@@ -218,6 +316,12 @@ def cmd_bench(args) -> dict:
     return result
 
 
+def cmd_report(args) -> None:
+    from .report import write_report
+
+    print(write_report(args.dir, args.out))
+
+
 def cmd_sites(args) -> dict:
     from .capture import capture_forward
     from .models import load_model
@@ -265,8 +369,11 @@ def _prepare(args, recipe_names: list[str]):
         if value is not None and value < 1:
             raise WsvdError(f"--{flag.replace('_', '-')} {value} must be at least 1")
     lm = load_model(args.model)
-    text, provenance = text_source(args.calib_data, "calibration")
-    windows = token_windows(lm.tokenizer, text, args.seq_len, args.calib_windows)
+    if lm.processor is not None or getattr(args, "calib", None):
+        windows, provenance = _image_text_calibration(args, lm)
+    else:
+        text, provenance = text_source(args.calib_data, "calibration")
+        windows = token_windows(lm.tokenizer, text, args.seq_len, args.calib_windows)
     captured = capture_forward(lm.model)
     start = time.perf_counter()
     calib = (calibrate(captured, windows, recipes, grad_samples=args.grad_samples, progress=not args.quiet)
@@ -274,6 +381,23 @@ def _prepare(args, recipe_names: list[str]):
     provenance.update(windows=len(windows), seq_len=args.seq_len, grad_samples=calib.samples if calib else 0,
                       seconds=round(time.perf_counter() - start, 1))
     return lm, captured, calib, recipes, provenance
+
+
+def _image_text_calibration(args, lm):
+    """Labelled image-text samples of --calib and their provenance."""
+    from .data import text_source
+    from .mm_data import image_text_samples, load_items, sample_items
+
+    if lm.processor is None:
+        raise WsvdError(f"--calib takes image-text data, but {lm.name} is a text-only model: use --calib-data FILE.txt")
+    if args.command in ("table", "generate"):
+        _require_text_model(lm, "compress --calib data.jsonl, then eval --mc")
+    if not args.calib:
+        raise WsvdError(f"{lm.name} is a vision-language model: give image-text calibration data with --calib data.jsonl")
+    items = sample_items(load_items(args.calib), args.calib_samples, args.calib_seed)
+    provenance = text_source(args.calib, "calibration")[1]
+    provenance.update(items=[i.id for i in items], seed=args.calib_seed)
+    return image_text_samples(lm, items), provenance
 
 
 def _bits(args):
@@ -295,47 +419,20 @@ def _parse_rho1(text: str) -> list[float]:
     return values
 
 
-def _compressed_copy(captured, calib, recipe, rho1, bits):
-    """A copy of ``captured`` with the recipe's passes applied; returns it and the factor report (or None)."""
-    import copy
-
-    from .compress import factor_plan
-    from .factorize import FactorizeQKV
-    from .fake_quant import FakeQuantize
-    from .pipeline import Pipeline
-    from .rotate import OnlineHadamard, RotateResidual, RotateValueHeads
-
-    passes, report = [], None
-    if recipe.factor:
-        plan, report = factor_plan(calib, recipe, rho1)
-        passes.append(FactorizeQKV(plan))
-    if recipe.rotate:
-        passes += [RotateResidual(), RotateValueHeads(), OnlineHadamard()]
-    if recipe.quantize:
-        passes.append(FakeQuantize(bits))
-    compressed = copy.deepcopy(captured)
-    Pipeline(passes)(compressed)
-    return compressed, report
-
-
 def cmd_compress(args) -> dict:
-    import torch
-    from safetensors.torch import save_file
+    from .artifact import save
+    from .compress import compress
 
     (rho1,) = _parse_rho1(args.rho1)
+    bits = _bits(args)
     lm, captured, calib, (recipe,), provenance = _prepare(args, [args.recipe])
-    if not recipe.factor:
-        raise WsvdError(f"recipe {recipe.name} has no low-rank factors to save; use a factorisation recipe")
-    compressed, report = _compressed_copy(captured, calib, recipe, rho1, _bits(args))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    factors = {k: v.detach().contiguous() for k, v in compressed.gm.state_dict().items() if ".wsvd." in k}
-    save_file(factors, out / "factors.safetensors")
-    torch.export.save(compressed.reexport(), out / "model.pt2")
-    manifest = {"model": lm.name, "recipe": dataclasses.asdict(recipe), "rho1_target": rho1, **report.as_dict(),
-                "calibration": provenance, "environment": _environment()}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    print(f"{recipe.name}: rho1 {report.rho1:.3f} rho2 {report.rho2:.3f} -> {out}")
+    recipe, _ = _tuned(args, captured, calib, recipe, rho1, bits)
+    compressed, report = compress(captured, calib, recipe, rho1, bits, progress=not args.quiet)
+    name = str(Path(lm.name).resolve()) if Path(lm.name).is_dir() else lm.name  # a path that still works elsewhere
+    manifest = save(args.out, model=name, base=captured, compressed=compressed, recipe=recipe, bits=bits,
+                    rho1_target=rho1 if recipe.factor else None, report=report, calibration=provenance,
+                    environment=_environment())
+    print(f"{recipe.name} {manifest['bits']}: rho1 {manifest['rho1']:.3f} rho2 {manifest['rho2']:.3f} -> {args.out}")
     return manifest
 
 
@@ -352,12 +449,27 @@ class _MemoLogits:
         return self.memo[key]
 
 
+def _tuned(args, captured, calib, recipe, rho1, bits):
+    """``recipe`` with QSVD's beta tuned on calibration windows when --tune-beta applies to it."""
+    from .compress import tune_beta
+
+    if not (getattr(args, "tune_beta", False) and recipe.factor and recipe.quantize):
+        return recipe, None
+    tuned, losses = tune_beta(captured, calib, recipe, rho1, bits)
+    if not args.quiet:
+        print(f"{recipe.name}: beta {tuned.beta} (calibration loss per beta: "
+              f"{', '.join(f'{b}: {v:.4f}' for b, v in losses.items())})", flush=True)
+    return tuned, {str(b): v for b, v in losses.items()}
+
+
 def cmd_table(args) -> list[dict]:
+    from .compress import compress
     from .data import text_source, token_windows
     from .evaluation import evaluate
+    from .quantize import parse_bits
 
     rhos = _parse_rho1(args.rho1)
-    bits = _bits(args)
+    settings = [parse_bits(b.strip()) for b in args.bits.split(",")]
     lm, captured, calib, recipes, provenance = _prepare(args, args.recipes.split(","))
     text, eval_source = text_source(args.data, "evaluation")
     windows = token_windows(lm.tokenizer, text, args.seq_len, args.eval_windows)
@@ -367,17 +479,21 @@ def cmd_table(args) -> list[dict]:
              "tokens": fp.tokens}]
     print(f"{'recipe':<11}{'rho1':>6}{'got':>7}{'rho2':>7}{'bits':>8}{'ppl':>10}{'kl':>9}{'top1':>8}{'sec':>6}")
     print(f"{'fp':<11}{1.0:>6.2f}{1.0:>7.3f}{1.0:>7.3f}{'w16a16':>8}{fp.ppl:>10.3f}{0.0:>9.4f}{1.0:>8.4f}")
-    for recipe in recipes:
+    quantising = [r for r in recipes if r.quantize]
+    runs = [(r, b) for r in recipes if not r.quantize for b in settings[:1]] + [(r, b) for b in settings for r in quantising]
+    for recipe, bits in runs:
         spec = f"w{bits.weight}a{bits.activation}" if recipe.quantize else "w16a16"
         for rho1 in rhos if recipe.factor else [1.0]:
             start = time.perf_counter()
-            compressed, report = _compressed_copy(captured, calib, recipe, rho1, bits)
+            tuned, beta_losses = _tuned(args, captured, calib, recipe, rho1, bits)
+            compressed, report = compress(captured, calib, tuned, rho1, bits, progress=not args.quiet)
             r = evaluate(lambda ids: compressed.gm(input_ids=ids), windows, reference=reference, progress=False)
             seconds = time.perf_counter() - start
             got, rho2 = (report.rho1, report.rho2) if report else (1.0, 1.0)
             rows.append({"recipe": recipe.name, "rho1": rho1, "rho1_achieved": got, "rho2": rho2, "bits": spec,
                          "ppl": r.ppl, "kl": r.kl, "top1": r.top1, "tokens": r.tokens, "seconds": round(seconds, 1),
-                         "above_break_even": len(report.above_break_even) if report else 0})
+                         "above_break_even": len(report.above_break_even) if report else 0,
+                         "beta": tuned.beta, "beta_losses": beta_losses, "qat": report.qat if report else None})
             print(f"{recipe.name:<11}{rho1:>6.2f}{got:>7.3f}{rho2:>7.3f}{spec:>8}{r.ppl:>10.3f}"
                   f"{r.kl:>9.4f}{r.top1:>8.4f}{seconds:>6.0f}", flush=True)
             del compressed
@@ -394,7 +510,11 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries(getattr(args, "quiet", False))
     try:
         commands = {"eval": cmd_eval, "sites": cmd_sites, "compress": cmd_compress, "table": cmd_table,
-                    "generate": cmd_generate, "bench": cmd_bench}
+                    "generate": cmd_generate, "bench": cmd_bench,
+                    "report": cmd_report}
+        if hasattr(args, "model") and not args.model and not getattr(args, "artifact", None):
+            raise WsvdError(f"wsvd {args.command} needs --model NAME|PATH" +
+                            (" (or --artifact DIR)" if hasattr(args, "artifact") else ""))
         result = commands[args.command](args)
         if getattr(args, "json_out", None):
             Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")

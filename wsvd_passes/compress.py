@@ -9,19 +9,26 @@ applies them to a captured graph. Recipes (:mod:`wsvd_passes.recipes`) name the 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import torch
 
-from .calibration import SiteStats, collect_gradients, collect_input_stats
+from .calibration import SiteStats, as_batches, collect_gradients, collect_input_stats
 from .capture import CapturedGraph
 from .errors import WsvdError
-from .factorize import LayerFactors, pad_heads
+from .evaluation import evaluate
+from .factorize import FactorizeQKV, LayerFactors, pad_heads
+from .fake_quant import FakeQuantize
 from .finetune import fisher_finetune
+from .pipeline import GraphPass, Pipeline
 from .graph_utils import tensor_attr
 from .lowrank import PROJECTIONS, Group, make_scaling, split_groups
 from .rank_allocation import ImportanceAccumulator, Kept, full_ranks, above_break_even, achieved_rho1, importance_ranks, uniform_ranks
+from .qat import LocalQAT, QATTarget, rotated_targets
+from .quantize import Bits
 from .recipes import Recipe
+from .rotate import rotation_passes
 from .sites import AttentionSite, find_sites
 
 
@@ -35,6 +42,8 @@ class Calibration:
     scores: dict[tuple[str, str], dict[tuple, torch.Tensor]]  # importance per component
     fisher: dict[tuple[int, str], torch.Tensor]  # (layer, proj) -> E[g*g] [out, E]
     samples: int
+    qat_targets: dict[tuple[int, str], QATTarget] | None = None  # rotated dense W' and F' (recipes with QAT)
+    windows: torch.Tensor | list | None = None  # the calibration data itself (for tune_beta)
 
 
 def calibrate(
@@ -45,7 +54,7 @@ def calibrate(
     if len(windows) < 2:
         raise WsvdError(f"{len(windows)} calibration window(s) are too few: give at least 2 (the paper uses 256)")
     sites = find_sites(captured.gm)
-    stats = collect_input_stats(captured, windows.split(batch_size), progress=progress)
+    stats = collect_input_stats(captured, as_batches(windows, batch_size), progress=progress)
     weights = {s.layer: {p: tensor_attr(captured.gm, getattr(s, f"{p}_proj").weight).detach() for p in PROJECTIONS}
                for s in sites}
     groups = {}
@@ -58,21 +67,24 @@ def calibrate(
                 r.granularity, s.head_dim)]
     accumulators = {key: ImportanceAccumulator(groups[key], sites[0].head_dim)
                     for key in {(r.granularity, r.scaling) for r in recipes if r.factor and r.allocation == "importance"}}
-    fisher, n = {}, 0
+    fisher, n, qat_targets = {}, 0, None
+    samples = list(windows if grad_samples is None else windows[:grad_samples])
     if accumulators or any(r.factor and r.finetune for r in recipes):
         targets = {getattr(s, f"{p}_proj").weight: (s.layer, p) for s in sites for p in PROJECTIONS}
-        samples = windows if grad_samples is None else windows[:grad_samples]
 
         def on_sample(grads):
             by_proj = {targets[t]: g for t, g in grads.items()}
             for acc in accumulators.values():
                 acc(by_proj)
 
-        raw = collect_gradients(captured, list(samples), list(targets), on_sample=on_sample, progress=progress)
+        raw = collect_gradients(captured, samples, list(targets), on_sample=on_sample, progress=progress)
         fisher = {targets[t]: f for t, f in raw.items()}
         n = len(samples)
+    if any(r.qat for r in recipes):
+        qat_targets = rotated_targets(captured, samples, progress=progress)
+        n = len(samples)
     scores = {key: acc.scores() for key, acc in accumulators.items()}
-    return Calibration(sites, stats, groups, scores, fisher, n)
+    return Calibration(sites, stats, groups, scores, fisher, n, qat_targets, windows)
 
 
 @dataclasses.dataclass
@@ -86,12 +98,17 @@ class FactorReport:
     rho2_per_layer: list[float]
     above_break_even: list[tuple]
     finetune: dict | None
+    reconstruction: dict[int, dict[str, dict[str, float]]]  # layer -> proj -> {"before_ft", "after"}
+    spectra: dict[str, torch.Tensor]  # "layer{L}.{proj}[.head{h}].before|after" -> singular values
+    qat: dict | None = None  # LocalQAT.report when the recipe trains S2
 
     def as_dict(self) -> dict:
+        """Everything but the spectra (tensors), JSON-ready."""
         return {"rho1": self.rho1, "rho2": self.rho2, "rho1_per_layer": self.rho1_per_layer,
                 "rho2_per_layer": self.rho2_per_layer,
                 "ranks": {str(k): v for k, v in self.ranks.items()},
-                "above_break_even": [list(k) for k in self.above_break_even], "finetune": self.finetune}
+                "above_break_even": [list(k) for k in self.above_break_even], "finetune": self.finetune,
+                "reconstruction": {str(k): v for k, v in self.reconstruction.items()}, "qat": self.qat}
 
 
 def factor_plan(calib: Calibration, recipe: Recipe, rho1: float | None) -> tuple[dict[int, LayerFactors], FactorReport]:
@@ -107,15 +124,106 @@ def factor_plan(calib: Calibration, recipe: Recipe, rho1: float | None) -> tuple
     else:
         kept = uniform_ranks(groups, rho1)
     plan, ranks, ft = {}, {}, {"loss_before": 0.0, "loss_after": 0.0} if recipe.finetune else None
+    analysis = _Analysis()
     for site in calib.sites:
         layer_groups = [g for g in groups if g.layer == site.layer]
-        plan[site.layer], ranks[site.layer] = _layer_factors(site, layer_groups, kept, recipe, calib, ft)
+        plan[site.layer], ranks[site.layer] = _layer_factors(site, layer_groups, kept, recipe, calib, ft, analysis)
     rho2 = [_cache_width(site, ranks[site.layer], recipe.granularity) / (2 * site.n_kv_heads * site.head_dim)
             for site in calib.sites]
     rho1_layers = [achieved_rho1([g for g in groups if g.layer == s.layer], kept) for s in calib.sites]
     report = FactorReport(achieved_rho1(groups, kept), sum(rho2) / len(rho2), ranks, rho1_layers, rho2,
-                          above_break_even(groups, kept), ft)
+                          above_break_even(groups, kept), ft, analysis.relative_errors(), analysis.spectra)
     return plan, report
+
+
+class _Analysis:
+    """Reconstruction error and spectra of each group, in its scaled coordinates (W' = W S).
+
+    Relative error per (layer, projection): ``||(W - up down) S||_F / ||W S||_F`` over its groups,
+    for the truncated SVD (before fine-tuning) and the final factors.
+    """
+
+    def __init__(self):
+        self.sums: dict[tuple[int, str], list[float]] = {}
+        self.spectra: dict[str, torch.Tensor] = {}
+
+    def add(self, g: Group, truncated: tuple[torch.Tensor, torch.Tensor], final: tuple[torch.Tensor, torch.Tensor]):
+        S = g.scaling.S
+        sums = self.sums.setdefault((g.layer, g.name), [0.0, 0.0, 0.0])
+        for i, (up, down) in enumerate((truncated, final)):
+            sums[i] += float(((g.weight - up.double() @ down.double()) @ S).square().sum())
+        sums[2] += float(g.sigma.square().sum())
+        name = f"layer{g.layer}.{g.name}" + (f".head{g.head}" if g.head is not None else "")
+        self.spectra[f"{name}.before"] = g.sigma.float()
+        after = torch.linalg.svdvals(final[0].double() @ final[1].double() @ S)
+        self.spectra[f"{name}.after"] = after[: final[0].shape[1]].float()
+
+    def relative_errors(self) -> dict[int, dict[str, dict[str, float]]]:
+        out: dict[int, dict[str, dict[str, float]]] = {}
+        for (layer, name), (before, after, ref) in self.sums.items():
+            ref = max(ref, 1e-300)
+            out.setdefault(layer, {})[name] = {"before_ft": (before / ref) ** 0.5, "after": (after / ref) ** 0.5}
+        return out
+
+
+def recipe_passes(recipe: Recipe, bits: Bits, plan: dict[int, LayerFactors] | None = None,
+                  qat_targets: dict[tuple[int, str], QATTarget] | None = None, *, replay: bool = False,
+                  progress: bool = False) -> list[GraphPass]:
+    """The passes of ``recipe`` in order: factorise, rotate (S1, V heads, online Hadamard),
+    local QAT (S2), fake-quantise.
+
+    ``replay=True`` rebuilds only the graph structure, for tensors loaded afterwards
+    (:func:`wsvd_passes.artifact.load`): QAT takes no steps and the clip search is skipped.
+    """
+    passes = []
+    if recipe.factor:
+        if plan is None:
+            raise WsvdError(f"recipe {recipe.name} factorises: give its plan (factor_plan)")
+        passes.append(FactorizeQKV(plan))
+    if recipe.rotate:
+        passes += rotation_passes()
+    if recipe.qat:
+        if not (recipe.rotate and recipe.quantize and recipe.granularity == "head"):
+            raise WsvdError(f"recipe {recipe.name}: local QAT needs rotate=True, quantize=True and granularity 'head'")
+        if qat_targets is None:
+            raise WsvdError(f"recipe {recipe.name} trains S2: calibrate with it so that its QAT targets are measured")
+        passes.append(LocalQAT(qat_targets, bits.weight, steps=0 if replay else recipe.qat_steps, lr=recipe.qat_lr,
+                               s2_lr=recipe.qat_s2_lr, progress=progress))
+    if recipe.quantize:
+        passes.append(FakeQuantize(bits, clip_search=not replay, progress=progress))
+    return passes
+
+
+def compress(captured: CapturedGraph, calib: Calibration | None, recipe: Recipe, rho1: float | None, bits: Bits, *,
+             progress: bool = False) -> tuple[CapturedGraph, FactorReport | None]:
+    """A compressed copy of ``captured`` (the original is left untouched) and its factor report."""
+    plan, report = factor_plan(calib, recipe, rho1) if recipe.factor else (None, None)
+    passes = recipe_passes(recipe, bits, plan, calib.qat_targets if calib else None, progress=progress)
+    compressed = copy.deepcopy(captured)
+    Pipeline(passes)(compressed)
+    qat = next((p for p in passes if isinstance(p, LocalQAT)), None)
+    if qat is not None:
+        report.qat = qat.report
+    return compressed, report
+
+
+BETA_GRID = (0.25, 0.5, 0.75)
+
+
+def tune_beta(captured: CapturedGraph, calib: Calibration, recipe: Recipe, rho1: float, bits: Bits, *,
+              windows: int = 8, grid: tuple[float, ...] = BETA_GRID) -> tuple[Recipe, dict[float, float]]:
+    """QSVD's beta: the split of Sigma between down (Sigma^beta) and up (Sigma^(1-beta)) that minimises
+    the next-token loss of the compressed (quantised) model on the first ``windows`` calibration
+    windows (never evaluation data). Returns the recipe with that beta and the loss per beta.
+    """
+    data = calib.windows[:windows]
+    losses = {}
+    for beta in grid:
+        candidate = dataclasses.replace(recipe, beta=beta)
+        compressed, _ = compress(captured, calib, candidate, rho1, bits)
+        losses[beta] = evaluate(lambda ids: compressed.gm(input_ids=ids), data, progress=False).nll
+    best = min(grid, key=losses.__getitem__)  # ties keep the earlier grid value
+    return dataclasses.replace(recipe, beta=best), losses
 
 
 def _cache_width(site: AttentionSite, ranks: dict[str, list[int]], granularity: str) -> int:
@@ -123,11 +231,13 @@ def _cache_width(site: AttentionSite, ranks: dict[str, list[int]], granularity: 
     return sum(ranks["qkv"]) if granularity == "joint" else sum(ranks["k"]) + sum(ranks["v"])
 
 
-def _layer_factors(site, groups: list[Group], kept: Kept, recipe: Recipe, calib: Calibration, ft: dict | None):
+def _layer_factors(site, groups: list[Group], kept: Kept, recipe: Recipe, calib: Calibration, ft: dict | None,
+                   analysis: _Analysis):
     beta = recipe.beta
     if recipe.granularity == "joint":
         (g,) = groups
         up, down = g.factors(kept[g.key], beta)
+        analysis.add(g, (up, down), (up, down))
         sizes = [site.n_heads * site.head_dim, site.n_kv_heads * site.head_dim, site.n_kv_heads * site.head_dim]
         ups = dict(zip(PROJECTIONS, up.split(sizes)))
         r = len(kept[g.key])
@@ -136,9 +246,12 @@ def _layer_factors(site, groups: list[Group], kept: Kept, recipe: Recipe, calib:
     downs, ups, ranks = {}, {}, {}
     for p in PROJECTIONS:
         pg = [g for g in groups if g.name == p]
-        factors = [g.factors(kept[g.key], beta) for g in pg]
+        truncated = [g.factors(kept[g.key], beta) for g in pg]
+        factors = truncated
         if recipe.finetune:
-            factors = _finetune(pg, factors, calib.fisher[(site.layer, p)], site.head_dim, recipe, ft)
+            factors = _finetune(pg, truncated, calib.fisher[(site.layer, p)], site.head_dim, recipe, ft)
+        for g, t, f in zip(pg, truncated, factors):
+            analysis.add(g, t, f)
         if recipe.granularity == "head":
             downs[p], ups[p] = pad_heads([u for u, _ in factors], [d for _, d in factors])
         else:

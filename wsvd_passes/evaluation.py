@@ -7,7 +7,9 @@ Over windows of S tokens each position t < S-1 predicts token t+1 (the shift of
     kl   = (1/N) sum KL( p_ref(. | x_<=t) || p(. | x_<=t) )      (nats)
     top1 = (1/N) sum [argmax p_ref = argmax p]
 
-Both models see the same windows in the same batches.
+Both models see the same windows in the same batches. Image-text samples (dicts of graph
+kwargs with ``labels``, :mod:`wsvd_passes.mm_data`) are scored on their supervised positions
+only (labels != -100, shifted once), one sample per call.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .calibration import split_batch
 from .errors import WsvdError
 
-Logits = Callable[[torch.Tensor], torch.Tensor]  # int64 [B, S] -> float [B, S, V]
+Logits = Callable[[torch.Tensor | dict], torch.Tensor]  # int64 [B, S] (or image-text graph kwargs) -> float [B, S, V]
 
 
 @dataclasses.dataclass
@@ -40,26 +43,32 @@ class EvalResult:
 
 def evaluate(
     logits_fn: Logits,
-    windows: torch.Tensor,
+    windows: torch.Tensor | list[dict],
     *,
     reference: Logits | None = None,
     batch_size: int = 8,
     progress: bool = True,
 ) -> EvalResult:
-    """Score ``logits_fn`` on ``windows`` (int64 [n, S]); compare with ``reference`` if given."""
-    if windows.ndim != 2 or windows.shape[1] < 2:
+    """Score ``logits_fn`` on ``windows`` (int64 [n, S], or image-text samples); compare with ``reference``."""
+    if isinstance(windows, list):
+        batches = windows
+    elif windows.ndim != 2 or windows.shape[1] < 2:
         raise WsvdError(f"evaluation windows must be [n, S>=2] token ids, got {tuple(windows.shape)}")
+    else:
+        batches = list(windows.split(batch_size))
     nll = kl = agree = ref_nll = 0.0
     tokens = 0
     with torch.no_grad():
-        for start in tqdm(range(0, len(windows), batch_size), desc="evaluation", disable=not progress):
-            ids = windows[start : start + batch_size]
-            target = ids[:, 1:].reshape(-1)
-            logp = F.log_softmax(logits_fn(ids)[:, :-1].double(), -1).reshape(target.numel(), -1)
+        for batch in tqdm(batches, desc="evaluation", disable=not progress):
+            kwargs, labels = split_batch(batch)
+            inputs = kwargs if isinstance(batch, dict) else batch
+            keep = labels[:, 1:] != -100
+            target = labels[:, 1:][keep]
+            logp = F.log_softmax(logits_fn(inputs)[:, :-1].double(), -1)[keep]
             nll += float(-logp.gather(1, target[:, None]).sum())
             tokens += target.numel()
             if reference is not None:
-                ref = F.log_softmax(reference(ids)[:, :-1].double(), -1).reshape(target.numel(), -1)
+                ref = F.log_softmax(reference(inputs)[:, :-1].double(), -1)[keep]
                 ref_nll += float(-ref.gather(1, target[:, None]).sum())
                 kl += float((ref.exp() * (ref - logp)).sum())
                 agree += float((ref.argmax(-1) == logp.argmax(-1)).sum())

@@ -44,8 +44,12 @@ class LayerFactors:
 
 
 def ranks_target(up: str) -> str:
-    """The rank buffer that goes with an up-projection target (``.../wsvd.k_up`` -> ``.../wsvd.k_ranks``)."""
-    return up.removesuffix("_up") + "_ranks"
+    """The rank buffer that goes with an up-projection target (``.../wsvd.k_up[_suffix]`` -> ``.../wsvd.k_ranks``).
+
+    Passes that replace a factor append a suffix to its name; the rank buffer keeps its own.
+    """
+    owner, _, leaf = up.rpartition(".")
+    return f"{owner}.{leaf.partition('_up')[0]}_ranks"
 
 
 def block_diagonal(U: torch.Tensor, n: int) -> bool:
@@ -90,6 +94,15 @@ class FactorizeQKV(GraphPass):
             expected = (proj.out_features, f.downs[f.latent_of[name]].shape[0])
             if tuple(f.ups[name].shape) != expected:
                 raise WsvdError(f"layer {site.layer} {name}: up-projection is {tuple(f.ups[name].shape)}, expected {expected}")
+        for name, proj in projections.items():
+            limit = min(site.head_dim if f.granularity == "head" else proj.out_features, site.hidden_size)
+            if f.granularity == "joint":
+                limit = min(sum(p.out_features for p in projections.values()), site.hidden_size)
+            too_big = [r for r in f.ranks[name] if not 0 <= r <= limit]
+            if too_big:
+                raise WsvdError(f"layer {site.layer} {name}: rank {too_big[0]} is outside [0, {limit}] (a "
+                                f"{f.granularity} factor cannot exceed {'the head dim' if f.granularity == 'head' else 'its matrix'}"
+                                f"): use ranks <= {limit}")
         first = min((p.node for p in projections.values()), key=lambda n: list(gm.graph.nodes).index(n))
         latents = {}
         for latent_name, down in f.downs.items():

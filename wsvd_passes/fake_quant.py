@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 from torch.fx import GraphModule, Node
+from tqdm.auto import tqdm
 
 from .factorize import block_diagonal
 from .graph_utils import copy_meta, infer_val, tensor_attr
@@ -30,9 +31,10 @@ aten = torch.ops.aten
 
 
 class FakeQuantize(GraphPass):
-    def __init__(self, bits: Bits, *, clip_search: bool = True):
+    def __init__(self, bits: Bits, *, clip_search: bool = True, progress: bool = False):
         self.bits = bits
         self.clip_search = clip_search
+        self.progress = progress
 
     def transform(self, gm: GraphModule, sites: list[AttentionSite]) -> bool:
         if self.bits.weight >= 16 and self.bits.activation >= 16:
@@ -40,8 +42,10 @@ class FakeQuantize(GraphPass):
         output = next(n for n in gm.graph.nodes if n.op == "output")
         logits = {a for a in output.all_input_nodes}
         groups = _latent_groups(gm, sites)
-        for node in list(gm.graph.nodes):
-            if not (node.op == "call_function" and node.target is aten.linear.default) or node in logits:
+        linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is aten.linear.default]
+        for node in tqdm(linears, desc="fake-quant (clip search)", unit="linear", leave=False,
+                         disable=not (self.progress and self.clip_search and self.bits.weight < 16)):
+            if node in logits:
                 continue
             weight = node.args[1]
             if weight.op != "get_attr" or weight.target.endswith("online_hadamard"):

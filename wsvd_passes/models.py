@@ -8,7 +8,10 @@ Names understood wherever a model is taken:
   ``$WSVD_CACHE`` (default ``~/.cache/wsvd``); later loads read that cache.
 - ``tiny-llama``, ``tiny-llama-gqa``, ``tiny-mistral``, ``tiny-qwen2``: small random
   decoders (seeded, byte-level tokenizer) for tests and examples.
-- any local directory holding a Hugging Face causal-LM checkpoint.
+- ``tiny-llava``, ``tiny-llava-next``, ``tiny-smolvlm``, ``tiny-qwen2-vl``: small random
+  vision-language models with their processors (:mod:`wsvd_passes.vlm`);
+- any local directory holding a Hugging Face causal-LM checkpoint, or an image-text-to-text
+  checkpoint with its processor.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .errors import WsvdError
+from .vlm import VLM_NAMES
 
 SMOLLM2 = "smollm2-135m"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -39,16 +43,17 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
     "tiny-mistral": ("MistralConfig", dict(num_attention_heads=6, num_key_value_heads=2, sliding_window=None)),
     "tiny-qwen2": ("Qwen2Config", dict(num_attention_heads=6, num_key_value_heads=2)),
 }
-MODEL_NAMES = (SMOLLM2, *TINY_CONFIGS)
+MODEL_NAMES = (SMOLLM2, *TINY_CONFIGS, *VLM_NAMES)
 
 
 @dataclasses.dataclass
 class LoadedModel:
-    """An eager Hugging Face causal LM in eval mode, with its tokenizer."""
+    """An eager Hugging Face causal LM (or VLM) in eval mode, with its tokenizer (and a VLM's processor)."""
 
     name: str
     model: torch.nn.Module
     tokenizer: object
+    processor: object | None = None  # image-text models only
 
     @property
     def config(self):
@@ -63,6 +68,10 @@ def load_model(name_or_path: str, *, seed: int = 0) -> LoadedModel:
     """Load a registry name or a local checkpoint directory as a float32 eval-mode model."""
     if name_or_path in TINY_CONFIGS:
         return _tiny_model(name_or_path, seed)
+    if name_or_path in VLM_NAMES:
+        from .vlm import load_vlm
+
+        return load_vlm(name_or_path, seed=seed)
     if name_or_path == SMOLLM2:
         return _load_checkpoint(_smollm2_checkpoint(), name=SMOLLM2)
     path = Path(name_or_path)
@@ -97,6 +106,10 @@ def _load_checkpoint(path: Path, *, name: str) -> LoadedModel:
         config = transformers.AutoConfig.from_pretrained(path)
     except (ValueError, OSError) as e:
         raise WsvdError(f"cannot read the config in {path}: {str(e).splitlines()[0]}") from None
+    if getattr(config, "vision_config", None) is not None and type(config) in transformers.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
+        from .vlm import load_vlm
+
+        return load_vlm(str(path))
     if type(config) not in transformers.MODEL_FOR_CAUSAL_LM_MAPPING:
         raise WsvdError(
             f"{path} holds a {type(config).__name__.removesuffix('Config')} model, which is not a causal "

@@ -12,11 +12,13 @@
 | quarot      | -           | -               | -          | -         | QuaRot: rotations + RTN            |
 | qsvd        | joint       | ASVD (alpha .5) | importance | no        | QSVD: qsvd-noq + rotations + quant |
 | wsvd-noqat  | head        | whitening       | importance | yes       | WSVD without local QAT             |
+| wsvd        | head        | whitening       | importance | yes       | WSVD: wsvd-noq + rotations + S2 + local QAT + quant |
 
 The baselines factor Q, K and V separately, as the WSVD paper does for them. The last four
 quantise (``--bits``): weights per output channel with a clipping search, activations
-per token (latents per token per head); rotations come first. WSVD's local QAT with a
-learnable S2 is not implemented yet.
+per token (latents per token per head); rotations come first. ``wsvd`` then trains a
+per-head orthogonal S2 with the factors against the deployment quantiser
+(:mod:`wsvd_passes.qat`; paper: lr 1e-5, 50 steps).
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ class Recipe:
     factor: bool = True  # False: no low-rank factors (quantisation-only baselines)
     rotate: bool = False  # RMSNorm fusion + Hadamard S1, per-head V Hadamard, online Hadamard
     quantize: bool = False  # fake-quant weights and activations at the requested bits
+    qat: bool = False  # learnable S2 + Fisher-weighted local QAT (needs rotate, quantize, granularity "head")
+    qat_steps: int = 50
+    qat_lr: float = 1e-5  # Adam on the factors
+    qat_s2_lr: float = 1e-3  # Adam on S2's Cayley parameter (the paper does not give one)
 
 
 RECIPES = {
@@ -55,6 +61,7 @@ RECIPES = {
         Recipe("quarot", "head", "none", "uniform", factor=False, rotate=True, quantize=True),
         Recipe("qsvd", "joint", "asvd", "importance", rotate=True, quantize=True),
         Recipe("wsvd-noqat", "head", "whiten", "importance", finetune=True, rotate=True, quantize=True),
+        Recipe("wsvd", "head", "whiten", "importance", finetune=True, rotate=True, quantize=True, qat=True),
     ]
 }
 

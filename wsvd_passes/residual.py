@@ -7,6 +7,10 @@ RMSNorm is ``gamma * (x * rsqrt(mean(x^2) + eps))``. Rotation passes need this m
 an orthogonal Q on the stream (h -> h Q) is exact when every reader is fed by an
 RMSNorm (which commutes with Q once gamma is fused into the readers) and every
 writer is a linear whose output side can absorb Q.
+
+Graphs fed embeddings (the language decoder of a VLM, ``inputs_embeds`` in) have no
+embedding table: the stream starts at that input, or at its rotation ``x S1`` once
+:class:`~wsvd_passes.rotate.RotateResidual` has inserted one (buffer ``INPUT_ROTATION``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from .errors import WsvdError
 from .sites import _is, _is_passthrough, _skip_shape_ops
 
 aten = torch.ops.aten
+INPUT_ROTATION = "wsvd_input_rotation"  # S1^T [E, E]: inputs_embeds -> inputs_embeds S1
 _CASTS = (aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.alias.default, aten.clone.default)
 
 
@@ -34,14 +39,14 @@ class Norm:
 
 @dataclasses.dataclass
 class ResidualStream:
-    embedding: Node  # aten.embedding(E, ids)
+    embedding: Node  # aten.embedding(E, ids), or the inputs_embeds input (or its rotation)
     norms: list[Norm]
     writers: list[Node]  # linear nodes whose output is added to the stream
 
 
 def _users(node: Node) -> list[Node]:
-    """Users that compute something (not export's dtype assertions)."""
-    return [u for u in node.users if not _is(u, aten._assert_tensor_metadata.default)]
+    """Users that compute something (not export's dtype assertions or shape queries)."""
+    return [u for u in node.users if not _is(u, aten._assert_tensor_metadata.default, aten.sym_size.int)]
 
 
 def _rms_norm(node: Node) -> Norm | None:
@@ -78,16 +83,14 @@ def _linear_readers(out: Node) -> list[Node]:
 
 def find_residual_stream(gm: GraphModule) -> ResidualStream:
     """Map the residual stream; raise WsvdError when the graph is not a pre-RMSNorm decoder."""
-    embeddings = [n for n in gm.graph.nodes if _is(n, aten.embedding.default)]
-    if len(embeddings) != 1:
-        raise WsvdError(f"found {len(embeddings)} token embeddings; rotation needs exactly one (input_ids models)")
+    source = _stream_source(gm)
     norms = {}
     for node in gm.graph.nodes:
         norm = _rms_norm(node)
         if norm is not None:
             norm.readers = _linear_readers(norm.out)
             norms[node] = norm
-    stream, writers = {embeddings[0]}, []
+    stream, writers = {source}, []
     for node in gm.graph.nodes:
         if node in stream:
             continue
@@ -108,4 +111,19 @@ def find_residual_stream(gm: GraphModule) -> ResidualStream:
                 raise WsvdError(f"the residual stream feeds {user.target} ({user.name}) outside an RMSNorm: "
                                 "rotation needs a pre-RMSNorm decoder (Llama family)")
     used = [n for n in norms.values() if n.readers]
-    return ResidualStream(embeddings[0], used, writers)
+    return ResidualStream(source, used, writers)
+
+
+def _stream_source(gm: GraphModule) -> Node:
+    """The token embedding, or the inputs_embeds input (through its rotation, when inserted)."""
+    embeddings = [n for n in gm.graph.nodes if _is(n, aten.embedding.default)]
+    if embeddings:
+        if len(embeddings) != 1:
+            raise WsvdError(f"found {len(embeddings)} token embeddings; rotation needs exactly one (input_ids models)")
+        return embeddings[0]
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder" and n.target == "inputs_embeds"]
+    if not inputs:
+        raise WsvdError("the graph has neither a token embedding nor an inputs_embeds input: rotation needs one")
+    rotated = [u for u in inputs[0].users if _is(u, aten.linear.default) and u.args[1].op == "get_attr"
+               and u.args[1].target == INPUT_ROTATION]
+    return rotated[0] if rotated else inputs[0]

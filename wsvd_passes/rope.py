@@ -17,6 +17,9 @@ def rope_parameters(config) -> tuple[torch.Tensor, float]:
     """(inv_freq float32 [D/2], attention scaling) computed as the model computes them."""
     params = getattr(config, "rope_parameters", None) or {}
     rope_type = params.get("rope_type", "default")
+    if "mrope_section" in params:
+        raise WsvdError("multimodal RoPE (mrope_section, Qwen2-VL) rotates keys at 3-row (t, h, w) positions, but the "
+                        "latent cache rebuilds them at 1-D cache positions: the latent-KV rewrite does not support it")
     if rope_type == "dynamic":
         raise WsvdError("dynamic RoPE changes its frequencies with the sequence length: the latent cache "
                         "cannot rebuild keys for it; use a model with a fixed rope type")

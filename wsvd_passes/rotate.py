@@ -23,8 +23,8 @@ from .errors import WsvdError
 from .graph_utils import add_tensor_attr, copy_meta, get_attr_node, infer_val, remove_attr_if_unused, tensor_attr
 from .hadamard import random_hadamard
 from .pipeline import GraphPass
-from .residual import find_residual_stream
-from .sites import AttentionSite
+from .residual import INPUT_ROTATION, find_residual_stream
+from .sites import AttentionSite, _is
 
 aten = torch.ops.aten
 
@@ -65,9 +65,12 @@ class RotateResidual(GraphPass):
 
     def transform(self, gm: GraphModule, sites: list[AttentionSite]) -> bool:
         stream = find_residual_stream(gm)
-        E = stream.embedding.args[0].meta["val"].shape[1]
+        E = stream.embedding.meta["val"].shape[-1]
         S1 = random_hadamard(E, self.seed)
-        replace_tensor_arg(gm, stream.embedding, 0, _weight(gm, stream.embedding, 0) @ S1, "rot")
+        if _is(stream.embedding, aten.embedding.default):
+            replace_tensor_arg(gm, stream.embedding, 0, _weight(gm, stream.embedding, 0) @ S1, "rot")
+        else:
+            _rotate_input(gm, stream.embedding, S1)
         for norm in stream.norms:
             gamma = tensor_attr(gm, norm.gamma).detach().double() if norm.gamma else torch.ones(E, dtype=torch.float64)
             for reader in norm.readers:
@@ -81,6 +84,19 @@ class RotateResidual(GraphPass):
             if len(writer.args) > 2 and writer.args[2] is not None:
                 replace_tensor_arg(gm, writer, 2, _weight(gm, writer, 2) @ S1, "rot")
         return True
+
+
+def _rotate_input(gm: GraphModule, x: Node, S1: torch.Tensor) -> None:
+    """Embeddings fed to the graph (VLM decoders) are rotated on entry: ``x -> x S1`` (a linear with S1^T)."""
+    if x.op != "placeholder":
+        raise WsvdError("the graph input is already rotated: run RotateResidual once")
+    add_tensor_attr(gm, INPUT_ROTATION, S1.T.to(x.meta["val"].dtype).contiguous(), parameter=False)
+    after_inputs = [n for n in gm.graph.nodes if n.op == "placeholder"][-1].next
+    with gm.graph.inserting_before(after_inputs):
+        weight = gm.graph.get_attr(INPUT_ROTATION)
+        weight.meta["val"] = torch.empty_like(tensor_attr(gm, INPUT_ROTATION), device="meta")
+        rotated = infer_val(gm, gm.graph.call_function(aten.linear.default, (x, weight)))
+    x.replace_all_uses_with(rotated, delete_user_cb=lambda user: user is not rotated and not _is(user, aten.sym_size.int))
 
 
 class RotateValueHeads(GraphPass):
@@ -130,3 +146,8 @@ class OnlineHadamard(GraphPass):
             writer.replace_input_with(x, rotated)
             replace_tensor_arg(gm, writer, 1, W @ H, "had")
         return True
+
+
+def rotation_passes() -> list[GraphPass]:
+    """The QuaRot / WSVD-S1 rotations in order, with their default seeds (every recipe uses these)."""
+    return [RotateResidual(), RotateValueHeads(), OnlineHadamard()]

@@ -1,0 +1,144 @@
+"""Learnable S2 and local QAT: S2 stays orthogonal, the Fisher is measured in the rotated basis,
+QAT lowers the deployment-quantised objective, and the `wsvd` recipe runs end to end."""
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import tiny_forward
+from wsvd_passes.calibration import collect_gradients
+from wsvd_passes.compress import calibrate, compress, factor_plan
+from wsvd_passes.errors import WsvdError
+from wsvd_passes.factorize import FactorizeQKV
+from wsvd_passes.fake_quant import FakeQuantize
+from wsvd_passes.hadamard import random_hadamard
+from wsvd_passes.pipeline import Pipeline, same_function
+from wsvd_passes.qat import LocalQAT, local_qat, quantized_product, random_rotations, rotated_targets
+from wsvd_passes.quantize import fake_quant_activation, parse_bits
+from wsvd_passes.recipes import RECIPES
+from wsvd_passes.rotate import rotation_passes
+from wsvd_passes.sites import find_sites
+
+WINDOWS = torch.randint(0, 384, (4, 33), generator=torch.Generator().manual_seed(7))
+
+
+@settings(max_examples=12)
+@given(n=st.integers(1, 3), d=st.sampled_from([5, 8]), r=st.integers(1, 7), E=st.sampled_from([9, 16]),
+       bits=st.sampled_from([4, 8, 16]), seed=st.integers(0, 1000), data=st.data())
+def test_s2_stays_orthogonal_and_the_rotation_is_folded_exactly(n, d, r, E, bits, seed, data):
+    ranks = data.draw(st.lists(st.integers(1, r), min_size=n, max_size=n))  # heads padded to the largest rank r
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.arange(r) < torch.tensor(ranks)[:, None]  # [n, r] real latent channels
+    W, F = torch.randn(n, d, E, generator=g), torch.rand(n, d, E, generator=g) + 0.1
+    up = torch.randn(n, d, r, generator=g) * keep[:, None, :]
+    down = torch.randn(n, r, E, generator=g) * keep[:, :, None]
+    start = torch.eye(r).repeat(n, 1, 1)
+    for h, rank in enumerate(ranks):
+        start[h, :rank, :rank] = random_rotations(1, rank, g)[0].float()
+    a, b, S2, losses = local_qat(W, F, up, down, bits, steps=6, lr=1e-3, s2_lr=0.2, start=start, ranks=ranks)
+    torch.testing.assert_close(S2.transpose(-1, -2) @ S2, torch.eye(r).expand(n, r, r), atol=2e-6, rtol=0)
+    block = keep[:, :, None] & keep[:, None, :]
+    assert torch.equal(S2[~block], start[~block])  # identity on the padding, untouched
+    assert not a[~keep[:, None, :].expand_as(a)].any() and not b[~keep[:, :, None].expand_as(b)].any()
+    if max(ranks) > 1:
+        assert not torch.allclose(S2, start, atol=1e-4)  # S2 was trained, not frozen
+    # zero steps: the factors are only rotated, so their product is unchanged
+    a0, b0, S20, _ = local_qat(W, F, up, down, bits, steps=0, start=start, ranks=ranks)
+    torch.testing.assert_close(S20, start)
+    torch.testing.assert_close(a0 @ b0, up @ down, atol=1e-4, rtol=1e-4)
+    assert losses["loss_before"] > 0
+
+
+def test_qat_lowers_the_quantised_objective():
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(3, 16, 48, generator=g)
+    F = torch.rand(3, 16, 48, generator=g)
+    U, S, Vh = torch.linalg.svd(W)
+    up, down = U[..., :11] * S[:, None, :11], Vh[:, :11]
+    *_, losses = local_qat(W, F, up, down, 4, steps=40, lr=1e-3, s2_lr=1e-2)
+    assert losses["loss_after"] < 0.97 * losses["loss_before"]
+    # the product used in training is the deployment quantiser's (value), not a differentiable stand-in
+    from wsvd_passes.quantize import fake_quant_weight, search_weight_clip
+
+    deployed = [fake_quant_weight(m.reshape(-1, m.shape[-1]), 4, clip_ratio=search_weight_clip(
+        m.reshape(-1, m.shape[-1]), 4)).reshape(m.shape) for m in (up, down)]
+    torch.testing.assert_close(quantized_product(up, down, 4), deployed[0] @ deployed[1])
+
+
+def test_fisher_is_measured_in_the_rotated_basis():
+    captured = tiny_forward("tiny-llama-gqa")
+    samples = list(WINDOWS[:3])
+    targets = rotated_targets(captured, samples, progress=False)
+    site = find_sites(captured.gm)[0]
+    E = site.hidden_size
+    S1 = random_hadamard(E, 0)
+    gamma = next(n for n in captured.gm.graph.nodes if n.op == "get_attr" and n.target.endswith("input_layernorm.weight"))
+    gamma = captured.gm.get_parameter(gamma.target).detach().double()
+    W_q = captured.gm.get_parameter(site.q_proj.weight).detach().double()
+    torch.testing.assert_close(targets[(0, "q")].weight.double(), W_q * gamma @ S1, atol=1e-5, rtol=1e-5)
+    # F' = E[(g diag(1/gamma) S1)^2] from the unrotated per-sample gradients g
+    expected = torch.zeros(W_q.shape, dtype=torch.float64)
+
+    def on_sample(grads):
+        expected.add_((grads[site.q_proj.weight].double() / gamma @ S1).square())
+
+    collect_gradients(captured, samples, [site.q_proj.weight], on_sample=on_sample, progress=False)
+    torch.testing.assert_close(targets[(0, "q")].fisher.double(), expected / len(samples), rtol=2e-3,
+                               atol=1e-3 * float(expected.max()) / len(samples))
+
+
+@pytest.fixture(scope="module")
+def wsvd_calibration():
+    reference = tiny_forward("tiny-llama-gqa")
+    recipes = [RECIPES["wsvd"], RECIPES["wsvd-noqat"], RECIPES["qsvd"]]
+    return reference, calibrate(reference, WINDOWS, recipes, progress=False)
+
+
+def test_qat_pass_without_steps_or_bits_keeps_the_function(wsvd_calibration):
+    reference, calib = wsvd_calibration
+    plan, _ = factor_plan(calib, RECIPES["wsvd"], 0.6)
+    rotated, trained = copy.deepcopy(reference), copy.deepcopy(reference)
+    Pipeline([FactorizeQKV(plan), *rotation_passes()])(rotated)
+    Pipeline([FactorizeQKV(plan), *rotation_passes(), LocalQAT(calib.qat_targets, 16, steps=0)])(trained)
+    site, before = find_sites(trained.gm)[0], find_sites(rotated.gm)[0]
+    assert not torch.equal(trained.gm.get_parameter(site.k_proj.down), rotated.gm.get_parameter(before.k_proj.down))
+    same_function(trained.gm, rotated.gm, [{"input_ids": WINDOWS[:2, :17]}], atol=2e-5)
+
+
+def test_wsvd_recipe_end_to_end(wsvd_calibration):
+    reference, calib = wsvd_calibration
+    bits = parse_bits("w4a4")
+    qat, report = compress(reference, calib, RECIPES["wsvd"], 0.6, bits)
+    noqat, _ = compress(reference, calib, RECIPES["wsvd-noqat"], 0.6, bits)
+    assert report.qat["heads"] == sum(s.n_heads + 2 * s.n_kv_heads for s in find_sites(reference.gm))
+    assert report.qat["loss_after"] < report.qat["loss_before"]
+    site = find_sites(qat.gm)[0]  # still per-head factors, latents quantised per token per head
+    groups = {n.kwargs["group"] for n in qat.gm.graph.nodes if n.target is fake_quant_activation and site.k_proj.node in n.users}
+    assert groups == {qat.gm.get_parameter(site.k_proj.down).shape[0] // site.n_kv_heads}
+    ids = WINDOWS[:2]
+    with torch.no_grad():
+        for graph in (qat, noqat):
+            assert torch.isfinite(graph.gm(input_ids=ids)).all()
+    assert qat.reexport() is not None
+
+
+def test_qat_refuses_joint_factors(wsvd_calibration):
+    reference, calib = wsvd_calibration
+    plan, _ = factor_plan(calib, RECIPES["qsvd"], 0.6)
+    graph = copy.deepcopy(reference)
+    with pytest.raises(WsvdError, match="per-head factors"):
+        Pipeline([FactorizeQKV(plan), *rotation_passes(), LocalQAT(calib.qat_targets, 8, steps=1),
+                  FakeQuantize(parse_bits("w8a8"))])(graph)
+
+
+def test_beta_is_tuned_on_calibration_windows(wsvd_calibration):
+    from wsvd_passes.compress import BETA_GRID, tune_beta
+
+    reference, calib = wsvd_calibration
+    tuned, losses = tune_beta(reference, calib, RECIPES["qsvd"], 0.6, parse_bits("w4a4"), windows=2)
+    assert set(losses) == set(BETA_GRID) and tuned.beta == min(losses, key=losses.get)
+    assert len(set(losses.values())) > 1  # beta matters once the factors are quantised
+    assert tuned.name == "qsvd" and tuned.granularity == "joint"

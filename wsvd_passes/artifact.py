@@ -1,0 +1,219 @@
+"""Compressed-model artifacts: a self-describing directory, reloaded by replaying the passes.
+
+``save`` writes ``DIR/``:
+
+- ``manifest.json``: format and library/torch versions, the model (registry name or
+  checkpoint path) and a fingerprint of its weights, the recipe with every option, bits,
+  target and achieved rho1/rho2, per-layer ranks, reconstruction errors, fine-tuning/QAT
+  losses, calibration provenance (data source and sha256, windows, gradient samples);
+- ``weights.safetensors``: every tensor of the compressed graph that differs from the
+  uncompressed capture (factors, rank buffers, rotated and quantised weights);
+- ``spectra.safetensors``: singular values before/after per group (for ``wsvd report``);
+- ``model.pt2``: the exported program (``torch.export.save``), for users of torch.export;
+  :func:`load` does not read it.
+
+:func:`load` never unpickles: it loads the base model, captures it, replays the recipe's
+passes in structure-only mode (:func:`~wsvd_passes.compress.recipe_passes` with
+``replay=True``, on placeholder factors of the recorded ranks) and then puts the saved
+tensors in place, so the graph and every tensor equal the saved ones (identical logits).
+The same replay works on the decode graph, for generation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .capture import CapturedGraph, capture_decode, capture_forward
+from .compress import FactorReport, recipe_passes
+from .errors import WsvdError
+from .factorize import LayerFactors, pad_heads
+from .lowrank import PROJECTIONS
+from .models import LoadedModel, load_model
+from .pipeline import Pipeline
+from .qat import QATTarget
+from .quantize import Bits, parse_bits
+from .recipes import Recipe
+from .sites import AttentionSite, find_sites
+
+FORMAT = "wsvd-artifact"
+FORMAT_VERSION = 1
+
+
+def library_version() -> str:
+    try:
+        return version("wsvd-passes")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "unknown"
+
+
+def fingerprint(captured: CapturedGraph) -> str:
+    """sha256 over the names and bytes of every parameter and buffer of an uncompressed capture."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(captured.gm.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclasses.dataclass
+class Artifact:
+    """A reloaded compressed model: the base model, the compressed capture and the manifest."""
+
+    model: LoadedModel
+    captured: CapturedGraph
+    manifest: dict
+
+
+def save(directory: str | Path, *, model: str, base: CapturedGraph, compressed: CapturedGraph, recipe: Recipe,
+         bits: Bits, rho1_target: float | None, report: FactorReport | None, calibration: dict,
+         environment: dict) -> dict:
+    """Write the artifact of ``compressed`` (made from the uncompressed ``base`` capture); returns the manifest."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    reference = base.gm.state_dict()
+    changed = {name: t.detach().clone().contiguous() for name, t in compressed.gm.state_dict().items()
+               if name not in reference or not torch.equal(t, reference[name])}
+    save_file(changed, out / "weights.safetensors", metadata={"format": FORMAT})
+    if report is not None:
+        save_file({k: v.contiguous() for k, v in report.spectra.items()}, out / "spectra.safetensors")
+    try:
+        torch.export.save(compressed.reexport(), out / "model.pt2")
+        exported = "model.pt2"
+    except Exception as e:  # noqa: BLE001 - optional output; the reason is recorded instead
+        exported = f"not saved ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    site = find_sites(base.gm)[0]
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "wsvd_version": library_version(),
+        "model": model, "model_sha256": fingerprint(base), "graph": base.kind,
+        "recipe": dataclasses.asdict(recipe), "bits": f"w{bits.weight}a{bits.activation}", "rho1_target": rho1_target,
+        **(report.as_dict() if report is not None else {"rho1": 1.0, "rho2": 1.0}),
+        "heads": {"n_heads": site.n_heads, "n_kv_heads": site.n_kv_heads, "head_dim": site.head_dim,
+                  "hidden_size": site.hidden_size},
+        "calibration": calibration, "environment": environment, "exported_program": exported,
+        "tensors": len(changed),
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def read_manifest(directory: str | Path) -> dict:
+    """The manifest of an artifact directory, checked for format and version."""
+    path = Path(directory) / "manifest.json"
+    if not path.is_file():
+        raise WsvdError(f"{directory} has no manifest.json: give a directory written by `wsvd compress --out`")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise WsvdError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}): write the artifact again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise WsvdError(f"{path} is not a wsvd artifact manifest (format {manifest.get('format')!r})")
+    got = manifest.get("format_version")
+    if not isinstance(got, int) or got > FORMAT_VERSION:
+        raise WsvdError(f"{path} has artifact format version {got!r} (written by wsvd-passes "
+                        f"{manifest.get('wsvd_version')}); this wsvd-passes {library_version()} reads up to "
+                        f"{FORMAT_VERSION}: upgrade wsvd-passes or compress again")
+    return manifest
+
+
+def load(directory: str | Path, *, decode: bool = False, max_cache_len: int = 256,
+         model: str | LoadedModel | None = None) -> Artifact:
+    """Rebuild the compressed model of ``directory`` (full-sequence graph, or the decode graph).
+
+    ``model`` overrides the recorded model name or path (e.g. a checkpoint that moved), or
+    passes it already loaded; its weights must still match the recorded fingerprint.
+    """
+    manifest = read_manifest(directory)
+    weights_path = Path(directory) / "weights.safetensors"
+    if not weights_path.is_file():
+        raise WsvdError(f"{directory} has no weights.safetensors: the artifact is incomplete, compress again")
+    lm = model if isinstance(model, LoadedModel) else load_model(model or manifest["model"])
+    if fingerprint(capture_forward(lm.model)) != manifest.get("model_sha256"):
+        raise WsvdError(f"the weights of {lm.name} are not the ones {directory} was compressed "
+                        "from: pass the original checkpoint with --model")
+    captured = capture_decode(lm.model, max_cache_len=max_cache_len) if decode else capture_forward(lm.model)
+    recipe, bits = _recipe(manifest), parse_bits(manifest["bits"])
+    sites = find_sites(captured.gm)
+    plan = placeholder_plan(sites, manifest, recipe.granularity) if recipe.factor else None
+    targets = placeholder_targets(sites) if recipe.qat else None
+    base_names = set(captured.gm.state_dict())
+    Pipeline(recipe_passes(recipe, bits, plan, targets, replay=True))(captured)
+    _put_tensors(captured, load_file(weights_path), base_names, directory)
+    return Artifact(lm, captured, manifest)
+
+
+def _recipe(manifest: dict) -> Recipe:
+    fields = {f.name for f in dataclasses.fields(Recipe)}
+    unknown = set(manifest["recipe"]) - fields
+    if unknown:
+        raise WsvdError(f"the artifact's recipe has options this version does not know ({', '.join(sorted(unknown))}): "
+                        "upgrade wsvd-passes")
+    return Recipe(**manifest["recipe"])
+
+
+def placeholder_plan(sites: list[AttentionSite], manifest: dict, granularity: str) -> dict[int, LayerFactors]:
+    """Seeded random factors with the recorded ranks and the layout of ``granularity``.
+
+    Only their shapes and sparsity (block-diagonal up-projections for per-head factors) matter:
+    the saved tensors replace them.
+    """
+    g = torch.Generator().manual_seed(0)
+    plan = {}
+    for site in sites:
+        ranks = manifest["ranks"][str(site.layer)]
+        outs = {"q": site.n_heads * site.head_dim, "k": site.n_kv_heads * site.head_dim,
+                "v": site.n_kv_heads * site.head_dim}
+        E = site.hidden_size
+        if granularity == "joint":
+            (r,) = ranks["qkv"]
+            plan[site.layer] = LayerFactors("joint", {"qkv": torch.randn(r, E, generator=g)},
+                                            {p: torch.randn(outs[p], r, generator=g) for p in PROJECTIONS},
+                                            {p: "qkv" for p in PROJECTIONS}, {p: [r] for p in PROJECTIONS})
+            continue
+        downs, ups = {}, {}
+        for p in PROJECTIONS:
+            d = site.head_dim if granularity == "head" else outs[p]
+            heads = ranks[p]
+            downs[p], ups[p] = pad_heads([torch.randn(d, r, generator=g) for r in heads],
+                                         [torch.randn(r, E, generator=g) for r in heads])
+        plan[site.layer] = LayerFactors(granularity, downs, ups, {p: p for p in PROJECTIONS},
+                                        {p: list(ranks[p]) for p in PROJECTIONS})
+    return plan
+
+
+def placeholder_targets(sites: list[AttentionSite]) -> dict[tuple[int, str], QATTarget]:
+    """Zero QAT targets of the right shapes (replay takes no QAT steps)."""
+    out = {}
+    for site in sites:
+        for p, heads in (("q", site.n_heads), ("k", site.n_kv_heads), ("v", site.n_kv_heads)):
+            shape = (heads * site.head_dim, site.hidden_size)
+            out[(site.layer, p)] = QATTarget(torch.zeros(shape), torch.ones(shape))
+    return out
+
+
+def _put_tensors(captured: CapturedGraph, tensors: dict[str, torch.Tensor], base_names: set[str], directory) -> None:
+    """Replace the replayed graph's tensors by the saved ones (new objects: the capture shares storage)."""
+    state = captured.gm.state_dict()
+    unknown = sorted(set(tensors) - set(state))
+    unfilled = sorted(set(state) - base_names - set(tensors))
+    if unknown or unfilled:
+        name = (unknown or unfilled)[0]
+        raise WsvdError(f"{directory}: tensor {name!r} is {'saved but not in' if unknown else 'not saved for'} the "
+                        "replayed graph; the artifact does not match this model or wsvd-passes version: compress again")
+    for name, value in tensors.items():
+        if value.shape != state[name].shape:
+            raise WsvdError(f"{directory}: saved tensor {name!r} is {tuple(value.shape)}, the replayed graph expects "
+                            f"{tuple(state[name].shape)}: compress again")
+        owner_path, _, leaf = name.rpartition(".")
+        owner = captured.gm.get_submodule(owner_path)
+        value = value.to(state[name].dtype)
+        if leaf in owner._parameters:
+            owner.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=value.is_floating_point()))
+        else:
+            owner.register_buffer(leaf, value)
