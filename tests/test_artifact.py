@@ -84,3 +84,26 @@ def test_model_pt2_is_written_but_not_needed(tmp_path):
     assert manifest["exported_program"] == "model.pt2" and zipfile.is_zipfile(directory / "model.pt2")
     (directory / "model.pt2").unlink()
     artifact.load(directory)
+
+
+def test_tied_embeddings_reload_on_the_decode_graph(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    config = tiny(MODEL).model.config.to_dict() | {"tie_word_embeddings": True}
+    model = LlamaForCausalLM(type(tiny(MODEL).model.config).from_dict(config))
+    checkpoint = tmp_path / "tied"
+    model.save_pretrained(checkpoint)
+    tiny(MODEL).tokenizer.save_pretrained(checkpoint)
+    from wsvd_passes.capture import capture_forward
+    from wsvd_passes.models import load_model
+
+    base = capture_forward(load_model(str(checkpoint)).model)
+    compressed, _ = compress(base, None, RECIPES["quarot"], None, parse_bits("w8a8"))  # rotates the tied head
+    artifact.save(tmp_path / "art", model=str(checkpoint), base=base, compressed=compressed, recipe=RECIPES["quarot"],
+                  bits=parse_bits("w8a8"), rho1_target=None, report=None, calibration={}, environment={})
+    decoder = artifact.load(tmp_path / "art", decode=True, max_cache_len=24).captured
+    tokens = IDS[:1, :5]
+    with torch.no_grad():
+        for _ in range(6):
+            tokens = torch.cat([tokens, compressed.gm(input_ids=tokens)[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(greedy_generate(decoder, IDS[:1, :5], 6), tokens)

@@ -75,8 +75,22 @@ def _export_error(e: Exception, what: str) -> WsvdError:
     return WsvdError(f"torch.export could not capture the {what} of this model ({type(e).__name__}: {first})")
 
 
+def untie_output_embeddings(model: torch.nn.Module) -> None:
+    """Give a tied LM head its own (equal) parameter; the function is unchanged.
+
+    Strict and non-strict export name a tied weight differently (one name for both uses,
+    not the same one), so the passes replayed on the decode graph would name their new
+    tensors unlike those of the full-sequence graph (see :mod:`wsvd_passes.artifact`).
+    """
+    get_head, get_embedding = (getattr(model, n, None) for n in ("get_output_embeddings", "get_input_embeddings"))
+    head, embedding = (get_head() if get_head else None), (get_embedding() if get_embedding else None)
+    if head is not None and embedding is not None and head.weight is embedding.weight:
+        head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+
+
 def capture_forward(model: torch.nn.Module, *, example_batch: int = 2, example_len: int = 17) -> CapturedGraph:
     """Export the full-sequence forward with dynamic batch and sequence length."""
+    untie_output_embeddings(model)
     from .vlm import capture_vlm_forward, is_vlm
 
     if is_vlm(model):
@@ -99,6 +113,7 @@ def capture_forward(model: torch.nn.Module, *, example_batch: int = 2, example_l
 
 def capture_decode(model: torch.nn.Module, *, batch_size: int = 1, max_cache_len: int = 256) -> CapturedGraph:
     """Export one decode step over a static KV cache of ``max_cache_len`` positions."""
+    untie_output_embeddings(model)
     from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
 
     from .vlm import capture_vlm_decode, is_vlm
