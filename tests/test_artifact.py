@@ -48,8 +48,12 @@ def test_reload_gives_identical_logits(tmp_path, recipe, bits):
     if RECIPES[recipe].factor:
         assert set(manifest["ranks"]) == {"0", "1"} and manifest["reconstruction"]["0"]
         assert (directory / "spectra.safetensors").is_file()
-    # safetensors and JSON only on the load path: no pickle opcodes in what load() reads
+    # load() reads only JSON and safetensors (no pickles): both are written in those formats
+    from safetensors import safe_open
+
     assert json.loads((directory / "manifest.json").read_text())["format"] == artifact.FORMAT
+    with safe_open(directory / "weights.safetensors", "pt") as f:
+        assert f.metadata()["format"] == artifact.FORMAT and len(list(f.keys())) == manifest["tensors"]
 
 
 def test_reload_of_the_decode_graph_generates_the_same_tokens(tmp_path):

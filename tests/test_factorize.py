@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import fresh_forward, tiny
+from conftest import fresh_forward
 from wsvd_passes.calibration import InputStats
 from wsvd_passes.capture import capture_forward
 from wsvd_passes.compress import calibrate, factor_plan

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from wsvd_passes.calibration import InputStats
 from wsvd_passes.errors import WsvdError
 from wsvd_passes.finetune import fisher_finetune, fisher_weighted_error
-from wsvd_passes.lowrank import make_scaling, split_groups, svd_group
+from wsvd_passes.lowrank import make_scaling, split_groups
 from wsvd_passes.rank_allocation import (ImportanceAccumulator, above_break_even, achieved_rho1, importance_ranks,
                                          uniform_ranks)
 

@@ -209,7 +209,6 @@ def _eval_multiple_choice(args) -> dict:
 
 
 def cmd_generate(args) -> dict:
-    import torch
 
     from .capture import capture_decode
     from .factorize import FactorizeQKV
