@@ -4,7 +4,7 @@ One new token per sequence attends to a full cache of L tokens, n heads of dim D
 D = 128, no GQA), rank r = round(ratio * D), bk, bv [n, r, D], q at position L - 1:
 
     baseline  SDPA(RoPE(q), K, V)                   K = RoPE(C_K @ bk), V = C_V @ bv, bf16 [B, n, L, D]
-    ours      latent_decode_attention_triton(RoPE(q), C_K, bk, C_V)   -> [B, n, r], bf16 or int8 latents
+    ours      latent_decode_attention_triton(RoPE(q), C_K, bk, C_V, cos, sin)   -> [B, n, r], bf16 or int8 latents
 
 Both timed steps include the query's RoPE (HF style, bf16); ours stops in latent space (bv folds into
 o_proj). The latents are int8 with power-of-two scales per (token, head), so the bf16 latents
@@ -13,8 +13,10 @@ o_proj). The latents are int8 with power-of-two scales per (token, head), so the
 over its median time: ours C_K + C_V (+ scales) + bk + q, baseline K + V + q.
 
 CUDA: ``triton.testing.do_bench`` median, which zeroes a 256 MB buffer before every timed run so
-the caches are never read from L2; SDPA pinned to the flash backend when it is available; the rows'
-bandwidth also as a fraction of a device-to-device copy (bytes read + written over time). CPU
+the caches are never read from L2 (``cuda_graphs``: ``do_bench_cudagraph``, each step replayed from a
+CUDA graph, launch overhead excluded); SDPA pinned to the flash backend when it is available; the
+rows' bandwidth also as a fraction of a device-to-device copy (bytes read + written over time). Each
+row also carries the roofline prediction of :mod:`kernels.roofline` for its shape. CPU
 (``TRITON_INTERPRET=1``): ``time.perf_counter`` median, a smoke test of the code path only.
 """
 
@@ -35,8 +37,11 @@ import torch.nn.functional as F
 import triton
 from tqdm.auto import tqdm
 
-from .latent_attention import default_num_splits, latent_decode_attention_triton
-from .reference import _rope_angles, _rotate_half
+from wsvd_passes.rope import rope_half_tables  # the model's own tables (one builder for passes and kernels)
+
+from .latent_attention import _autotuned_split_kernel, _latent_split_kernel, default_num_splits, latent_decode_attention_triton
+from .reference import rotate_half
+from .roofline import dense_step, latent_step
 
 DEFAULT_SHAPES = [dict(batch=b, heads=32, head_dim=128, seq_len=n, rank_ratio=ratio)
                   for b, n, ratio in itertools.product([4, 16, 64], [1024, 4096, 8192, 16384, 32768], [0.9, 0.7, 0.5])]
@@ -105,13 +110,13 @@ def _dense_cache(c, c_scale, b, cos=None, sin=None) -> torch.Tensor:
     out = torch.empty(*c.shape[:3], b.shape[-1], dtype=BF16, device=c.device)
     for i in range(c.shape[0]):  # one sequence at a time keeps the float32 temporaries small
         x = (c[i].float() * c_scale[i, ..., None]) @ b.float()
-        out[i] = x if cos is None else x * cos + _rotate_half(x) * sin
+        out[i] = x if cos is None else x * cos + rotate_half(x) * sin
     return out
 
 
 def _roped_query(q, cos, sin):
     """Hugging Face RoPE of the new token's query, in its dtype: q * cos + rotate_half(q) * sin."""
-    return q * cos + _rotate_half(q) * sin
+    return q * cos + rotate_half(q) * sin
 
 
 def _sdpa_step(query, k, v, scale):
@@ -119,14 +124,20 @@ def _sdpa_step(query, k, v, scale):
     return F.scaled_dot_product_attention(query()[:, :, None], k, v, scale=scale)[:, :, 0]
 
 
-def _latent_step(query, bk, lengths, inv_freq, scale, ck, cv, ck_scale=None, cv_scale=None):
+def _latent_step(query, bk, lengths, tables, scale, ck, cv, ck_scale=None, cv_scale=None):
     """Ours: [B, n, r] attention of the roped query over the latent cache."""
-    return latent_decode_attention_triton(query(), ck, bk, cv, lengths, inv_freq, scale=scale,
+    return latent_decode_attention_triton(query(), ck, bk, cv, lengths, *tables, scale=scale,
                                           ck_scale=ck_scale, cv_scale=cv_scale)
 
 
 def _cuda_median_ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def _cuda_graph_median_ms(fn) -> float:
+    fn()  # compile (and autotune) outside the graph capture
+    with torch.cuda.stream(torch.cuda.Stream()):
+        return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
 
 
 def _cpu_median_ms(fn) -> float:
@@ -154,12 +165,12 @@ def _measure(shape: dict, device: torch.device, timer, sdpa_backend, seed: int =
     bk, bv = ((torch.randn(n, r, d, generator=gen, device=device) / math.sqrt(r)).to(BF16) for _ in range(2))
     q = (torch.randn(b, n, d, generator=gen, device=device) * QUERY_STD).to(BF16)
     inv_freq = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d)
-    angles = _rope_angles(length, inv_freq)
-    cos, sin = angles.cos(), angles.sin()
+    tables = rope_half_tables(inv_freq, length)
+    cos, sin = (torch.cat([t, t], dim=-1) for t in tables)
     query = functools.partial(_roped_query, q, cos[-1].to(BF16), sin[-1].to(BF16))  # position L - 1
     sdpa = functools.partial(_sdpa_step, query, _dense_cache(ck8, ck_scale, bk, cos, sin),
                              _dense_cache(cv8, cv_scale, bv), scale)
-    del angles, cos, sin
+    del cos, sin
     with sdpa_backend():
         ref = sdpa().float()
         sdpa_ms = timer(sdpa)
@@ -167,7 +178,7 @@ def _measure(shape: dict, device: torch.device, timer, sdpa_backend, seed: int =
     out_scale = ref.abs().max().item()
     atol = TOLERANCE * out_scale
     lengths = torch.full((b,), length, dtype=torch.int32, device=device)
-    latent = functools.partial(_latent_step, query, bk, lengths, inv_freq, scale)
+    latent = functools.partial(_latent_step, query, bk, lengths, tables, scale)
     err8, int8_ms = _check_and_time(functools.partial(latent, ck8, cv8, ck_scale, cv_scale), bv, ref, atol, timer)
     ck, cv = _bf16_latents(ck8, ck_scale), _bf16_latents(cv8, cv_scale)
     del ck8, cv8, ck_scale, cv_scale
@@ -194,11 +205,35 @@ def _copy_bandwidth_gbs(device: torch.device) -> float:
 
 
 
-def _bench_shape(shape: dict, device: torch.device, timer, sdpa_backend, copy_gbs: float | None) -> dict:
-    """One row: the shape, its rank and the kernel's default split count, the measured figures, status and note."""
+def parse_shape(text: str) -> dict:
+    """``"B,H,D,L,ratio"`` (e.g. ``16,32,128,8192,0.5``) -> a shape dict; ValueError naming the format."""
+    parts = text.split(",")
+    try:
+        if len(parts) != len(SHAPE_KEYS):
+            raise ValueError
+        shape = {k: (float if k == "rank_ratio" else int)(v) for k, v in zip(SHAPE_KEYS, parts)}
+    except ValueError:
+        raise ValueError(f"shape {text!r}: expected B,H,D,L,ratio (batch, heads, head dim, cache length, "
+                         "rank / head dim), e.g. 16,32,128,8192,0.5") from None
+    _check_shape(shape)
+    return shape
+
+
+def _predicted(shape: dict) -> dict:
+    """Roofline speedups over dense SDPA on an H100 for this shape (kernels.roofline)."""
+    b, n, d, length = (shape[k] for k in ("batch", "heads", "head_dim", "seq_len"))
+    dense = dense_step(b, n, n, d, length).seconds("H100 SXM")
+    return {f"predicted_speedup_{v}": dense / latent_step(b, n, n, d, length, _rank(shape), _rank(shape), v)
+            .seconds("H100 SXM") for v in ("bf16", "int8")}
+
+
+def _bench_shape(shape: dict, device: torch.device, timer, sdpa_backend, copy_gbs: float | None,
+                 sm_count: int) -> dict:
+    """One row: the shape, its rank and the kernel's default split count, the roofline prediction, the
+    measured figures, status and note."""
     row = {**{k: shape[k] for k in SHAPE_KEYS}, "rank": _rank(shape),
-           "num_splits": default_num_splits(shape["batch"] * shape["heads"], shape["seq_len"]),
-           **dict.fromkeys(MEASURED), "status": "skipped", "note": None}
+           "num_splits": default_num_splits(shape["batch"] * shape["heads"], shape["seq_len"], sm_count),
+           **_predicted(shape), **dict.fromkeys(MEASURED), "status": "skipped", "note": None}
     if device.type == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
@@ -228,7 +263,8 @@ def _bench_shape(shape: dict, device: torch.device, timer, sdpa_backend, copy_gb
     return row
 
 
-def bench_kernel(*, device: str, shapes: list[dict] | None = None, quick: bool = False, progress: bool = True) -> dict:
+def bench_kernel(*, device: str, shapes: list[dict] | None = None, quick: bool = False, cuda_graphs: bool = False,
+                 progress: bool = True) -> dict:
     """Benchmark SDPA on the dense cache against the latent kernel (bf16 and int8) on each shape.
 
     A shape is a dict of ``batch, heads, head_dim, seq_len, rank_ratio``; default :data:`DEFAULT_SHAPES`,
@@ -249,15 +285,20 @@ def bench_kernel(*, device: str, shapes: list[dict] | None = None, quick: bool =
     if dev.type not in ("cuda", "cpu"):
         raise ValueError(f"device {device!r}: the benchmark runs on cuda or cpu")
     cuda = dev.type == "cuda"
+    if cuda_graphs and not cuda:
+        raise ValueError("cuda_graphs needs a CUDA device")
     backend_name, sdpa_backend = _sdpa_backend(dev)
     with torch.cuda.device(dev) if cuda else contextlib.nullcontext():  # do_bench times the current device
         copy_gbs = _copy_bandwidth_gbs(dev) if cuda else None
-        timer = _cuda_median_ms if cuda else _cpu_median_ms
-        rows = [_bench_shape(shape, dev, timer, sdpa_backend, copy_gbs)
+        timer = (_cuda_graph_median_ms if cuda_graphs else _cuda_median_ms) if cuda else _cpu_median_ms
+        sm_count = torch.cuda.get_device_properties(dev).multi_processor_count if cuda else 132
+        rows = [_bench_shape(shape, dev, timer, sdpa_backend, copy_gbs, sm_count)
                 for shape in tqdm(shapes, desc="kernel benchmark", disable=not progress)]
+    kernels = compiled_kernels() if cuda else {}
     if cuda:
         name = torch.cuda.get_device_name(dev)
-        timing = "triton.testing.do_bench median (warmup 25 ms, rep 100 ms, L2 flushed before each run)"
+        timing = ("triton.testing.do_bench_cudagraph median (rep 100 ms, CUDA-graph replays)" if cuda_graphs else
+                  "triton.testing.do_bench median (warmup 25 ms, rep 100 ms, L2 flushed before each run)")
     else:
         name = f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
         timing = f"time.perf_counter median of {CPU_RUNS} runs on the CPU: a smoke test, not a performance figure"
@@ -269,8 +310,26 @@ def bench_kernel(*, device: str, shapes: list[dict] | None = None, quick: bool =
         "timer": timing,
         "tolerance": TOLERANCE,
         "copy_bandwidth_gbs": copy_gbs,
+        "roofline": "predicted_speedup_*: kernels.roofline bound on an H100 SXM (peak rates, not measured)",
+        "kernels": kernels,
         "rows": rows,
     }
+
+
+def compiled_kernels() -> dict:
+    """What this process compiled and picked on the GPU: per compiled split kernel its warps, stages,
+    registers, spills and shared memory (as loaded by the driver), and the autotuner's choice per key.
+    Reads Triton's internal caches (checked with Triton 3.6/3.9); {} where they are not there."""
+    try:
+        compiled = [k for caches in _latent_split_kernel.device_caches.values() for k in caches[0].values()]
+        for k in compiled:
+            k._init_handles()
+        return {"compiled": [{"num_warps": k.metadata.num_warps, "num_stages": k.metadata.num_stages,
+                              "shared": k.metadata.shared, "n_regs": k.n_regs, "n_spills": k.n_spills}
+                             for k in compiled],
+                "autotuned": {str(key): str(config) for key, config in _autotuned_split_kernel.cache.items()}}
+    except (AttributeError, TypeError, IndexError):  # noqa: BLE001 - internal API of another Triton release
+        return {}
 
 
 def _fmt(value, spec: str, width: int) -> str:
@@ -286,13 +345,16 @@ def print_kernel_table(result: dict) -> None:
     print(f"timing: {result['timer']}")
     print("device-to-device copy: " + ("not measured" if copy is None else
                                        f"{copy:.0f} GB/s (read + write); (%) = fraction of it"))
+    print("(roof): the roofline model's bf16 and int8 speedups on an H100 (kernels.roofline), not measured")
     print(f"{'B':>4}{'heads':>6}{'D':>5}{'L':>7}{'ratio':>6}{'r':>5}{'sdpa ms':>10}{'bf16 ms':>10}{'int8 ms':>10}"
-          f"{'x bf16':>8}{'x int8':>8}{'sdpa GB/s':>16}{'bf16 GB/s':>16}{'int8 GB/s':>16}{'rel err':>9}  status")
+          f"{'x bf16':>8}{'x int8':>8}{'(roof)':>14}{'sdpa GB/s':>16}{'bf16 GB/s':>16}{'int8 GB/s':>16}{'rel err':>9}"
+          "  status")
     for row in result["rows"]:
         line = (f"{row['batch']:>4}{row['heads']:>6}{row['head_dim']:>5}{row['seq_len']:>7}{row['rank_ratio']:>6.2f}"
                 f"{row['rank']:>5}")
         line += "".join(_fmt(row[VARIANTS[v][0]], ".4g", 10) for v in VARIANTS)
         line += _fmt(row["speedup_bf16"], ".2f", 8) + _fmt(row["speedup_int8"], ".2f", 8)
+        line += f"{row['predicted_speedup_bf16']:>7.2f}{row['predicted_speedup_int8']:>7.2f}"
         for _, gbs_key, frac_key in VARIANTS.values():
             gbs, frac = row[gbs_key], row[frac_key]
             text = "-" if gbs is None else f"{gbs:.4g}" + ("" if frac is None else f" ({frac:.0%})")

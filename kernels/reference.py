@@ -7,8 +7,9 @@ For sequence b, query head i (kv head h = i // G, G = n_q / n_kv) and cached tok
     out[b,i] = sum_j softmax(s)[j] * C_V[b, h, j]            C_V [r_v], out [B, n_q, r_v]
 
 RoPE is Hugging Face's rotate_half convention at position j with ``a = attention_scaling``:
-``RoPE_j(k) = a * (k * cos(e) + rotate_half(k) * sin(e))``, ``e = cat(j * inv_freq, j * inv_freq)``,
-the angle ``j * inv_freq`` rounded to float32 as the model computes it. int8 latents are
+``RoPE_j(k) = a * (k * cat(cos[j], cos[j]) + rotate_half(k) * cat(sin[j], sin[j]))`` where the tables
+cos, sin [L_rope >= L_max, D/2] hold ``cos(j * inv_freq)``, ``sin(j * inv_freq)`` of the angle rounded
+to float32 as the model computes it (:func:`wsvd_passes.rope.rope_half_tables`). int8 latents are
 dequantised per (token, head): ``C = int8 * scale[b, h, j]``. Cache rows ``j >= lengths[b]`` may
 hold anything, infinities included, and never reach the result (a sequence of length 0 gives zeros).
 Both functions share the signature of :func:`kernels.latent_attention.latent_decode_attention_triton`;
@@ -55,7 +56,7 @@ def _check_latent(name, c, c_scale, batch_heads_len, device):
             raise ValueError(f"{name} tensors are on {t.device}, q is on {device}")
 
 
-def check_latent_args(q, ck, bk, cv, lengths, inv_freq, ck_scale=None, cv_scale=None, num_splits=None) -> LatentDims:
+def check_latent_args(q, ck, bk, cv, lengths, cos, sin, ck_scale=None, cv_scale=None, num_splits=None) -> LatentDims:
     """Validate the shared arguments; raise a one-line ValueError naming the problem."""
     if q.dim() != 3 or not q.is_floating_point():
         raise ValueError(f"q must be floating point [B, n_q, D], got {q.dtype} {list(q.shape)}")
@@ -74,9 +75,11 @@ def check_latent_args(q, ck, bk, cv, lengths, inv_freq, ck_scale=None, cv_scale=
                          f"got {bk.dtype} {list(bk.shape)}")
     if tuple(lengths.shape) != (batch,) or lengths.is_floating_point() or lengths.is_complex():
         raise ValueError(f"lengths must be an integer tensor [B={batch}], got {lengths.dtype} {list(lengths.shape)}")
-    if tuple(inv_freq.shape) != (head_dim // 2,):
-        raise ValueError(f"inv_freq must be [D/2={head_dim // 2}], got {list(inv_freq.shape)}")
-    for name, t in (("bk", bk), ("lengths", lengths), ("inv_freq", inv_freq)):
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dim() != 2 or t.shape[0] < max_len or t.shape[1] != head_dim // 2 or not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating point table [L_rope >= L_max={max_len}, D/2={head_dim // 2}], "
+                             f"got {t.dtype} {list(t.shape)}")
+    for name, t in (("bk", bk), ("lengths", lengths), ("cos", cos), ("sin", sin)):
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device}, q is on {q.device}")
     if num_splits is not None and num_splits < 1:
@@ -89,47 +92,44 @@ def _dequantise(c: torch.Tensor, c_scale: torch.Tensor | None, dtype: torch.dtyp
     return c if c_scale is None else c * c_scale.to(dtype)[..., None]
 
 
-def _rope_angles(positions: int, inv_freq: torch.Tensor) -> torch.Tensor:
-    """float32 angles [positions, D]: cat(j * inv_freq, j * inv_freq)."""
-    freqs = torch.arange(positions, dtype=torch.float32, device=inv_freq.device)[:, None] * inv_freq.float()
-    return torch.cat([freqs, freqs], dim=-1)
+def _full(table: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """[length, D] = cat(table[:length], table[:length]) in dtype."""
+    return torch.cat([table[:length], table[:length]], dim=-1).to(dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
-def latent_decode_attention_reference(q, ck, bk, cv, lengths, inv_freq, *, scale, attention_scaling=1.0,
+def latent_decode_attention_reference(q, ck, bk, cv, lengths, cos, sin, *, scale, attention_scaling=1.0,
                                       ck_scale=None, cv_scale=None, num_splits=None) -> torch.Tensor:
     """Dense float64 reference, one (sequence, kv head) at a time: float64 [B, n_q, r_v]."""
-    dims = check_latent_args(q, ck, bk, cv, lengths, inv_freq, ck_scale, cv_scale, num_splits)
+    dims = check_latent_args(q, ck, bk, cv, lengths, cos, sin, ck_scale, cv_scale, num_splits)
     f64 = torch.float64
     c_k, c_v = _dequantise(ck, ck_scale, f64), _dequantise(cv, cv_scale, f64)
-    angles = _rope_angles(dims.max_len, inv_freq).to(f64)
-    cos, sin = angles.cos() * attention_scaling, angles.sin() * attention_scaling
+    cos, sin = (_full(t, dims.max_len, f64) * attention_scaling for t in (cos, sin))
     out = torch.zeros(dims.batch, dims.n_q, dims.r_v, dtype=f64, device=q.device)
     for b in range(dims.batch):
         n = max(0, min(int(lengths[b]), dims.max_len))
         for h in range(dims.n_kv):
             k = c_k[b, h, :n] @ bk[h].to(f64)  # [n, D]
-            k = k * cos[:n] + _rotate_half(k) * sin[:n]
+            k = k * cos[:n] + rotate_half(k) * sin[:n]
             heads = slice(h * dims.group, (h + 1) * dims.group)
             p = torch.softmax(scale * q[b, heads].to(f64) @ k.T, dim=-1)  # [G, n]
             out[b, heads] = p @ c_v[b, h, :n]
     return out
 
 
-def latent_decode_attention_torch(q, ck, bk, cv, lengths, inv_freq, *, scale, attention_scaling=1.0,
+def latent_decode_attention_torch(q, ck, bk, cv, lengths, cos, sin, *, scale, attention_scaling=1.0,
                                   ck_scale=None, cv_scale=None, num_splits=None) -> torch.Tensor:
     """Vectorised PyTorch version, float32 compute over the whole cache with a length mask: [B, n_q, r_v]."""
-    dims = check_latent_args(q, ck, bk, cv, lengths, inv_freq, ck_scale, cv_scale, num_splits)
+    dims = check_latent_args(q, ck, bk, cv, lengths, cos, sin, ck_scale, cv_scale, num_splits)
     f32 = torch.float32
     valid = torch.arange(dims.max_len, device=q.device) < lengths[:, None]  # [B, L]
     c_v = _dequantise(cv, cv_scale, f32).masked_fill(~valid[:, None, :, None], 0.0)  # garbage never reaches the sum
     k = _dequantise(ck, ck_scale, f32) @ bk.to(f32)  # [B, n_kv, L, D]
-    angles = _rope_angles(dims.max_len, inv_freq)
-    k = k * angles.cos() + _rotate_half(k) * angles.sin()
+    k = k * _full(cos, dims.max_len, f32) + rotate_half(k) * _full(sin, dims.max_len, f32)
     q = q.to(f32).reshape(dims.batch, dims.n_kv, dims.group, dims.head_dim)
     s = (q @ k.transpose(-1, -2)) * (scale * attention_scaling)  # [B, n_kv, G, L]
     s = s.masked_fill(~valid[:, None, None, :], float("-inf"))

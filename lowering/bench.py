@@ -30,7 +30,7 @@ from wsvd_passes.sites import find_sites
 from .compile import compile_step, lower
 
 LLAMA2_7B = dict(layers=32, hidden=4096, heads=32, kv_heads=32, intermediate=11008, vocab=32000)
-QUICK = dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=96, vocab=256)
+QUICK = dict(layers=2, hidden=128, heads=4, kv_heads=2, intermediate=96, vocab=256)  # head dim 32: rank 16 stays aligned
 _UNIFORM_HEADS = Recipe("uniform-head-svd", "head", "none", "uniform")
 
 

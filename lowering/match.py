@@ -7,11 +7,12 @@ Matched per attention site (as left by :class:`wsvd_passes.latent_kv.LatentKVCac
 where RoPE uses the rewrite's tables for positions 0..L-1 and the mask admits the
 cache indices up to the current one. It becomes
 
-    latent_attention(q_rot[:, :, 0], CK_cache, B_K, CV_cache, index + 1, inv_freq, scale, a)[:, :, None]
+    latent_attention(q_rot[:, :, 0], CK_cache, B_K, CV_cache, index + 1, cos, sin, scale, a)[:, :, None]
 
 with B_K [n_kv, r_k, D] the diagonal blocks of U_k, transposed (for a shared latent: each kv head's
-rows of U_k, transposed, and the cache broadcast to every kv head). Everything the K
-rebuild computed becomes dead and is removed.
+rows of U_k, transposed, and the cache an expanded view for every kv head: head stride 0, no copy),
+and cos/sin the float32 [L, D/2] tables of ``j * inv_freq`` (:func:`wsvd_passes.rope.rope_half_tables`).
+Everything the K rebuild computed becomes dead and is removed.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from wsvd_passes.errors import WsvdError
 from wsvd_passes.graph_utils import add_tensor_attr, copy_meta, get_attr_node, infer_val, tensor_attr
 from wsvd_passes.latent_kv import ROPE_COS, ROPE_INV_FREQ, ROPE_SCALING, ROPE_SIN
 from wsvd_passes.pipeline import GraphPass
+from wsvd_passes.rope import rope_half_tables
 from wsvd_passes.sites import AttentionSite
 
 aten = torch.ops.aten
+ROPE_HALF_TABLES = ("wsvd_rope.cos_half", "wsvd_rope.sin_half")  # the op's float32 [L, D/2] tables
 
 
 class LowerLatentAttention(GraphPass):
@@ -35,15 +38,18 @@ class LowerLatentAttention(GraphPass):
     def transform(self, gm: GraphModule, sites: list[AttentionSite]) -> bool:
         if not all(s.latent_kv for s in sites):
             raise WsvdError("the graph does not cache K/V latents: run LatentKVCache before lowering")
-        inv_freq = get_attr_node(gm, ROPE_INV_FREQ, sites[0].attention)
+        length = tensor_attr(gm, sites[0].k_cache.buffer).shape[2]
+        for name, table in zip(ROPE_HALF_TABLES, rope_half_tables(tensor_attr(gm, ROPE_INV_FREQ), length)):
+            add_tensor_attr(gm, name, table, parameter=False)
+        tables = [get_attr_node(gm, name, sites[0].attention) for name in ROPE_HALF_TABLES]
         scaling = float(tensor_attr(gm, ROPE_SCALING))
         for site in sites:
-            self._lower(gm, site, inv_freq, scaling)
+            self._lower(gm, site, tables, scaling)
         gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure(impure_random=False))
         return True
 
     @staticmethod
-    def _lower(gm: GraphModule, site: AttentionSite, inv_freq, scaling: float) -> None:
+    def _lower(gm: GraphModule, site: AttentionSite, tables: list, scaling: float) -> None:
         where = f"layer {site.layer}"
         for node, name in ((site.k_rope.cos, ROPE_COS), (site.k_rope.sin, ROPE_SIN)):
             if not (node.op == "get_attr" and node.target == name):
@@ -75,7 +81,7 @@ class LowerLatentAttention(GraphPass):
 
         out = call(torch.ops.wsvd.latent_attention.default, q, per_kv_head(site.k_cache.node, k_heads),
                    get_attr_node(gm, f"{owner}.k_up_heads", attn), per_kv_head(site.v_cache.node, v_heads), lengths,
-                   inv_freq, site.scale, scaling)
+                   *tables, site.scale, scaling)
         dtype = attn.meta["val"].dtype
         if dtype != torch.float32:
             out = call(aten.to.dtype, out, dtype)

@@ -1,40 +1,66 @@
 """The ``wsvd::latent_attention`` custom op (``torch.library``).
 
     latent_attention(q [B, n_q, D], ck [B, n_kv, L, r_k], bk [n_kv, r_k, D], cv [B, n_kv, L, r_v],
-                     lengths int64 [B], inv_freq [D/2], scale, attention_scaling) -> [B, n_q, r_v] float32
+                     lengths int64 [B], cos [L_rope, D/2], sin [L_rope, D/2], scale, attention_scaling,
+                     ck_scale [B, n_kv, L]?, cv_scale [B, n_kv, L]?) -> [B, n_q, r_v] float32
 
-Attention of one new query token per sequence over a latent KV cache: K is rebuilt
-per cached token as ``RoPE_j(ck[j] @ bk)`` at its position j, V stays in latent
-space (its up-projection lives in the folded o_proj). CPU: the vectorised PyTorch
-implementation; CUDA: the fused Triton flash-decoding kernel. The fake
-implementation makes the op traceable by ``torch.export`` and ``torch.compile``,
-where it stays one opaque node. Import this module before loading a saved program
-that contains the op.
+Attention of one new query token per sequence over a latent KV cache: K is rebuilt per cached token
+as ``RoPE_j(ck[j] @ bk)`` at its position j (cos/sin: the model's float32 tables of ``j * inv_freq``),
+V stays in latent space (its up-projection lives in the folded o_proj). int8 latents come with their
+per-token, per-head float32 scales. A latent shared by every kv head is passed as an expanded view
+(head stride 0) and never copied. CPU: the vectorised PyTorch implementation; CUDA: the fused Triton
+flash-decoding kernel, except where it cannot run (ranks above ``MAX_RANK``, or a kernel that fails to
+compile or launch): then the PyTorch implementation, with a one-line warning, never a wrong answer.
+The fake implementation makes the op traceable by ``torch.export`` and ``torch.compile``, where it
+stays one opaque node. Import this module before loading a saved program that contains the op.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
-from kernels.latent_attention import latent_decode_attention_triton
+from kernels.latent_attention import MAX_RANK, latent_decode_attention_triton
 from kernels.reference import latent_decode_attention_torch
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 @torch.library.custom_op("wsvd::latent_attention", mutates_args=())
 def latent_attention(
     q: torch.Tensor, ck: torch.Tensor, bk: torch.Tensor, cv: torch.Tensor, lengths: torch.Tensor,
-    inv_freq: torch.Tensor, scale: float, attention_scaling: float,
+    cos: torch.Tensor, sin: torch.Tensor, scale: float, attention_scaling: float,
+    ck_scale: torch.Tensor | None = None, cv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    return latent_decode_attention_torch(q, ck, bk, cv, lengths, inv_freq, scale=scale,
-                                         attention_scaling=attention_scaling)
+    return latent_decode_attention_torch(q, ck, bk, cv, lengths, cos, sin, scale=scale,
+                                         attention_scaling=attention_scaling, ck_scale=ck_scale, cv_scale=cv_scale)
 
 
 @latent_attention.register_kernel("cuda")
-def _latent_attention_cuda(q, ck, bk, cv, lengths, inv_freq, scale, attention_scaling):
-    return latent_decode_attention_triton(q, ck, bk, cv, lengths, inv_freq, scale=scale,
-                                          attention_scaling=attention_scaling)
+def _latent_attention_cuda(q, ck, bk, cv, lengths, cos, sin, scale, attention_scaling, ck_scale=None, cv_scale=None):
+    kwargs = dict(scale=scale, attention_scaling=attention_scaling, ck_scale=ck_scale, cv_scale=cv_scale)
+    rank = max(ck.shape[-1], cv.shape[-1])
+    if rank > MAX_RANK:
+        _warn_once(f"wsvd::latent_attention: latent rank {rank} > {MAX_RANK}, above what the Triton kernel holds "
+                   "on-chip; running the PyTorch implementation")
+        return latent_decode_attention_torch(q, ck, bk, cv, lengths, cos, sin, **kwargs)
+    try:
+        return latent_decode_attention_triton(q, ck, bk, cv, lengths, cos, sin, **kwargs)
+    except ValueError:  # bad arguments: the same one-line error the PyTorch path gives
+        raise
+    except Exception as e:  # noqa: BLE001 - a kernel that cannot compile or launch here
+        _warn_once(f"wsvd::latent_attention: the Triton kernel failed ({type(e).__name__}: "
+                   f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); running the PyTorch implementation")
+        return latent_decode_attention_torch(q, ck, bk, cv, lengths, cos, sin, **kwargs)
 
 
 @latent_attention.register_fake
-def _latent_attention_fake(q, ck, bk, cv, lengths, inv_freq, scale, attention_scaling):
+def _latent_attention_fake(q, ck, bk, cv, lengths, cos, sin, scale, attention_scaling, ck_scale=None, cv_scale=None):
     return q.new_empty((q.shape[0], q.shape[1], cv.shape[-1]), dtype=torch.float32)

@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.latent_attention import latent_decode_attention_triton
+from kernels.latent_attention import CONFIGS as CONFIGS_TRITON
+from kernels.latent_attention import default_num_splits, kernel_arguments, latent_decode_attention_triton
 from kernels.reference import latent_decode_attention_reference, latent_decode_attention_torch
-from wsvd_passes.rope import rope_tables
+from wsvd_passes.rope import rope_half_tables, rope_tables
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -27,14 +28,24 @@ needs_triton = pytest.mark.skipif(not TRITON, reason="the Triton kernel needs CU
 IMPLS = [pytest.param(latent_decode_attention_triton, id="triton", marks=needs_triton),
          pytest.param(latent_decode_attention_torch, id="torch")]
 PEAK = 4.0
-TOL = {"float32": 1e-4, "bfloat16": 1e-3, "float16": 1e-3, "int8": 1e-4}  # times the output's largest entry
+DTYPES = ["float32", "bfloat16", "float16", "int8", "int8-bf16"]  # latents (int8-bf16: int8 latents, bf16 q and bk)
+BUDGET = 3.0  # low-precision runs may err by this many times a dense decode in their dtype (see assert_matches)
 
 
 def _quantise(c: torch.Tensor, dtype: str):
-    if dtype != "int8":
+    if not dtype.startswith("int8"):
         return c.to(getattr(torch, dtype)), None
     scale = c.abs().amax(dim=-1).clamp_min(1e-6) / 127  # per (token, head)
     return (c / scale[..., None]).round().clamp(-127, 127).to(torch.int8), scale
+
+
+def _compute_dtype(dtype: str) -> torch.dtype:
+    """q and bk dtype of a case: the latents' own, float32 next to int8, bf16 for int8-bf16."""
+    return {"int8": torch.float32, "int8-bf16": torch.bfloat16}.get(dtype) or getattr(torch, dtype)
+
+
+def inv_freq(head_dim: int) -> torch.Tensor:
+    return 1.0 / 10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
 
 
 def make_case(lengths, *, n_q=6, n_kv=2, head_dim=64, r_k=29, r_v=19, head_ranks=None, dtype="float32",
@@ -49,24 +60,52 @@ def make_case(lengths, *, n_q=6, n_kv=2, head_dim=64, r_k=29, r_v=19, head_ranks
         ck[:, h, :, rank:] = 0
     cv = torch.randn(batch, n_kv, max_len, r_v, generator=gen)
     q = torch.randn(batch, n_q, head_dim, generator=gen) * PEAK  # scores ~ N(0, PEAK^2)
-    inv_freq = 1.0 / 10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    float_dtype = torch.float32 if dtype == "int8" else getattr(torch, dtype)
+    cos, sin = rope_half_tables(inv_freq(head_dim), max_len + 3)  # tables may be longer than the cache
+    compute = _compute_dtype(dtype)
     ck, ck_scale = _quantise(ck, dtype)
     cv, cv_scale = _quantise(cv, dtype)
-    case = dict(q=q.to(float_dtype), ck=ck, bk=bk.to(float_dtype), cv=cv, lengths=torch.tensor(lengths),
-                inv_freq=inv_freq, scale=head_dim**-0.5, attention_scaling=attention_scaling,
+    case = dict(q=q.to(compute), ck=ck, bk=bk.to(compute), cv=cv, lengths=torch.tensor(lengths),
+                cos=cos, sin=sin, scale=head_dim**-0.5, attention_scaling=attention_scaling,
                 ck_scale=ck_scale, cv_scale=cv_scale)
     return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in case.items()}
 
 
-def assert_matches(out, ref, dtype="float32"):
+def dense_decode(case, dtype: torch.dtype) -> torch.Tensor:
+    """What a dense model decoding in ``dtype`` computes on the same inputs: float64 [B, n_q, r_v] of SDPA
+    over K = RoPE(C_K bk) (exact, then rounded to dtype, as a dense cache holds it) and V = C_V in dtype."""
+    f64 = torch.float64
+    q, lengths = case["q"].cpu(), case["lengths"].cpu()
+    max_len, half = case["ck"].shape[2], q.shape[-1] // 2
+    valid = (torch.arange(max_len) < lengths[:, None])[:, None, :, None]  # rows past a length may hold anything
+    ck, cv = ((case[n].cpu().to(f64) * (1 if case[f"{n}_scale"] is None else case[f"{n}_scale"].cpu().to(f64)[..., None]))
+              .masked_fill(~valid, 0) for n in ("ck", "cv"))
+    cos, sin = (torch.cat([case[n][:max_len]] * 2, dim=-1).cpu().to(f64) * case["attention_scaling"] for n in ("cos", "sin"))
+    k = ck @ case["bk"].cpu().to(f64)[None]
+    k = k * cos + torch.cat([-k[..., half:], k[..., :half]], dim=-1) * sin
+    out = F.scaled_dot_product_attention(q.to(dtype)[:, :, None], k.to(dtype), cv.to(dtype), attn_mask=valid.transpose(2, 3),
+                                         scale=case["scale"], enable_gqa=True)[:, :, 0]
+    return out.to(f64)
+
+
+def assert_matches(out, ref, case):
+    """float32 compute: within 1e-4 of the output's largest entry. bf16/fp16 compute rounds K and the
+    softmax weights P to that dtype before the tensor-core dots, as bf16 flash decoding does; its error
+    may be BUDGET times that of a dense decode in the same dtype (:func:`dense_decode`, measured here),
+    and no less than 2^-8 (the interpreter rounds to bf16 by truncation, the GPU to nearest)."""
     assert out.dtype == torch.float32 and out.shape == ref.shape
-    atol = TOL[dtype] * ref.abs().max().clamp_min(1e-3).item()
+    top = ref.abs().max().clamp_min(1e-3).item()
+    dtype = case["q"].dtype
+    if dtype == torch.float32:
+        atol = 1e-4 * top
+    else:
+        atol = max(BUDGET * (dense_decode(case, dtype) - ref.cpu()).abs().max().item(), 2**-8 * top)
     torch.testing.assert_close(out.double().cpu(), ref.cpu(), atol=atol, rtol=0)
 
 
-# (n_q, n_kv, D, r_k, per-head ranks, r_v, attention scaling)
-CONFIGS = {"gqa3-d64": (6, 2, 64, 29, [29, 17], 19, 1.0), "gqa3-d32": (9, 3, 32, 37, [37, 5, 30], 29, 1.25)}
+# (n_q, n_kv, D, r_k, per-head ranks, r_v, attention scaling): GQA 3:1 (dots), and G = 1 (GEMV) with
+# D = 128 and an odd rank
+CONFIGS = {"gqa3-d64": (6, 2, 64, 29, [29, 17], 19, 1.0), "gqa3-d32": (9, 3, 32, 37, [37, 5, 30], 29, 1.25),
+           "mha-d128": (2, 2, 128, 45, [45, 20], 64, 1.0)}
 
 
 def _config(name):
@@ -79,7 +118,7 @@ def test_reference_matches_dense_rope_attention():
     case = make_case([5, 40], **_config("gqa3-d64"))
     q, ck, bk, cv, lengths = (case[k].cpu().double() for k in ("q", "ck", "bk", "cv", "lengths"))
     max_len, half = ck.shape[2], q.shape[-1] // 2
-    cos, sin = rope_tables(case["inv_freq"].cpu(), case["attention_scaling"], max_len)
+    cos, sin = rope_tables(inv_freq(q.shape[-1]), case["attention_scaling"], max_len)
     k = ck @ bk[None]
     k = k * cos.double() + torch.cat([-k[..., half:], k[..., :half]], dim=-1) * sin.double()
     mask = (torch.arange(max_len) < lengths[:, None])[:, None, None, :]
@@ -89,22 +128,22 @@ def test_reference_matches_dense_rope_attention():
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_mixed_lengths(impl, dtype, config):
     case = make_case([1, 63, 65], dtype=dtype, **_config(config))
-    assert_matches(impl(**case), latent_decode_attention_reference(**case), dtype)
+    assert_matches(impl(**case), latent_decode_attention_reference(**case), case)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", ["float32", "int8"])
+@pytest.mark.parametrize("dtype", ["float32", "int8-bf16"])
 def test_long_sequence(impl, dtype):
     case = make_case([4099], n_q=6, n_kv=2, head_dim=64, r_k=37, head_ranks=[37, 30], r_v=29, dtype=dtype, extra=0)
-    assert_matches(impl(**case), latent_decode_attention_reference(**case), dtype)
+    assert_matches(impl(**case), latent_decode_attention_reference(**case), case)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8-bf16"])
 def test_garbage_beyond_lengths_is_ignored(impl, dtype):
     """Cache rows at and past lengths[b] hold infinities (int8: 127 with an infinite scale)."""
     case = make_case([1, 63, 65], dtype=dtype, extra=40, **_config("gqa3-d64"))
@@ -118,7 +157,7 @@ def test_garbage_beyond_lengths_is_ignored(impl, dtype):
     dirty = impl(**case)
     assert torch.isfinite(dirty).all()
     torch.testing.assert_close(dirty, clean, atol=0, rtol=0)
-    assert_matches(dirty, latent_decode_attention_reference(**case), dtype)
+    assert_matches(dirty, latent_decode_attention_reference(**case), case)
 
 
 @needs_triton
@@ -127,10 +166,46 @@ def test_num_splits_agree():
     case = make_case([1, 63, 65, 130], **_config("gqa3-d32"))
     ref = latent_decode_attention_reference(**case)
     one = latent_decode_attention_triton(**case, num_splits=1)
-    assert_matches(one, ref)
+    assert_matches(one, ref, case)
     for num_splits in (3, 7):
         out = latent_decode_attention_triton(**case, num_splits=num_splits)
         torch.testing.assert_close(out, one, atol=1e-6 * ref.abs().max().item(), rtol=0)
+
+
+@needs_triton
+@pytest.mark.parametrize("config", CONFIGS_TRITON, ids=lambda c: f"block{c.kwargs['BLOCK_N']}-w{c.num_warps}")
+@pytest.mark.parametrize("dtype", ["float32", "int8-bf16"])
+def test_launch_configs_agree(config, dtype):
+    """Every configuration the autotuner may pick gives the reference's result (tiles of 32..128 tokens,
+    one and several slices)."""
+    case = make_case([1, 130, 257], dtype=dtype, **_config("gqa3-d64"))
+    ref = latent_decode_attention_reference(**case)
+    for num_splits in (1, 3):
+        assert_matches(latent_decode_attention_triton(**case, num_splits=num_splits, config=config), ref, case)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("config", ["gqa3-d64", "mha-d128"])
+def test_shared_latent_is_read_in_place(impl, config):
+    """A joint/per-projection latent read by every kv head is an expanded view (head stride 0): same
+    result as per-head copies, and the launcher passes it on without copying."""
+    case = make_case([7, 40], **_config(config))
+    for name in ("ck", "cv"):
+        case[name] = case[name][:, :1].expand_as(case[name])
+    assert case["ck"].stride(1) == 0
+    ref = latent_decode_attention_reference(**case)
+    assert_matches(impl(**case), ref, case)
+    _, args, *_ = kernel_arguments(**{k: v for k, v in case.items()})
+    assert args[1].stride(1) == 0 and args[4].stride(1) == 0 and args[1].data_ptr() == case["ck"].data_ptr()
+
+
+def test_default_num_splits_fills_the_gpu():
+    """About two programs per SM at small batch, one slice once the batch fills the GPU, none under
+    MIN_SPLIT_TOKENS tokens."""
+    assert default_num_splits(4 * 32, 8192, sm_count=132) == 3  # 384 programs for 132 SMs
+    assert default_num_splits(16 * 32, 8192, sm_count=132) == 1
+    assert default_num_splits(1, 300, sm_count=132) == 2
+    assert default_num_splits(1, 100, sm_count=132) == 1
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -142,7 +217,7 @@ def test_non_contiguous_inputs(impl):
     case["bk"] = case["bk"].transpose(1, 2).contiguous().transpose(1, 2)
     case["cv"] = case["cv"].transpose(2, 3).contiguous().transpose(2, 3)
     assert not any(case[k].is_contiguous() for k in ("q", "ck", "bk", "cv"))
-    assert_matches(impl(**case), ref)
+    assert_matches(impl(**case), ref, case)
 
 
 def _bad(case, **changes):
@@ -158,7 +233,8 @@ BAD_INPUTS = {
     "cv batch": (lambda c: _bad(c, cv=c["cv"][:1]), "cv must be"),
     "lengths shape": (lambda c: _bad(c, lengths=c["lengths"][:1]), "lengths must be"),
     "float lengths": (lambda c: _bad(c, lengths=c["lengths"].float()), "lengths must be an integer"),
-    "inv_freq shape": (lambda c: _bad(c, inv_freq=c["inv_freq"][:31]), "inv_freq must be"),
+    "cos width": (lambda c: _bad(c, cos=c["cos"][:, :31]), "cos must be"),
+    "sin too short": (lambda c: _bad(c, sin=c["sin"][:4]), "sin must be"),
     "num_splits": (lambda c: _bad(c, num_splits=0), "num_splits must be >= 1"),
 }
 
@@ -179,7 +255,7 @@ def test_bad_inputs_raise(impl, bad):
     half_dim=st.integers(1, 12),
     r_k=st.integers(1, 20),
     r_v=st.integers(1, 20),
-    dtype=st.sampled_from(["float32", "bfloat16", "float16", "int8"]),
+    dtype=st.sampled_from(DTYPES),
     num_splits=st.integers(1, 4),
     seed=st.integers(0, 2**16),
 )
@@ -188,6 +264,6 @@ def test_property_small_shapes(lengths, n_kv, group, half_dim, r_k, r_v, dtype, 
     case = make_case(lengths, n_q=n_kv * group, n_kv=n_kv, head_dim=2 * half_dim, r_k=r_k, r_v=r_v,
                      dtype=dtype, extra=3, seed=seed)
     ref = latent_decode_attention_reference(**case)
-    assert_matches(latent_decode_attention_torch(**case), ref, dtype)
+    assert_matches(latent_decode_attention_torch(**case), ref, case)
     if TRITON:
-        assert_matches(latent_decode_attention_triton(**case, num_splits=num_splits), ref, dtype)
+        assert_matches(latent_decode_attention_triton(**case, num_splits=num_splits), ref, case)

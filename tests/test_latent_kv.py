@@ -10,7 +10,7 @@ from wsvd_passes.compress import calibrate, factor_plan
 from wsvd_passes.errors import WsvdError
 from wsvd_passes.factorize import FactorizeQKV
 from wsvd_passes.generation import greedy_generate, reset_cache
-from wsvd_passes.latent_kv import LatentKVCache
+from wsvd_passes.latent_kv import LatentKVCache, aligned
 from wsvd_passes.pipeline import Pipeline
 from wsvd_passes.recipes import RECIPES
 from wsvd_passes.sites import find_sites
@@ -54,8 +54,8 @@ def test_latent_cache_decodes_like_the_factored_graph(name):
     s = sites[0]
     ck = buffers[s.k_cache.buffer]
     r_k = max(report.ranks[0]["k"])
-    assert ck.shape == (1, s.n_kv_heads, 40, r_k)
-    padded = sum(max(report.ranks[i]["k"]) + max(report.ranks[i]["v"]) for i in range(len(sites)))
+    assert ck.shape == (1, s.n_kv_heads, 40, aligned(r_k)) and aligned(r_k) % 16 == 0 and r_k <= aligned(r_k) < r_k + 16
+    padded = sum(aligned(max(report.ranks[i]["k"])) + aligned(max(report.ranks[i]["v"])) for i in range(len(sites)))
     assert rewrite.bytes.latent / rewrite.bytes.dense == pytest.approx(padded / (2 * len(sites) * s.head_dim))
     assert rewrite.bytes.ratio <= 1.0
     ep = decoder.reexport()  # survives re-export with its latent buffers
@@ -75,9 +75,9 @@ def test_shared_latents_decode_like_the_factored_graph(recipe):
     site = find_sites(decoder.gm)[0]
     cache = dict(decoder.gm.named_buffers())[site.k_cache.buffer]
     if recipe == "qsvd-noq":
-        assert site.k_cache.buffer == site.v_cache.buffer and cache.shape == (1, 1, 40, report.ranks[0]["qkv"][0])
+        assert site.k_cache.buffer == site.v_cache.buffer and cache.shape == (1, 1, 40, aligned(report.ranks[0]["qkv"][0]))
     else:
-        assert site.k_cache.buffer != site.v_cache.buffer and cache.shape == (1, 1, 40, report.ranks[0]["k"][0])
+        assert site.k_cache.buffer != site.v_cache.buffer and cache.shape == (1, 1, 40, aligned(report.ranks[0]["k"][0]))
 
 
 def test_latent_rewrite_refuses_what_it_cannot_do():

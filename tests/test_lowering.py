@@ -10,6 +10,7 @@ from wsvd_passes.generation import generate, greedy_generate
 from wsvd_passes.latent_kv import LatentKVCache
 from wsvd_passes.pipeline import Pipeline
 from wsvd_passes.errors import WsvdError
+from wsvd_passes.rope import rope_half_tables
 
 import lowering
 from lowering.ops import latent_attention
@@ -63,10 +64,15 @@ def test_lowered_program_exports_with_one_op_node_per_layer(tmp_path):
 def test_op_passes_opcheck():
     torch.manual_seed(0)
     B, n_kv, rep, L, D, r_k, r_v = 2, 2, 3, 11, 16, 5, 7
+    tables = rope_half_tables(1.0 / 10000 ** (torch.arange(0, D, 2) / D), L)
     args = (torch.randn(B, n_kv * rep, D), torch.randn(B, n_kv, L, r_k), torch.randn(n_kv, r_k, D),
-            torch.randn(B, n_kv, L, r_v), torch.tensor([4, 11]), 1.0 / 10000 ** (torch.arange(0, D, 2) / D),
-            D ** -0.5, 1.0)
-    torch.library.opcheck(latent_attention, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+            torch.randn(B, n_kv, L, r_v), torch.tensor([4, 11]), *tables, D ** -0.5, 1.0)
+    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_static")
+    torch.library.opcheck(latent_attention, args, test_utils=utils)
+    int8 = [torch.randint(-127, 128, (B, n_kv, L, r), dtype=torch.int8) for r in (r_k, r_v)]
+    scales = [torch.rand(B, n_kv, L) / 100 for _ in range(2)]
+    torch.library.opcheck(latent_attention, (*args[:1], int8[0], args[2], int8[1], *args[4:]),
+                          {"ck_scale": scales[0], "cv_scale": scales[1]}, test_utils=utils)
 
 
 def test_lowering_needs_the_latent_rewrite():
@@ -116,3 +122,28 @@ def test_generate_and_decode_bench_commands(tmp_path, capsys):
     assert main(["bench", "decode", "--device", "cpu", "--cache-len", "4", "--steps", "8"]) == 2
     assert main(["generate", "--model", "tiny-llama", "--prompt", "x", "--recipe", "rtn"]) == 2
     assert "has no low-rank factors" in capsys.readouterr().err
+
+
+def test_cuda_kernel_falls_back_to_pytorch_with_one_warning(monkeypatch):
+    """A Triton kernel that cannot compile, or ranks above MAX_RANK, run the PyTorch path (never a wrong
+    answer), with one warning each; bad arguments still raise their one-line error."""
+    import lowering.ops as ops
+    from kernels.latent_attention import MAX_RANK
+    from kernels.reference import latent_decode_attention_torch
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PassManager::run failed\ndeep compiler trace")
+
+    monkeypatch.setattr(ops, "latent_decode_attention_triton", broken)
+    monkeypatch.setattr(ops, "_warned", set())
+    L, D = 9, 16
+    args = (torch.randn(1, 2, D), torch.randn(1, 1, L, 5), torch.randn(1, 5, D), torch.randn(1, 1, L, 7),
+            torch.tensor([6]), *rope_half_tables(1.0 / 10000 ** (torch.arange(0, D, 2) / D), L), D ** -0.5, 1.0)
+    expected = latent_decode_attention_torch(*args[:7], scale=args[7], attention_scaling=args[8])
+    with pytest.warns(RuntimeWarning, match="Triton kernel failed .RuntimeError: PassManager::run failed.; running"):
+        torch.testing.assert_close(ops._latent_attention_cuda(*args), expected)
+    big = (args[0], torch.randn(1, 1, L, MAX_RANK + 1), torch.randn(1, MAX_RANK + 1, D), *args[3:])
+    with pytest.warns(RuntimeWarning, match=f"latent rank {MAX_RANK + 1} > {MAX_RANK}"):
+        ops._latent_attention_cuda(*big)
+    with pytest.raises(ValueError, match="lengths must be"):
+        ops._latent_attention_cuda(*args[:4], torch.tensor([6.0]), *args[5:])

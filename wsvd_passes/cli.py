@@ -99,6 +99,13 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("kind", choices=["kernel", "decode"])
     be.add_argument("--device", default=None, help="cuda (default when available) or cpu (smoke test only)")
     be.add_argument("--quick", action="store_true", help="one tiny shape (CPU smoke test)")
+    be.add_argument("--static", action="store_true", help="kernel: no GPU needed; compile every kernel variant for "
+                    "--arch and report tensor-core instructions, spills, registers, shared memory, plus the roofline "
+                    "model of the shapes (exit status 1 if a variant has no tensor-core instruction or spills)")
+    be.add_argument("--arch", default="90", help="kernel --static: comma-separated SM versions (default 90; e.g. 90,80)")
+    be.add_argument("--shape", action="append", metavar="B,H,D,L,RATIO",
+                    help="kernel: batch, heads, head dim, cache length, rank/head dim (repeatable; e.g. 16,32,128,8192,0.5)")
+    be.add_argument("--cuda-graphs", action="store_true", help="kernel: time CUDA-graph replays (no launch overhead)")
     be.add_argument("--batch", type=int, default=1, help="decode: batch size")
     be.add_argument("--cache-len", type=int, default=4096, help="decode: static cache length")
     be.add_argument("--steps", type=int, default=32, help="decode: timed decode steps")
@@ -286,23 +293,62 @@ def cmd_generate(args) -> dict:
             "tokens": tokens[0].tolist(), "steps_per_second": steps / seconds, "environment": _environment()}
 
 
+ROOFLINE_SHAPES = ["16,32,128,8192,0.5", "4,32,128,8192,0.5", "16,32,128,32768,0.5", "16,32,128,8192,0.7"]
+
+
+def _bench_kernel(args, device: str) -> dict:
+    from kernels.bench import bench_kernel, parse_shape, print_kernel_table
+
+    try:
+        shapes = [parse_shape(s) for s in args.shape] if args.shape else None
+    except ValueError as e:
+        raise WsvdError(f"--shape: {e}") from None
+    if args.static:
+        return _static_kernel_check(args, shapes or [parse_shape(s) for s in ROOFLINE_SHAPES])
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise WsvdError("the Triton kernel runs on the CPU only under TRITON_INTERPRET=1; set it (and use --quick), "
+                        "or use --static")
+    try:
+        result = bench_kernel(device=device, shapes=shapes, quick=args.quick, cuda_graphs=args.cuda_graphs,
+                              progress=not args.quiet)
+    except ValueError as e:  # the benchmark's own one-line argument errors
+        raise WsvdError(str(e)) from None
+    print_kernel_table(result)
+    return result
+
+
+def _static_kernel_check(args, shapes: list[dict]) -> dict:
+    from kernels.roofline import print_roofline, roofline_table
+    from kernels.static_check import print_static, static_check
+
+    try:
+        archs = tuple(int(a) for a in args.arch.split(","))
+    except ValueError:
+        raise WsvdError(f"--arch {args.arch!r}: expected comma-separated SM versions such as 90,80") from None
+    if any(a < 80 for a in archs):
+        raise WsvdError(f"--arch {args.arch}: the kernel targets sm_80 and newer (bf16 tensor cores)")
+    try:
+        result = static_check(archs, progress=not args.quiet)
+    except RuntimeError as e:  # a Triton without the binder the check needs
+        raise WsvdError(str(e)) from None
+    print_static(result)
+    result["roofline"] = roofline_table(shapes)
+    print()
+    print_roofline(result["roofline"])
+    result["environment"] = _environment()
+    if not result["ok"]:
+        args.exit_status = 1
+    return result
+
+
 def cmd_bench(args) -> dict:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
+    if device == "cuda" and not torch.cuda.is_available() and not getattr(args, "static", False):
         raise WsvdError("--device cuda: no CUDA device is available; use --device cpu --quick for a smoke test")
     if args.kind == "kernel":
-        from kernels.bench import bench_kernel, print_kernel_table
-
-        if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise WsvdError("the Triton kernel runs on the CPU only under TRITON_INTERPRET=1; set it (and use --quick)")
-        try:
-            result = bench_kernel(device=device, quick=args.quick, progress=not args.quiet)
-        except ValueError as e:  # the benchmark's own one-line argument errors
-            raise WsvdError(str(e)) from None
-        print_kernel_table(result)
-        return result
+        return _bench_kernel(args, device)
     from lowering.bench import bench_decode, print_decode
 
     if not 0 < args.rank_ratio <= 1:
@@ -522,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    return 0
+    return getattr(args, "exit_status", 0)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,10 @@ where V's up-projection is folded into o_proj: for query head i of kv group g,
 weights sum to one). K is rebuilt for every cached position with the model's own
 RoPE tables (:mod:`wsvd_passes.rope`). The result is exact up to rounding; the
 attention sub-graph it leaves is what :mod:`lowering` replaces by the fused op.
-Ranks are per head padded to the layer maximum (zero rows/columns, exact). Joint
-(QSVD) factors cache their one shared latent, which every head reads.
+Ranks are per head padded to the layer maximum (zero rows/columns, exact), and the cached width
+per head further to a multiple of LATENT_ALIGN (zero columns of the cache and of U_k, W_o'): 16-byte
+rows for int8, 32-byte for bf16, so the kernel's loads stay vectorised. Joint (QSVD) factors cache
+their one shared latent, which every head reads.
 """
 
 from __future__ import annotations
@@ -36,6 +38,18 @@ from .sites import AttentionSite
 aten = torch.ops.aten
 ROPE_COS, ROPE_SIN = "wsvd_rope.cos", "wsvd_rope.sin"  # [L, D] tables for cache positions 0..L-1
 ROPE_INV_FREQ, ROPE_SCALING = "wsvd_rope.inv_freq", "wsvd_rope.attention_scaling"  # what the fused op needs
+LATENT_ALIGN = 16  # cached latent width per head is a multiple of this
+
+
+def aligned(r: int) -> int:
+    """The cached width of a latent of r values: r rounded up to a multiple of LATENT_ALIGN."""
+    return -(-r // LATENT_ALIGN) * LATENT_ALIGN
+
+
+def widen_heads(U: torch.Tensor, heads: int, width: int) -> torch.Tensor:
+    """U [out, heads r] -> [out, heads width]: each head's r columns followed by width - r zero columns."""
+    out, cols = U.shape
+    return torch.nn.functional.pad(U.reshape(out, heads, cols // heads), (0, width - cols // heads)).reshape(out, -1)
 
 
 @dataclasses.dataclass
@@ -69,8 +83,8 @@ class LatentKVCache(GraphPass):
             self._rewrite(gm, site)
         gm.graph.eliminate_dead_code(is_impure_node=_still_needed)
         for site in sites:
-            for target in (site.k_cache.buffer, site.v_cache.buffer, site.v_proj.up, site.o_proj.weight,
-                           site.o_proj.bias, site.v_proj.bias):
+            for target in (site.k_cache.buffer, site.v_cache.buffer, site.k_proj.up, site.v_proj.up,
+                           site.o_proj.weight, site.o_proj.bias, site.v_proj.bias):
                 if target is not None:
                     remove_attr_if_unused(gm, target)
         return True
@@ -95,13 +109,17 @@ class LatentKVCache(GraphPass):
         dtype = tensor_attr(gm, site.k_cache.buffer).dtype
         layout = _cache_layout(gm, site)
         for name, (_, heads, r) in layout.items():
-            add_tensor_attr(gm, f"{owner}.{name}_latent_cache", torch.zeros(B, heads, L, r, dtype=dtype), parameter=False)
-            self.bytes.latent += B * heads * L * r * dtype.itemsize
+            add_tensor_attr(gm, f"{owner}.{name}_latent_cache", torch.zeros(B, heads, L, aligned(r), dtype=dtype),
+                            parameter=False)
+            self.bytes.latent += B * heads * L * aligned(r) * dtype.itemsize
         self.bytes.dense += 2 * B * n_kv * L * H * dtype.itemsize
         k_name, v_name = ("qkv", "qkv") if "qkv" in layout else ("k", "v")
         _, v_heads, r_v = layout[v_name]
+        _, k_heads, r_k = layout[k_name]
         W_o, b_o = _folded_output(gm, site, v_heads, r_v)
-        add_tensor_attr(gm, f"{owner}.o_folded", W_o.to(dtype), parameter=True)
+        add_tensor_attr(gm, f"{owner}.o_folded", widen_heads(W_o, n_q, aligned(r_v)).to(dtype), parameter=True)
+        U_k = tensor_attr(gm, site.k_proj.up).detach()
+        add_tensor_attr(gm, f"{owner}.k_up_cached", widen_heads(U_k, k_heads, aligned(r_k)), parameter=True)
         if b_o is not None:
             add_tensor_attr(gm, f"{owner}.o_folded_bias", b_o.to(dtype), parameter=True)
 
@@ -111,9 +129,11 @@ class LatentKVCache(GraphPass):
                 return infer_val(gm, copy_meta(graph.call_function(op, args, kwargs), anchor))
 
         def write_latent(name: str, latent: Node, heads: int, r: int) -> Node:
-            per_head = call(aten.transpose.int, call(aten.view.default, latent, [B, 1, heads, r]), 1, 2)
+            per_head = call(aten.view.default, latent, [B, 1, heads, r])
+            if aligned(r) != r:
+                per_head = call(aten.constant_pad_nd.default, per_head, [0, aligned(r) - r])
             cache = get_attr_node(gm, f"{owner}.{name}_latent_cache", anchor)
-            return call(aten.index_copy_.default, cache, 2, site.k_cache.index, per_head)
+            return call(aten.index_copy_.default, cache, 2, site.k_cache.index, call(aten.transpose.int, per_head, 1, 2))
 
         def expand(x: Node, heads: int, width: int) -> Node:
             """[B, heads, L, width] -> [B, n_q, L, width] (GQA expansion, or broadcast of a shared latent)."""
@@ -123,9 +143,9 @@ class LatentKVCache(GraphPass):
             return call(aten.reshape.default, x, [B, n_q, L, width])
 
         written = {name: write_latent(name, latent, heads, r) for name, (latent, heads, r) in layout.items()}
-        _, k_heads, r_k = layout[k_name]
+        r_k, r_v = aligned(r_k), aligned(r_v)
         flat = call(aten.reshape.default, call(aten.transpose.int, written[k_name], 1, 2), [B, L, k_heads * r_k])
-        up = get_attr_node(gm, site.k_proj.up, anchor)
+        up = get_attr_node(gm, f"{owner}.k_up_cached", anchor)
         keys = call(aten.transpose.int, call(aten.view.default, call(aten.linear.default, flat, up), [B, L, n_kv, H]), 1, 2)
         rotated = call(aten.cat.default, [call(aten.neg.default, call(aten.slice.Tensor, keys, 3, H // 2, H)),
                                           call(aten.slice.Tensor, keys, 3, 0, H // 2)], -1)

@@ -36,8 +36,14 @@ def rope_parameters(config) -> tuple[torch.Tensor, float]:
     return inv_freq.float(), float(scaling)
 
 
+def rope_half_tables(inv_freq: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of ``j * inv_freq`` (the angle rounded to float32, as the model computes it),
+    float32 [length, D/2] for positions j = 0 .. length-1, unscaled: the fused kernel's tables."""
+    freqs = torch.arange(length, dtype=torch.float32, device=inv_freq.device)[:, None] * inv_freq.float()[None, :]
+    return freqs.cos(), freqs.sin()
+
+
 def rope_tables(inv_freq: torch.Tensor, attention_scaling: float, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, float32 [length, D], for positions 0 .. length-1."""
-    freqs = torch.arange(length, dtype=torch.float32)[:, None] * inv_freq.float()[None, :]
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos() * attention_scaling, emb.sin() * attention_scaling
+    """cos and sin, float32 [length, D], for positions 0 .. length-1, times the attention scaling."""
+    cos, sin = rope_half_tables(inv_freq, length)
+    return torch.cat([cos, cos], dim=-1) * attention_scaling, torch.cat([sin, sin], dim=-1) * attention_scaling

@@ -31,6 +31,7 @@ _SHAPE_OPS = {
     aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
     aten.permute.default, aten.clone.default, aten.alias.default, aten.contiguous.default,
     aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default,
+    aten.constant_pad_nd.default,  # zero columns the latent-KV rewrite appends to reach the aligned cache width
 }
 # Identity modules inserted by our own passes (calibration observers) are walked through too.
 PASSTHROUGH_MODULE_PREFIX = "wsvd_observer_"
@@ -309,7 +310,9 @@ def _site(gm: GraphModule, layer: int, attn: Node) -> AttentionSite:
     checks = [
         (q.out_features == n_heads * head_dim, f"q_proj has {q.out_features} outputs, not n_heads*head_dim = {n_heads * head_dim}"),
         (k.out_features == n_kv_heads * head_dim, "k_proj outputs differ from n_kv_heads*head_dim"),
-        (v.out_features == v_heads * v_width, "v_proj outputs differ from its heads times the value width"),
+        (v.out_features == v_heads * v_width if v.up is not None or v_cache is None else  # a cached latent may be
+         v.out_features % v_heads == 0 and v.out_features <= v_heads * v_width,  # padded to an aligned width
+         "v_proj outputs differ from its heads times the value width"),
         (n_heads % n_kv_heads == 0, f"{n_heads} query heads are not a multiple of {n_kv_heads} kv heads"),
         (o.in_features == n_heads * v_width, "o_proj input size differs from n_heads * value width"),
         ((k_expand is None) == (n_heads == n_kv_heads), "GQA expansion does not match the head counts"),
