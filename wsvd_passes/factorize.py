@@ -11,8 +11,9 @@ Per-head ranks are padded to the projection's largest rank with zero rows of D a
 zero columns of U (exact). Everything stays ``aten.linear``, which export keeps as
 one op, so the factored graph re-exports and :func:`~wsvd_passes.sites.find_sites`
 recognises ``linear(linear(x, D), U)`` as a factored projection. New tensors live
-under ``<attention module>.wsvd``: ``{name}_down``, ``{p}_up`` and int64
-``{p}_ranks`` (rank per head; one entry for the other granularities).
+under ``<attention module>.wsvd``: ``{name}_down``, ``{p}_up``, int64 ``{p}_ranks`` (rank per
+head; one entry for the other granularities) and ``granularity``: the layout record that
+:mod:`wsvd_passes.factor_spec` reads back for every later pass.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from torch.fx import GraphModule
 
 from .errors import WsvdError
+from .factor_spec import granularity_code, granularity_target, ranks_target
 from .graph_utils import add_tensor_attr, copy_meta, get_attr_node, infer_val, remove_attr_if_unused
 from .lowrank import PROJECTIONS
 from .pipeline import GraphPass
@@ -43,13 +45,6 @@ class LayerFactors:
     ranks: dict[str, list[int]]  # per projection: rank per head (head) or [rank] (other granularities)
 
 
-def ranks_target(up: str) -> str:
-    """The rank buffer that goes with an up-projection target (``.../wsvd.k_up[_suffix]`` -> ``.../wsvd.k_ranks``).
-
-    Passes that replace a factor append a suffix to its name; the rank buffer keeps its own.
-    """
-    owner, _, leaf = up.rpartition(".")
-    return f"{owner}.{leaf.partition('_up')[0]}_ranks"
 
 
 def block_diagonal(U: torch.Tensor, n: int) -> bool:
@@ -113,6 +108,7 @@ class FactorizeQKV(GraphPass):
             with gm.graph.inserting_before(first):
                 latents[latent_name] = infer_val(gm, copy_meta(
                     gm.graph.call_function(aten.linear.default, (site.qkv_input, d_node)), first))
+        add_tensor_attr(gm, granularity_target(f"{owner}.q_up"), granularity_code(f.granularity), parameter=False)
         for name, proj in projections.items():
             add_tensor_attr(gm, f"{owner}.{name}_up", f.ups[name].to(dtype).contiguous(), parameter=True)
             add_tensor_attr(gm, ranks_target(f"{owner}.{name}_up"), torch.tensor(f.ranks[name], dtype=torch.long),

@@ -80,10 +80,11 @@ def infer_val(gm: GraphModule, node: Node) -> Node:
     of the graph's own fake mode (symbolic shapes included); site finding reads these shapes."""
     from torch._subclasses.fake_tensor import FakeTensor
 
-    inputs = [a for a in node.all_input_nodes if isinstance(a.meta.get("val"), FakeTensor)]
-    if not inputs:
+    fakes = [v for a in node.all_input_nodes for v in torch.utils._pytree.tree_leaves(a.meta.get("val"))
+             if isinstance(v, FakeTensor)]  # a tuple-valued input (e.g. codes, scales) counts too
+    if not fakes:
         raise ValueError(f"cannot infer the output of {node.name}: no input carries a fake tensor")
-    mode = inputs[0].meta["val"].fake_mode
+    mode = fakes[0].fake_mode
 
     def to_fake(a):
         if not isinstance(a, Node):

@@ -12,7 +12,12 @@ After (caches hold the pre-RoPE latents, [B, n_kv, L, r_k] and [B, n_kv, L, r_v]
 
 where V's up-projection is folded into o_proj: for query head i of kv group g,
 ``W_o'[:, i] = W_o[:, i] U_v,g`` ([E, r_v]) and ``b_o' = b_o + W_o b_v`` (attention
-weights sum to one). K is rebuilt for every cached position with the model's own
+weights sum to one). A fake-quantised graph keeps what was evaluated: the cached latents are
+the ones after their quantisers (C_k, C_v here are what U_k, U_v read), and when o_proj's input
+is activation-quantised V is not folded: the per-head attention output is up-projected by U_v
+(one block-diagonal linear, + b_v), quantised by the same quantiser and multiplied by the
+quantised W_o, because fq(P V) cannot be written as fq(P C_v) times a folded weight, and a folded
+Q(W_o) U_v would no longer be a quantised weight. K is rebuilt for every cached position with the model's own
 RoPE tables (:mod:`wsvd_passes.rope`). The result is exact up to rounding; the
 attention sub-graph it leaves is what :mod:`lowering` replaces by the fused op.
 Ranks are per head padded to the layer maximum (zero rows/columns, exact), and the cached width
@@ -29,9 +34,10 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .errors import WsvdError
-from .factorize import block_diagonal
+from .factor_spec import factor_spec
 from .graph_utils import add_tensor_attr, copy_meta, get_attr_node, infer_val, remove_attr_if_unused, tensor_attr
 from .pipeline import GraphPass
+from .quantize import fake_quant_activation
 from .rope import rope_parameters, rope_tables
 from .sites import AttentionSite
 
@@ -116,12 +122,15 @@ class LatentKVCache(GraphPass):
         k_name, v_name = ("qkv", "qkv") if "qkv" in layout else ("k", "v")
         _, v_heads, r_v = layout[v_name]
         _, k_heads, r_k = layout[k_name]
-        W_o, b_o = _folded_output(gm, site, v_heads, r_v)
-        add_tensor_attr(gm, f"{owner}.o_folded", widen_heads(W_o, n_q, aligned(r_v)).to(dtype), parameter=True)
         U_k = tensor_attr(gm, site.k_proj.up).detach()
         add_tensor_attr(gm, f"{owner}.k_up_cached", widen_heads(U_k, k_heads, aligned(r_k)), parameter=True)
-        if b_o is not None:
-            add_tensor_attr(gm, f"{owner}.o_folded_bias", b_o.to(dtype), parameter=True)
+        o_input = site.o_proj.node.args[0]
+        quantised_o = _is_activation_quantiser(o_input)
+        W, b = (_value_up_projection if quantised_o else _folded_output)(gm, site, v_heads, r_v)
+        out_name = "v_up_heads" if quantised_o else "o_folded"
+        add_tensor_attr(gm, f"{owner}.{out_name}", widen_heads(W, n_q, aligned(r_v)).to(dtype), parameter=True)
+        if b is not None:
+            add_tensor_attr(gm, f"{owner}.{out_name}_bias", b.to(dtype), parameter=True)
 
         anchor = site.attention
         def call(op, *args, **kwargs):  # noqa: E306 - a node before the attention call, attributed to it
@@ -157,31 +166,34 @@ class LatentKVCache(GraphPass):
         out = call(aten.scaled_dot_product_attention.default, site.q_rope.out, expand(keys, n_kv, H),
                    expand(written[v_name], v_heads, r_v), mask, **kwargs)
         out = call(aten.reshape.default, call(aten.transpose.int, out, 1, 2), [B, 1, n_q * r_v])
-        o_args = (out, get_attr_node(gm, f"{owner}.o_folded", anchor))
-        if b_o is not None:
-            o_args += (get_attr_node(gm, f"{owner}.o_folded_bias", anchor),)
-        with graph.inserting_before(site.o_proj.node):
-            new_o = copy_meta(graph.call_function(aten.linear.default, o_args), site.o_proj.node,
-                              val=site.o_proj.node.meta.get("val"))
-        site.o_proj.node.replace_all_uses_with(new_o)
+        out_args = (out, get_attr_node(gm, f"{owner}.{out_name}", anchor))
+        if b is not None:
+            out_args += (get_attr_node(gm, f"{owner}.{out_name}_bias", anchor),)
+        out = call(aten.linear.default, *out_args)
+        if quantised_o:  # out = per-head attention output, then the evaluated graph's quantiser and W_o
+            out = call(fake_quant_activation, out, *o_input.args[1:], **o_input.kwargs)
+            o_args = (out, *site.o_proj.node.args[1:])
+            with graph.inserting_before(site.o_proj.node):
+                out = copy_meta(graph.call_function(aten.linear.default, o_args), site.o_proj.node,
+                                val=site.o_proj.node.meta.get("val"))
+        site.o_proj.node.replace_all_uses_with(out)
         for old in (site.k_cache.node, site.v_cache.node):  # in-place writes into the dense caches
             old.meta["wsvd_dead"] = True
 
 
 def _cache_layout(gm: GraphModule, site: AttentionSite) -> dict[str, tuple[Node, int, int]]:
-    """Latent caches of one layer: name -> (latent node, cache heads, width per head).
+    """Latent caches of one layer: name -> (cached node, cache heads, width per head), from the factor
+    layout FactorizeQKV recorded (:mod:`wsvd_passes.factor_spec`).
 
-    Per-head factors (block-diagonal up-projections) cache one latent per kv head; joint
-    factors cache the one shared latent; per-projection factors cache the K and V latents
-    whole (one "head" each, every kv head reads all of it).
+    The cached node is what the up-projection reads: the latent after its quantiser when the graph is
+    fake-quantised, so the cache holds what the evaluated graph computes with. Per-head factors cache
+    one latent per kv head; joint factors cache the one shared latent; per-projection factors cache
+    the K and V latents whole (one "head" each, every kv head reads all of it).
     """
-    n_kv = site.n_kv_heads
-    widths = {p: tensor_attr(gm, proj.down).shape[0] for p, proj in (("k", site.k_proj), ("v", site.v_proj))}
-    if site.k_proj.latent is site.v_proj.latent:
-        return {"qkv": (site.k_proj.latent, 1, widths["k"])}
-    per_head = all(block_diagonal(tensor_attr(gm, proj.up), n_kv) for proj in (site.k_proj, site.v_proj))
-    heads = n_kv if per_head else 1
-    return {p: (proj.latent, heads, widths[p] // heads) for p, proj in (("k", site.k_proj), ("v", site.v_proj))}
+    specs = {p: factor_spec(gm, proj.up, tensor_attr(gm, proj.down).shape[0]) for p, proj in (("k", site.k_proj), ("v", site.v_proj))}
+    if specs["k"].granularity == "joint":
+        return {"qkv": (site.k_proj.node.args[0], 1, specs["k"].width)}
+    return {p: (proj.node.args[0], specs[p].blocks, specs[p].width) for p, proj in (("k", site.k_proj), ("v", site.v_proj))}
 
 
 def _still_needed(node: Node) -> bool:
@@ -190,19 +202,35 @@ def _still_needed(node: Node) -> bool:
     return node.is_impure(impure_random=False) and not node.meta.get("wsvd_dead", False)
 
 
-def _folded_output(gm: GraphModule, site: AttentionSite, v_heads: int, r_v: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """W_o' [E, n_q r_v] = per query head W_o[:, i] U_v,g(i); b_o' = b_o + W_o b_v.
+def _is_activation_quantiser(node) -> bool:
+    return isinstance(node, Node) and node.op == "call_function" and node.target is fake_quant_activation
 
-    U_v,g is kv head g's rows of U_v, restricted to g's latent columns when the cache is per head."""
+
+def _value_up_projection(gm: GraphModule, site: AttentionSite, v_heads: int, r_v: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """U [n_q H, n_q r_v] block-diagonal with query head i's block U_v,g(i), and the value bias seen by each
+    query head: the per-head attention output in model space, where the evaluated graph quantises it."""
+    H, rep, n_q = site.head_dim, site.gqa_ratio, site.n_heads
+    U_v = tensor_attr(gm, site.v_proj.up).detach().double()
+    blocks = [_value_block(U_v, i // rep, H, v_heads, r_v) for i in range(n_q)]
+    bias = None
+    if site.v_proj.bias is not None:
+        bias = tensor_attr(gm, site.v_proj.bias).detach().double().view(-1, H).repeat_interleave(rep, dim=0).reshape(-1)
+    return torch.block_diag(*blocks), bias
+
+
+def _value_block(U_v: torch.Tensor, g: int, H: int, v_heads: int, r_v: int) -> torch.Tensor:
+    """kv head g's rows of U_v [H, r_v], restricted to g's latent columns when the cache is per head."""
+    rows = U_v[g * H : (g + 1) * H]
+    return rows[:, g * r_v : (g + 1) * r_v] if v_heads > 1 else rows
+
+
+def _folded_output(gm: GraphModule, site: AttentionSite, v_heads: int, r_v: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """W_o' [E, n_q r_v] = per query head W_o[:, i] U_v,g(i); b_o' = b_o + W_o b_v."""
     H, rep, n_q = site.head_dim, site.gqa_ratio, site.n_heads
     W_o = tensor_attr(gm, site.o_proj.weight).detach().double()
     U_v = tensor_attr(gm, site.v_proj.up).detach().double()
 
-    def u_v(g: int) -> torch.Tensor:
-        rows = U_v[g * H : (g + 1) * H]
-        return rows[:, g * r_v : (g + 1) * r_v] if v_heads > 1 else rows
-
-    blocks = [W_o[:, i * H : (i + 1) * H] @ u_v(i // rep) for i in range(n_q)]
+    blocks = [W_o[:, i * H : (i + 1) * H] @ _value_block(U_v, i // rep, H, v_heads, r_v) for i in range(n_q)]
     bias = tensor_attr(gm, site.o_proj.bias).detach().double() if site.o_proj.bias else None
     if site.v_proj.bias is not None:
         b_v = tensor_attr(gm, site.v_proj.bias).detach().double().view(-1, H)

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .calibration import collect_gradients
 from .capture import CapturedGraph
 from .errors import WsvdError
-from .factorize import block_diagonal, ranks_target
+from .factor_spec import factor_spec, ranks_target
 from .graph_utils import tensor_attr
 from .lowrank import PROJECTIONS
 from .pipeline import GraphPass, Pipeline
@@ -177,7 +177,7 @@ class LocalQAT(GraphPass):
                 proj = getattr(site, f"{p}_proj")
                 if (site.layer, p) not in self.targets:
                     raise WsvdError(f"layer {site.layer} {p}: no QAT target; measure targets on the same model")
-                if not proj.factored or proj.up is None or not block_diagonal(tensor_attr(gm, proj.up), heads[p]):
+                if not proj.factored or proj.up is None or not factor_spec(gm, proj.up, tensor_attr(gm, proj.down).shape[0]).per_head:
                     raise WsvdError(f"layer {site.layer} {p}: local QAT needs per-head factors (granularity 'head')")
                 self._train(gm, site, proj, heads[p], self.targets[(site.layer, p)], generator)
         return True

@@ -87,6 +87,19 @@ def fake_quant_activation(x: torch.Tensor, bits: int, *, group: int | None = Non
     return _output(x, q, ste)
 
 
+def quantize_activation(x: torch.Tensor, bits: int, *, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The integer form of :func:`fake_quant_activation`: int8 codes [..., d] and float32 scales [..., d / group]
+    (one per token when ``group`` is None) with ``codes * scale`` (per group) equal to the fake-quant value,
+    for bits <= 8. What a latent cache stores instead of the dequantised latent."""
+    if not 2 <= bits <= 8:
+        raise WsvdError(f"int8 codes hold 2 to 8 bits, not {bits}")
+    rows = x if group is None else x.unflatten(-1, (-1, group))
+    work = rows.to(_work_dtype(rows))
+    scale = _row_scale(work, bits)
+    codes = torch.clamp(torch.round(work * scale.reciprocal()), -_qmax(bits), _qmax(bits)).to(torch.int8)
+    return (codes if group is None else codes.flatten(-2)), scale[..., 0].float()
+
+
 @torch.no_grad()
 def search_weight_clip(w: torch.Tensor, bits: int, *, grid: int = 100, min_ratio: float = 0.8) -> torch.Tensor:
     """Clip ratio [out] per row of W, from ``linspace(1, min_ratio, grid)``, minimising the squared error.
@@ -132,12 +145,17 @@ def _fake_quant_rows(x: torch.Tensor, bits: int, clip: torch.Tensor | float | No
     """fq of every row (last dim) of x with its own scale, in x's dtype (see the module docstring)."""
     qmax = _qmax(bits)
     work = x.to(_work_dtype(x))
+    scale = _row_scale(work, bits, clip)
+    # times the reciprocal rather than divided by the scale, as torchao does, so that ties round alike
+    return (torch.clamp(torch.round(work * scale.reciprocal()), -qmax, qmax) * scale).to(x.dtype)
+
+
+def _row_scale(work: torch.Tensor, bits: int, clip: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Symmetric scale [..., 1] of every row: clip * max|row| / qmax, at least the smallest normal."""
     absmax = work.abs().amax(dim=-1, keepdim=True)
     if clip is not None:
         absmax = absmax * clip
-    scale = (absmax / qmax).clamp_min(torch.finfo(work.dtype).tiny)
-    # times the reciprocal rather than divided by the scale, as torchao does, so that ties round alike
-    return (torch.clamp(torch.round(work * scale.reciprocal()), -qmax, qmax) * scale).to(x.dtype)
+    return (absmax / _qmax(bits)).clamp_min(torch.finfo(work.dtype).tiny)
 
 
 def _output(x: torch.Tensor, q: torch.Tensor, straight_through: bool) -> torch.Tensor:

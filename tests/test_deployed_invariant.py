@@ -1,0 +1,69 @@
+"""What is evaluated is what is deployed: for each recipe and bit setting, the full-sequence compressed graph
+(what `wsvd eval` scores), the reloaded artifact's decode graph, its latent-KV rewrite and the lowered graph
+(int8 latent caches for latents quantised to 8 bits or fewer) give the same logits at every step of a
+teacher-forced 16-token sequence."""
+
+import copy
+import functools
+
+import pytest
+import torch
+
+import lowering
+from conftest import tiny, tiny_forward
+from test_latent_kv import steps
+from wsvd_passes import artifact
+from wsvd_passes.compress import calibrate, compress
+from wsvd_passes.generation import cache_buffers
+from wsvd_passes.latent_kv import LatentKVCache
+from wsvd_passes.pipeline import Pipeline
+from wsvd_passes.quantize import fake_quant_activation, parse_bits
+from wsvd_passes.recipes import RECIPES
+
+MODEL = "tiny-llama-gqa"
+WINDOWS = torch.randint(0, 384, (4, 33), generator=torch.Generator().manual_seed(3))
+IDS = torch.randint(3, 300, (1, 16), generator=torch.Generator().manual_seed(5))
+QUANTISED = ["w16a16", "w8a8", "w4a4", "w8a4"]
+# The default run covers every recipe kind and bit setting; `pytest -m slow` the rest of the matrix.
+FAST = {("qsvd", "w8a8"), ("qsvd", "w4a4"), ("wsvd-noqat", "w8a4"), ("wsvd", "w8a8"), ("wsvd", "w4a4")}
+CASES = ([("svd-llm", "w16a16"), ("qsvd-noq", "w16a16"), ("wsvd-noq", "w16a16"), ("quarot", "w8a8")]
+         + [pytest.param(r, b, marks=() if (r, b) in FAST else pytest.mark.slow)
+            for r in ("qsvd", "wsvd-noqat", "wsvd") for b in QUANTISED] + [pytest.param("quarot", "w4a4", marks=pytest.mark.slow)])
+# float32 graphs: what differs between them is the order of float operations (one token at a time vs the whole
+# sequence, the K rebuild, int8 codes times scales), so the logits agree to float32 rounding: measured at most
+# 7e-7 of the largest logit over the whole matrix. A dropped or moved quantiser changes them by 1e-3 to 1e-1.
+TOL = 1e-5
+
+
+@functools.cache
+def _calibration(recipe):
+    return calibrate(tiny_forward(MODEL), WINDOWS, [RECIPES[recipe]], progress=False)
+
+
+def _close(got, want, what):
+    top = want.abs().max().item()
+    err = (got - want).abs().max().item()
+    assert err <= TOL * top, f"{what}: error {err:.3g}, largest logit {top:.3g}"
+
+
+@pytest.mark.parametrize("recipe,bits", CASES)
+def test_decode_latent_and_lowered_graphs_reproduce_the_evaluated_graph(tmp_path, recipe, bits):
+    base, r = tiny_forward(MODEL), RECIPES[recipe]
+    calib = _calibration(recipe) if r.factor else None
+    compressed, report = compress(base, calib, r, 0.6 if r.factor else None, parse_bits(bits))
+    artifact.save(tmp_path, model=MODEL, base=base, compressed=compressed, recipe=r, bits=parse_bits(bits),
+                  rho1_target=0.6, report=report, calibration={}, environment={})
+    with torch.no_grad():
+        evaluated = compressed.gm(input_ids=IDS)
+    decoder = artifact.load(tmp_path, decode=True, max_cache_len=IDS.shape[1], model=tiny(MODEL)).captured
+    _close(steps(decoder, IDS), evaluated, "decode graph")
+    if not r.factor:
+        return
+    Pipeline([LatentKVCache(decoder.config)])(decoder)
+    quantisers = [n for n in decoder.gm.graph.nodes if n.target is fake_quant_activation]
+    assert bool(quantisers) == (bits != "w16a16")
+    _close(steps(decoder, IDS), evaluated, "latent-KV decode graph")
+    lowered = lowering.lower(copy.deepcopy(decoder))
+    int8 = [name for name, b in cache_buffers(lowered).items() if b.dtype == torch.int8]
+    assert bool(int8) == (bits != "w16a16"), "8-bit-or-fewer latents are cached as int8 codes"
+    _close(steps(lowered, IDS), evaluated, "lowered graph")
