@@ -52,10 +52,16 @@ def ranks_target(up: str) -> str:
     return f"{owner}.{leaf.partition('_up')[0]}_ranks"
 
 
+def per_head_ranks(gm: GraphModule, up: str, n: int) -> bool:
+    """True when the factors of up-projection ``up`` were made per head for ``n`` heads (one recorded
+    rank each). Read from the rank buffer's shape, never the values: it holds for fake tensors too."""
+    return gm.get_buffer(ranks_target(up)).shape == (n,)
+
+
 def block_diagonal(U: torch.Tensor, n: int) -> bool:
     """True when U [n H, n r] has n diagonal blocks and zeros elsewhere (per-head factors)."""
     rows, cols = U.shape[0] // n, U.shape[1] // n
-    mask = torch.block_diag(*[torch.ones(rows, cols, dtype=torch.bool)] * n)
+    mask = torch.block_diag(*[torch.ones(rows, cols, dtype=torch.bool, device=U.device)] * n)
     return U.shape == mask.shape and not bool(U.detach()[~mask].any())
 
 
@@ -86,7 +92,8 @@ class FactorizeQKV(GraphPass):
         if any(p.factored for p in projections.values()):
             raise WsvdError(f"layer {site.layer} is already factored; factor a fresh capture")
         owner = projections["q"].weight.rpartition(".")[0].rpartition(".")[0] + ".wsvd"
-        dtype = gm.get_parameter(projections["q"].weight).dtype
+        weight = gm.get_parameter(projections["q"].weight)
+        device, dtype = weight.device, weight.dtype
         missing = [p for p in PROJECTIONS if p not in f.ups or f.latent_of.get(p) not in f.downs]
         if missing:
             raise WsvdError(f"layer {site.layer}: the plan has no factors for {', '.join(missing)}")
@@ -108,15 +115,15 @@ class FactorizeQKV(GraphPass):
         for latent_name, down in f.downs.items():
             if down.shape[1] != site.hidden_size:
                 raise WsvdError(f"layer {site.layer}: down-projection {latent_name} takes {down.shape[1]} inputs, not {site.hidden_size}")
-            add_tensor_attr(gm, f"{owner}.{latent_name}_down", down.to(dtype).contiguous(), parameter=True)
+            add_tensor_attr(gm, f"{owner}.{latent_name}_down", down.to(device, dtype).contiguous(), parameter=True)
             d_node = get_attr_node(gm, f"{owner}.{latent_name}_down", first)
             with gm.graph.inserting_before(first):
                 latents[latent_name] = infer_val(gm, copy_meta(
                     gm.graph.call_function(aten.linear.default, (site.qkv_input, d_node)), first))
         for name, proj in projections.items():
-            add_tensor_attr(gm, f"{owner}.{name}_up", f.ups[name].to(dtype).contiguous(), parameter=True)
-            add_tensor_attr(gm, ranks_target(f"{owner}.{name}_up"), torch.tensor(f.ranks[name], dtype=torch.long),
-                            parameter=False)
+            add_tensor_attr(gm, f"{owner}.{name}_up", f.ups[name].to(device, dtype).contiguous(), parameter=True)
+            add_tensor_attr(gm, ranks_target(f"{owner}.{name}_up"),
+                            torch.tensor(f.ranks[name], dtype=torch.long, device=device), parameter=False)
             u_node = get_attr_node(gm, f"{owner}.{name}_up", proj.node)
             args = (latents[f.latent_of[name]], u_node) + ((proj.node.args[2],) if len(proj.node.args) > 2 else ())
             with gm.graph.inserting_before(proj.node):

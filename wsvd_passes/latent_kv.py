@@ -27,7 +27,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .errors import WsvdError
-from .factorize import block_diagonal
+from .factorize import per_head_ranks
 from .graph_utils import add_tensor_attr, copy_meta, get_attr_node, infer_val, remove_attr_if_unused, tensor_attr
 from .pipeline import GraphPass
 from .rope import rope_parameters, rope_tables
@@ -60,10 +60,10 @@ class LatentKVCache(GraphPass):
             self._check(gm, site)
         length = sites[0].k_cache.max_len
         cos, sin = rope_tables(self.inv_freq, self.attention_scaling, length)
-        dtype = tensor_attr(gm, sites[0].k_cache.buffer).dtype
-        add_tensor_attr(gm, ROPE_COS, cos.to(dtype), parameter=False)
-        add_tensor_attr(gm, ROPE_SIN, sin.to(dtype), parameter=False)
-        add_tensor_attr(gm, ROPE_INV_FREQ, self.inv_freq.float(), parameter=False)
+        cache = tensor_attr(gm, sites[0].k_cache.buffer)  # tables, caches and factors follow its device
+        add_tensor_attr(gm, ROPE_COS, cos.to(cache.device, cache.dtype), parameter=False)
+        add_tensor_attr(gm, ROPE_SIN, sin.to(cache.device, cache.dtype), parameter=False)
+        add_tensor_attr(gm, ROPE_INV_FREQ, self.inv_freq.to(cache.device, torch.float32), parameter=False)
         add_tensor_attr(gm, ROPE_SCALING, torch.tensor(self.attention_scaling), parameter=False)
         for site in sites:
             self._rewrite(gm, site)
@@ -92,10 +92,11 @@ class LatentKVCache(GraphPass):
         B, n_kv, L, H = tensor_attr(gm, site.k_cache.buffer).shape
         n_q = site.n_heads
         owner = site.k_proj.down.rpartition(".")[0]
-        dtype = tensor_attr(gm, site.k_cache.buffer).dtype
+        device, dtype = tensor_attr(gm, site.k_cache.buffer).device, tensor_attr(gm, site.k_cache.buffer).dtype
         layout = _cache_layout(gm, site)
         for name, (_, heads, r) in layout.items():
-            add_tensor_attr(gm, f"{owner}.{name}_latent_cache", torch.zeros(B, heads, L, r, dtype=dtype), parameter=False)
+            add_tensor_attr(gm, f"{owner}.{name}_latent_cache", torch.zeros(B, heads, L, r, dtype=dtype, device=device),
+                            parameter=False)
             self.bytes.latent += B * heads * L * r * dtype.itemsize
         self.bytes.dense += 2 * B * n_kv * L * H * dtype.itemsize
         k_name, v_name = ("qkv", "qkv") if "qkv" in layout else ("k", "v")
@@ -159,7 +160,7 @@ def _cache_layout(gm: GraphModule, site: AttentionSite) -> dict[str, tuple[Node,
     widths = {p: tensor_attr(gm, proj.down).shape[0] for p, proj in (("k", site.k_proj), ("v", site.v_proj))}
     if site.k_proj.latent is site.v_proj.latent:
         return {"qkv": (site.k_proj.latent, 1, widths["k"])}
-    per_head = all(block_diagonal(tensor_attr(gm, proj.up), n_kv) for proj in (site.k_proj, site.v_proj))
+    per_head = all(per_head_ranks(gm, proj.up, n_kv) for proj in (site.k_proj, site.v_proj))
     heads = n_kv if per_head else 1
     return {p: (proj.latent, heads, widths[p] // heads) for p, proj in (("k", site.k_proj), ("v", site.v_proj))}
 
