@@ -34,12 +34,19 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", help="cuda (default when available) or cpu: where the model runs")
+    p.add_argument("--dtype", default="float32", help="model weights and activations: bfloat16, float16 or float32 "
+                   "(default); statistics, Grams, gradients and SVDs stay float32/float64")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wsvd", description="Low-rank and low-bit attention compression as graph passes.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     ev = sub.add_parser("eval", help="perplexity of a model on the evaluation text")
     _add_model(ev)
+    _add_device(ev)
     ev.add_argument("--data", help="plain-text file to evaluate on (default: evaluation half of pydoc_data.topics)")
     ev.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
     ev.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
@@ -58,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
 
     co = sub.add_parser("compress", help="compress Q/K/V with one recipe and save the result")
     _add_model(co)
+    _add_device(co)
     co.add_argument("--recipe", required=True, help="see `wsvd_passes.recipes` (svd, asvd, svd-llm, qsvd-noq, wsvd-noft, wsvd-noq)")
     co.add_argument("--rho1", type=float, required=True, help="kept fraction of Q/K/V parameters, in (0, 1]")
     co.add_argument("--out", required=True, help="output directory")
@@ -69,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
 
     ta = sub.add_parser("table", help="perplexity / KL / top-1 of recipes at several ratios (WSVD Table 1 analog)")
     _add_model(ta)
+    _add_device(ta)
     ta.add_argument("--recipes", default="svd,asvd,svd-llm,qsvd-noq,wsvd-noft,wsvd-noq")
     ta.add_argument("--rho1", default="0.9,0.8,0.7,0.6,0.5", help="comma-separated ratios")
     ta.add_argument("--data", help="evaluation text file (default: evaluation half of pydoc_data.topics)")
@@ -82,6 +91,7 @@ def _parser() -> argparse.ArgumentParser:
 
     ge = sub.add_parser("generate", help="generate text through the (compressed, lowered, compiled) decode graph")
     _add_model(ge)
+    _add_device(ge)
     ge.add_argument("--prompt", required=True)
     ge.add_argument("--max-new-tokens", type=int, default=32)
     ge.add_argument("--recipe", help="compress with this per-head recipe first (wsvd-noft, wsvd-noq) and cache latents")
@@ -131,23 +141,35 @@ def _environment() -> dict:
             "python": platform.python_version()}
 
 
+def _load(args, name: str):
+    """The model ``name`` on ``--device`` in ``--dtype``."""
+    from .device import parse_device, parse_dtype
+    from .models import load_model
+
+    return load_model(name, device=parse_device(args.device), dtype=parse_dtype(args.dtype))
+
+
+def _load_artifact(args, **kwargs):
+    """The artifact of ``--artifact`` rebuilt on the base model loaded with :func:`_load`."""
+    from .artifact import load, read_manifest
+
+    return load(args.artifact, model=_load(args, args.model or read_manifest(args.artifact)["model"]), **kwargs)
+
+
 def cmd_eval(args) -> dict:
     from .capture import capture_forward
     from .data import text_source, token_windows
     from .evaluation import evaluate
-    from .models import load_model
 
     if args.mc:
         return _eval_multiple_choice(args)
     if args.max_windows is not None and args.max_windows < 1:
         raise WsvdError(f"--max-windows {args.max_windows} must be at least 1")
     if args.artifact:
-        from .artifact import load
-
-        art = load(args.artifact, model=args.model)
+        art = _load_artifact(args)
         lm, compressed = art.model, art.captured
     else:
-        lm, compressed = load_model(args.model), None
+        lm, compressed = _load(args, args.model), None
     _require_text_model(lm, "eval --mc data.jsonl")
     text, provenance = text_source(args.data, "evaluation")
     windows = token_windows(lm.tokenizer, text, args.seq_len, args.max_windows)
@@ -155,16 +177,17 @@ def cmd_eval(args) -> dict:
     start = time.perf_counter()
     if compressed is None:
         result = evaluate(lambda ids: captured.gm(input_ids=ids), windows, batch_size=args.batch_size,
-                          progress=not args.quiet)
+                          progress=not args.quiet, device=captured.device)
     else:  # the compressed model against the uncompressed one on the same windows
         result = evaluate(lambda ids: compressed.gm(input_ids=ids), windows, reference=lambda ids: captured.gm(input_ids=ids),
-                          batch_size=args.batch_size, progress=not args.quiet)
+                          batch_size=args.batch_size, progress=not args.quiet, device=captured.device)
     seconds = time.perf_counter() - start
     print(f"{'model':<16}{'data':<32}{'windows':>8}{'tokens':>9}{'ppl':>10}" + (f"{'ref ppl':>10}{'kl':>9}{'top1':>8}" if compressed else ""))
     print(f"{lm.name[-16:]:<16}{provenance['source'][-32:]:<32}{len(windows):>8}{result.tokens:>9}{result.ppl:>10.3f}"
           + (f"{result.ref_ppl:>10.3f}{result.kl:>9.4f}{result.top1:>8.4f}" if compressed else ""))
     out = {"model": lm.name, "artifact": args.artifact, "data": provenance, "seq_len": args.seq_len,
-           "windows": len(windows), **result.as_dict(), "seconds": round(seconds, 2), "environment": _environment()}
+           "windows": len(windows), **result.as_dict(), "seconds": round(seconds, 2), "environment": _environment(),
+           "device": str(captured.device), "dtype": args.dtype}
     if args.artifact:  # `wsvd report DIR` shows it
         (Path(args.artifact) / "evaluation.json").write_text(json.dumps(out, indent=2) + "\n")
     return out
@@ -180,19 +203,16 @@ def _eval_multiple_choice(args) -> dict:
     from .capture import capture_forward
     from .data import text_source
     from .mm_data import load_items, sample_items
-    from .models import load_model
     from .multiple_choice import compare, prepare
 
     if args.generate < 0:
         raise WsvdError(f"--generate {args.generate} must be at least 0")
     items = sample_items(load_items(args.mc), args.max_items, args.seed)
     if args.artifact:
-        from .artifact import load
-
-        art = load(args.artifact, model=args.model)
+        art = _load_artifact(args)
         lm, models = art.model, {"compressed": art.captured}
     else:
-        lm, models = load_model(args.model), {}
+        lm, models = _load(args, args.model), {}
     if lm.processor is None:
         raise WsvdError(f"{lm.name} is a text-only model: --mc needs a vision-language model")
     models = {"uncompressed": capture_forward(lm.model), **models}
@@ -223,10 +243,9 @@ def cmd_generate(args) -> dict:
     plan = None
     if args.artifact:
         from .artifact import load, read_manifest
-        from .models import load_model
 
         manifest = read_manifest(args.artifact)
-        lm = load_model(args.model or manifest["model"])
+        lm = _load(args, args.model or manifest["model"])
     elif args.recipe:
         from .recipes import get_recipe
 
@@ -240,9 +259,7 @@ def cmd_generate(args) -> dict:
 
         plan, report = factor_plan(calib, recipe, rho1)
     else:
-        from .models import load_model
-
-        lm = load_model(args.model)
+        lm = _load(args, args.model)
     _require_text_model(lm, "eval --mc data.jsonl --generate N")
     prompt = lm.tokenizer(args.prompt, return_tensors="pt").input_ids
     max_cache_len = prompt.shape[1] + args.max_new_tokens
@@ -275,23 +292,22 @@ def cmd_generate(args) -> dict:
     kwargs = dict(temperature=args.temperature, top_k=args.top_k, seed=args.seed)
     generate(decoder, prompt, 1, step=step, **kwargs)  # warm-up (compilation)
     start = time.perf_counter()
-    tokens = generate(decoder, prompt, args.max_new_tokens, step=step, **kwargs)
+    tokens = generate(decoder, prompt, args.max_new_tokens, step=step, **kwargs).cpu()
     seconds = time.perf_counter() - start
     text = lm.tokenizer.decode(tokens[0, prompt.shape[1]:], skip_special_tokens=True)
     steps = tokens.shape[1] - 1
-    print(f"[{path}]")
+    print(f"[{path}; {decoder.device}, {args.dtype}]")
     print(args.prompt + text)
     print(f"{steps} decode steps in {seconds:.2f} s ({steps / seconds:.1f} steps/s, prompt fed token by token)")
     return {"model": lm.name, "path": path, "prompt": args.prompt, "completion": text,
-            "tokens": tokens[0].tolist(), "steps_per_second": steps / seconds, "environment": _environment()}
+            "tokens": tokens[0].tolist(), "steps_per_second": steps / seconds, "device": str(decoder.device),
+            "dtype": args.dtype, "environment": _environment()}
 
 
 def cmd_bench(args) -> dict:
-    import torch
+    from .device import parse_device
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise WsvdError("--device cuda: no CUDA device is available; use --device cpu --quick for a smoke test")
+    device = parse_device(args.device).type
     if args.kind == "kernel":
         from kernels.bench import bench_kernel, print_kernel_table
 
@@ -359,7 +375,6 @@ def _prepare(args, recipe_names: list[str]):
     from .capture import capture_forward
     from .compress import calibrate
     from .data import text_source, token_windows
-    from .models import load_model
     from .recipes import get_recipe
 
     recipes = [get_recipe(n.strip()) for n in recipe_names]
@@ -367,7 +382,7 @@ def _prepare(args, recipe_names: list[str]):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             raise WsvdError(f"--{flag.replace('_', '-')} {value} must be at least 1")
-    lm = load_model(args.model)
+    lm = _load(args, args.model)
     if lm.processor is not None or getattr(args, "calib", None):
         windows, provenance = _image_text_calibration(args, lm)
     else:
@@ -442,7 +457,7 @@ class _MemoLogits:
         self.fn, self.memo = fn, {}
 
     def __call__(self, ids):
-        key = ids.numpy().tobytes()
+        key = ids.cpu().numpy().tobytes()
         if key not in self.memo:
             self.memo[key] = self.fn(ids)
         return self.memo[key]
@@ -473,7 +488,7 @@ def cmd_table(args) -> list[dict]:
     text, eval_source = text_source(args.data, "evaluation")
     windows = token_windows(lm.tokenizer, text, args.seq_len, args.eval_windows)
     reference = _MemoLogits(lambda ids: captured.gm(input_ids=ids))
-    fp = evaluate(reference, windows, progress=not args.quiet)
+    fp = evaluate(reference, windows, progress=not args.quiet, device=captured.device)
     rows = [{"recipe": "fp", "rho1": 1.0, "rho2": 1.0, "bits": "w16a16", "ppl": fp.ppl, "kl": 0.0, "top1": 1.0,
              "tokens": fp.tokens}]
     print(f"{'recipe':<11}{'rho1':>6}{'got':>7}{'rho2':>7}{'bits':>8}{'ppl':>10}{'kl':>9}{'top1':>8}{'sec':>6}")
@@ -486,7 +501,8 @@ def cmd_table(args) -> list[dict]:
             start = time.perf_counter()
             tuned, beta_losses = _tuned(args, captured, calib, recipe, rho1, bits)
             compressed, report = compress(captured, calib, tuned, rho1, bits, progress=not args.quiet)
-            r = evaluate(lambda ids: compressed.gm(input_ids=ids), windows, reference=reference, progress=False)
+            r = evaluate(lambda ids: compressed.gm(input_ids=ids), windows, reference=reference, progress=False,
+                         device=captured.device)
             seconds = time.perf_counter() - start
             got, rho2 = (report.rho1, report.rho2) if report else (1.0, 1.0)
             rows.append({"recipe": recipe.name, "rho1": rho1, "rho1_achieved": got, "rho2": rho2, "bits": spec,
