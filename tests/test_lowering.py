@@ -108,11 +108,40 @@ def test_generate_and_decode_bench_commands(tmp_path, capsys):
     assert "lowered to wsvd::latent_attention" in capsys.readouterr().out
 
     out = tmp_path / "b.json"
-    assert main(["bench", "decode", "--device", "cpu", "--quick", "--cache-len", "40", "--steps", "4",
+    assert main(["bench", "decode", "--device", "cpu", "--quick", "--layers", "3", "--cache-len", "40", "--steps", "4",
                  "--no-compile", "--json", str(out)]) == 0
     bench = json.loads(out.read_text())
-    assert bench["dense"]["tokens_per_s"] > 0 and bench["latent"]["tokens_per_s"] > 0
+    assert bench["correct"] and bench["shape"]["layers"] == 3
+    assert all(c["passed"] for c in bench["check"]["variants"].values())
+    assert bench["check"]["variants"]["latent"]["rel_err"] < 1e-5  # float32: rounding only
+    assert bench["baseline"] in ("hf-static-cache", "sdpa-prefix") and bench["dense"] == bench["dense_variants"][bench["baseline"]]
+    assert bench["latent"]["tokens_per_s"] > 0 and all(v["tokens_per_s"] > 0 for v in bench["dense_variants"].values())
+    assert bench["speedup"] == pytest.approx(bench["latent"]["tokens_per_s"] / bench["dense"]["tokens_per_s"])
+    assert set(bench["versions"]) >= {"torch", "triton", "transformers"} and bench["device"].startswith("cpu")
     assert bench["cache_bytes_latent"] < bench["cache_bytes_dense"] and bench["rho2"] == 0.5
+    assert "latent speedup" in capsys.readouterr().out
     assert main(["bench", "decode", "--device", "cpu", "--cache-len", "4", "--steps", "8"]) == 2
+    assert main(["bench", "decode", "--device", "cpu", "--quick", "--layers", "0"]) == 2
     assert main(["generate", "--model", "tiny-llama", "--prompt", "x", "--recipe", "rtn"]) == 2
     assert "has no low-rank factors" in capsys.readouterr().err
+
+
+def test_decode_bench_reports_a_mismatch_and_does_not_time_it(monkeypatch, tmp_path, capsys):
+    """Dense caches prefilled from the wrong kv head's up-projection (a head-mapping bug): the check catches
+    the latent variant (both dense variants read the same caches and still agree)."""
+    import json
+
+    import lowering.bench
+    from wsvd_passes.cli import main
+
+    rebuild = lowering.bench.latent_to_dense
+    monkeypatch.setattr(lowering.bench, "latent_to_dense", lambda c, up: rebuild(c, up.roll(1, dims=0)))
+    out = tmp_path / "b.json"
+    assert main(["bench", "decode", "--device", "cpu", "--quick", "--cache-len", "24", "--steps", "3", "--no-compile",
+                 "--json", str(out)]) == 1
+    bench = json.loads(out.read_text())
+    check = bench["check"]["variants"]
+    assert not bench["correct"] and not check["latent"]["passed"] and check["sdpa-prefix"]["passed"]
+    assert bench["latent"] is None and bench["speedup"] is None and bench["dense"]["tokens_per_s"] > 0
+    printed = capsys.readouterr()
+    assert "MISMATCH: not timed" in printed.out and printed.err.startswith("error: the variants' outputs disagree")

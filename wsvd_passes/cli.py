@@ -6,10 +6,12 @@
     wsvd compress --model NAME|PATH --recipe R --rho1 X --out DIR
     wsvd table --model NAME --recipes R1,R2 --rho1 0.9,0.5 --json OUT
     wsvd generate --model NAME|PATH --prompt TEXT [--recipe wsvd-noq --rho1 X] [--no-lower] [--no-compile]
-    wsvd bench kernel|decode [--device cuda|cpu] [--quick] [--json OUT]
+    wsvd bench kernel|decode [--device cuda|cpu] [--quick] [--layers N] [--json OUT]
     wsvd report DIR [--out OUT_DIR]                           markdown report with plots of a compress --out DIR
 
-Problems with the input print one ``error:`` line and exit with status 2.
+eval, compress, table and generate take --device cuda|cpu and --dtype bfloat16|float16|float32.
+Problems with the input print one ``error:`` line and exit with status 2; a benchmark whose
+variants disagree exits with status 1.
 """
 
 from __future__ import annotations
@@ -108,7 +110,11 @@ def _parser() -> argparse.ArgumentParser:
     be = sub.add_parser("bench", help="benchmarks: the fused kernel vs SDPA, or end-to-end decode tokens/s")
     be.add_argument("kind", choices=["kernel", "decode"])
     be.add_argument("--device", default=None, help="cuda (default when available) or cpu (smoke test only)")
+    be.add_argument("--dtype", default=None, help="decode: bfloat16 (default on CUDA), float16 or float32 (default on "
+                    "the CPU)")
     be.add_argument("--quick", action="store_true", help="one tiny shape (CPU smoke test)")
+    be.add_argument("--layers", type=int, default=None, help="decode: decoder layers of the model (default: "
+                    "32 for the Llama-2-7B shape, 2 with --quick)")
     be.add_argument("--batch", type=int, default=1, help="decode: batch size")
     be.add_argument("--cache-len", type=int, default=4096, help="decode: static cache length")
     be.add_argument("--steps", type=int, default=32, help="decode: timed decode steps")
@@ -305,9 +311,10 @@ def cmd_generate(args) -> dict:
 
 
 def cmd_bench(args) -> dict:
-    from .device import parse_device
+    from .device import parse_device, parse_dtype
 
     device = parse_device(args.device).type
+    dtype = parse_dtype(args.dtype) if args.dtype else None
     if args.kind == "kernel":
         from kernels.bench import bench_kernel, print_kernel_table
 
@@ -325,8 +332,11 @@ def cmd_bench(args) -> dict:
         raise WsvdError(f"--rank-ratio {args.rank_ratio} is outside (0, 1]")
     if args.steps < 1 or args.cache_len <= args.steps:
         raise WsvdError(f"--cache-len ({args.cache_len}) must exceed --steps ({args.steps}) >= 1")
-    result = bench_decode(device=device, quick=args.quick, batch=args.batch, cache_len=args.cache_len,
-                          steps=args.steps, rank_ratio=args.rank_ratio, compile=not args.no_compile)
+    if args.layers is not None and args.layers < 1:
+        raise WsvdError(f"--layers {args.layers} must be at least 1")
+    result = bench_decode(device=device, quick=args.quick, layers=args.layers, batch=args.batch,
+                          cache_len=args.cache_len, steps=args.steps, rank_ratio=args.rank_ratio,
+                          compile=not args.no_compile, dtype=dtype)
     print_decode(result)
     return result
 
@@ -533,6 +543,10 @@ def main(argv: list[str] | None = None) -> int:
         result = commands[args.command](args)
         if getattr(args, "json_out", None):
             Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
+        if isinstance(result, dict) and result.get("correct") is False:  # a benchmark's self-check failed
+            print("error: the variants' outputs disagree (see the check above); the mismatching ones were not timed",
+                  file=sys.stderr)
+            return 1
     except WsvdError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
