@@ -144,14 +144,14 @@ def _prefill(dense: GraphModule, dense_sites, latent: GraphModule, latent_sites,
     """Fill every cache with the same random content (see the module docstring), K and V at unit RMS.
 
     Latents go to the first r columns of each latent cache head (any padding stays zero)."""
-    gen = torch.Generator().manual_seed(seed)
+    device = tensor_attr(dense, dense_sites[0].k_cache.buffer).device
+    gen = torch.Generator(device).manual_seed(seed)  # on the device: the caches may hold gigabytes
     for d_site, l_site in zip(dense_sites, latent_sites):
         B, heads, L, H = tensor_attr(dense, d_site.k_cache.buffer).shape
-        device = tensor_attr(dense, d_site.k_cache.buffer).device
         cos, sin = (t.to(device) for t in rope_tables(*rope_parameters(config), L))
         for p, dense_cache, latent_cache in (("k", d_site.k_cache, l_site.k_cache), ("v", d_site.v_cache, l_site.v_cache)):
             up = _head_blocks(plan[l_site.layer].ups[p].float(), heads)
-            c = torch.randn(B, heads, L, up.shape[-1], generator=gen).to(device)
+            c = torch.randn(B, heads, L, up.shape[-1], generator=gen, device=device)
             x = latent_to_dense(c, up)
             if p == "k":
                 x = x * cos + torch.cat([-x[..., H // 2:], x[..., :H // 2]], -1) * sin

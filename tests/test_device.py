@@ -8,6 +8,8 @@ Hugging Face models index inside their forward. Everything else is shared: our c
 device type.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -176,3 +178,19 @@ def test_cuda_compress_and_lowered_decode_match_cpu():
         runs[device.type] = (_decode_logits(decoder, ids.to(device)).cpu(), report.ranks)
     assert runs["cuda"][1] == runs["cpu"][1]
     torch.testing.assert_close(runs["cuda"][0], runs["cpu"][0], atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_vlm_decoder_inputs_and_logits_match_cpu():
+    """On a GPU: the vision tower runs on the model's device (processor outputs moved there) and the
+    captured decoder gives the CPU's logits."""
+    from wsvd_passes.mm_data import load_items, prompt_inputs
+
+    item = load_items(Path(__file__).parent / "data" / "mc_synthetic" / "data.jsonl")[0]
+    logits = {}
+    for device in ("cpu", "cuda"):
+        lm = load_model("tiny-llava", device=device)
+        with torch.no_grad():
+            logits[device] = capture_forward(lm.model).gm(**prompt_inputs(lm, item).kwargs).cpu()
+    torch.testing.assert_close(logits["cuda"], logits["cpu"], atol=1e-3, rtol=1e-3)

@@ -145,3 +145,14 @@ def test_decode_bench_reports_a_mismatch_and_does_not_time_it(monkeypatch, tmp_p
     assert bench["latent"] is None and bench["speedup"] is None and bench["dense"]["tokens_per_s"] > 0
     printed = capsys.readouterr()
     assert "MISMATCH: not timed" in printed.out and printed.err.startswith("error: the variants' outputs disagree")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_decode_bench_checks_and_times_on_cuda():
+    """On a GPU, compiled, bf16: every variant passes the check before it is timed."""
+    from lowering.bench import bench_decode
+
+    result = bench_decode(device="cuda", quick=True, batch=4, cache_len=512, steps=8)
+    assert result["correct"], result["check"]
+    assert result["speedup"] is not None and result["dtype"] == "torch.bfloat16"
