@@ -1,12 +1,24 @@
-"""End-to-end decode benchmark: tokens/s of a compiled decode step, dense KV cache vs latent cache.
+"""End-to-end decode benchmark: tokens/s of dense and latent-cache decode steps, checked before timing.
 
-A Llama-shaped language model with random weights (default: Llama-2-7B shapes) is
-captured as a static-cache decode graph. The latent variant factors every q/k/v head
-at a uniform rank ``round(rank_ratio * head_dim)`` (plain per-head SVD: random
-weights need no calibration for a speed test), caches K/V latents and lowers
-attention to ``wsvd::latent_attention``. Both steps are ``torch.compile``d and timed
-over ``steps`` decode steps at cache positions ``start .. start + steps - 1``
-(``start = cache_len - steps``, so attention reads a nearly full cache).
+A Llama-shaped language model with random weights (default: Llama-2-7B shapes; ``layers`` of them)
+has every q/k/v head factored at the uniform rank ``r = round(rank_ratio * head_dim)`` by plain
+per-head SVD (random weights need no calibration for a speed test). The dense model's q/k/v
+weights are then set to the products ``U_h D_h``, so that every variant computes the same function:
+
+- dense ``hf-static-cache``: Hugging Face's static-cache decode step as captured (SDPA with a
+  boolean mask over the whole cache, which keeps SDPA off its flash backend);
+- dense ``sdpa-prefix``: the same graph with each attention replaced by mask-free SDPA over the
+  written cache prefix ``K[:, :, :t+1]`` (flash on CUDA; the prefix length is a graph input that
+  ``torch.compile`` makes dynamic after the first step);
+- ``latent``: factored, K/V latents cached, attention lowered to ``wsvd::latent_attention``.
+
+The faster dense variant is the baseline. Each step is ``torch.compile``d (or eager with
+``compile=False``) and runs positions ``start .. cache_len - 1`` (``start = cache_len - steps``)
+over caches prefilled with the same random content: latents C_K, C_V [B, n_kv, L, r] for the
+latent cache, ``K = RoPE(C_K U_K^T)``, ``V = C_V U_V^T`` for the dense one. Before anything is
+timed every variant's logits at every step are compared with those of ``hf-static-cache``:
+``||logits - reference||_F / ||reference||_F <= CHECK_TOLERANCE[dtype]``. A variant over the
+tolerance is reported and not timed.
 """
 
 from __future__ import annotations
@@ -14,27 +26,40 @@ from __future__ import annotations
 import copy
 import platform
 import time
+from collections.abc import Callable
 
 import torch
+from torch.fx import GraphModule
 
-from wsvd_passes.capture import capture_decode
+from wsvd_passes.capture import CapturedGraph, capture_decode
 from wsvd_passes.compress import Calibration, factor_plan
-from wsvd_passes.factorize import FactorizeQKV
+from wsvd_passes.factorize import FactorizeQKV, LayerFactors
 from wsvd_passes.graph_utils import tensor_attr
 from wsvd_passes.latent_kv import LatentKVCache
 from wsvd_passes.lowrank import PROJECTIONS, make_scaling, split_groups
+from wsvd_passes.models import cast_parameters
 from wsvd_passes.pipeline import Pipeline
 from wsvd_passes.recipes import Recipe
-from wsvd_passes.sites import find_sites
+from wsvd_passes.rope import rope_parameters, rope_tables
+from wsvd_passes.sites import AttentionSite, find_sites
 
 from .compile import compile_step, lower
 
 LLAMA2_7B = dict(layers=32, hidden=4096, heads=32, kv_heads=32, intermediate=11008, vocab=32000)
 QUICK = dict(layers=2, hidden=128, heads=4, kv_heads=2, intermediate=96, vocab=256)  # head dim 32: rank 16 stays aligned
+# Relative Frobenius error of the logits over all checked steps: about 5 units of roundoff for the
+# half precisions (bf16 u = 2^-8, fp16 u = 2^-11), 1e-4 for float32. Measured on the CPU (quick
+# shapes, 4 layers, bf16): correct variants 0.005-0.007; dense caches 5% noisy 0.04; a head-mapping
+# or rank bug 0.4-1.3. float32 variants agree to about 2e-7.
+CHECK_TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+REFERENCE = "hf-static-cache"
 _UNIFORM_HEADS = Recipe("uniform-head-svd", "head", "none", "uniform")
+
+Step = Callable[[int], torch.Tensor]  # step index -> logits [B, 1, V]
 
 
 def _llama(shape: dict, device: str, dtype: torch.dtype, seed: int) -> torch.nn.Module:
+    """Random Llama of ``shape``, initialised in float32 and cast like ``from_pretrained`` (RoPE stays float32)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
@@ -43,7 +68,7 @@ def _llama(shape: dict, device: str, dtype: torch.dtype, seed: int) -> torch.nn.
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     with torch.device(device):
-        return LlamaForCausalLM(config).to(dtype).eval()
+        return cast_parameters(LlamaForCausalLM(config), dtype).eval()
 
 
 def uniform_head_plan(decoder, rank_ratio: float):
@@ -65,55 +90,190 @@ def uniform_head_plan(decoder, rank_ratio: float):
     return plan, report
 
 
-def _time_steps(step, decoder, batch: int, start: int, steps: int, device: str) -> float:
-    ids = torch.randint(0, 100, (batch, 1), device=device)
-    positions = [torch.tensor([p], device=device) for p in range(start, start + steps)]
+def _use_products(decoder: CapturedGraph, sites: list[AttentionSite], plan: dict[int, LayerFactors]) -> None:
+    """Overwrite the dense q/k/v weights with U D, so that dense and factored graphs compute the same function."""
     with torch.no_grad():
-        for p in positions[:3]:  # warm-up (compilation happens here)
-            step(input_ids=ids, cache_position=p)
+        for site in sites:
+            f = plan[site.layer]
+            for p in PROJECTIONS:
+                weight = tensor_attr(decoder.gm, getattr(site, f"{p}_proj").weight)
+                weight.copy_(f.ups[p].float() @ f.downs[p].float())
+
+
+def _sharing_parameters(decoder: CapturedGraph) -> CapturedGraph:
+    """A copy of ``decoder`` with its own buffers (caches) and the same parameter tensors (passes replace
+    parameters, never write into them)."""
+    return copy.deepcopy(decoder, memo={id(p): p for p in decoder.gm.parameters()})
+
+
+def prefix_sdpa_graph(dense: CapturedGraph, sites: list[AttentionSite]) -> GraphModule:
+    """``gm(input_ids, cache_position, valid_len) -> (logits,)``: ``dense`` with every attention replaced by
+    mask-free SDPA over the first ``valid_len`` cache positions. Shares the parameters and caches of ``dense``."""
+    aten = torch.ops.aten
+    graph = torch.fx.Graph()
+    copies: dict = {}
+    graph.output(graph.graph_copy(dense.gm.graph, copies))  # plain calling convention: no pytree specs
+    with graph.inserting_after(graph.find_nodes(op="placeholder")[-1]):
+        valid_len = graph.placeholder("valid_len")
+    for site in sites:
+        attention = copies[site.attention]
+        with graph.inserting_before(attention):
+            k, v = (graph.call_function(aten.slice.Tensor, (copies[cache.node], 2, 0, valid_len))
+                    for cache in (site.k_cache, site.v_cache))
+            out = graph.call_function(aten.scaled_dot_product_attention.default, (copies[site.q_rope.out], k, v),
+                                      {"scale": site.scale, "enable_gqa": site.n_heads != site.n_kv_heads})
+        attention.replace_all_uses_with(out)
+    graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure(impure_random=False))
+    graph.lint()
+    return GraphModule(dense.gm, graph)
+
+
+def latent_to_dense(latent: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Per-head up-projection of cached latents: [B, n_kv, L, r] x [n_kv, H, r] -> [B, n_kv, L, H]."""
+    return torch.einsum("bglr,gdr->bgld", latent, up)
+
+
+def _head_blocks(up: torch.Tensor, heads: int) -> torch.Tensor:
+    """The diagonal blocks of a block-diagonal up-projection [heads H, heads r] -> [heads, H, r]."""
+    H, r = up.shape[0] // heads, up.shape[1] // heads
+    return torch.stack([up[h * H:(h + 1) * H, h * r:(h + 1) * r] for h in range(heads)])
+
+
+@torch.no_grad()
+def _prefill(dense: GraphModule, dense_sites, latent: GraphModule, latent_sites, plan, config, seed: int) -> None:
+    """Fill every cache with the same random content (see the module docstring), K and V at unit RMS.
+
+    Latents go to the first r columns of each latent cache head (any padding stays zero)."""
+    device = tensor_attr(dense, dense_sites[0].k_cache.buffer).device
+    gen = torch.Generator(device).manual_seed(seed)  # on the device: the caches may hold gigabytes
+    for d_site, l_site in zip(dense_sites, latent_sites):
+        B, heads, L, H = tensor_attr(dense, d_site.k_cache.buffer).shape
+        cos, sin = (t.to(device) for t in rope_tables(*rope_parameters(config), L))
+        for p, dense_cache, latent_cache in (("k", d_site.k_cache, l_site.k_cache), ("v", d_site.v_cache, l_site.v_cache)):
+            up = _head_blocks(plan[l_site.layer].ups[p].float(), heads)
+            c = torch.randn(B, heads, L, up.shape[-1], generator=gen, device=device)
+            x = latent_to_dense(c, up)
+            if p == "k":
+                x = x * cos + torch.cat([-x[..., H // 2:], x[..., :H // 2]], -1) * sin
+            scale = x.square().mean().rsqrt()
+            target = tensor_attr(latent, latent_cache.buffer)
+            target.zero_()
+            target[..., : c.shape[-1]] = c * scale
+            tensor_attr(dense, dense_cache.buffer).copy_(x * scale)
+
+
+def _run(step: Step, steps: int) -> torch.Tensor:
+    """Logits of every step, float32 [steps, B, V]."""
+    with torch.no_grad():
+        return torch.stack([step(i)[:, -1].float() for i in range(steps)])
+
+
+def _compare(logits: torch.Tensor, reference: torch.Tensor, tolerance: float) -> dict:
+    rel = float((logits - reference).norm() / reference.norm())
+    return {"rel_err": rel, "max_abs_err": float((logits - reference).abs().max()),
+            "token_agreement": float((logits.argmax(-1) == reference.argmax(-1)).float().mean()),
+            "passed": rel <= tolerance}
+
+
+def _time(step: Step, steps: int, device: str) -> float:
+    """Seconds for all steps, after three warm-up steps."""
+    with torch.no_grad():
+        for i in range(min(3, steps)):
+            step(i)
         if device == "cuda":
             torch.cuda.synchronize()
         begin = time.perf_counter()
-        for p in positions:
-            step(input_ids=ids, cache_position=p)
+        for i in range(steps):
+            step(i)
         if device == "cuda":
             torch.cuda.synchronize()
     return time.perf_counter() - begin
 
 
-def bench_decode(*, device: str, quick: bool = False, batch: int = 1, cache_len: int = 4096, steps: int = 32,
-                 rank_ratio: float = 0.5, compile: bool = True, seed: int = 0) -> dict:
-    """Tokens/s of the dense and the latent-cache decode step, measured in the same run."""
-    shape = QUICK if quick else LLAMA2_7B
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+def versions() -> dict:
+    import transformers
+    import triton
+
+    return {"torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def bench_decode(*, device: str, quick: bool = False, layers: int | None = None, batch: int = 1, cache_len: int = 4096,
+                 steps: int = 32, rank_ratio: float = 0.5, compile: bool = True, seed: int = 0,
+                 dtype: torch.dtype | None = None) -> dict:
+    """Check, then time, the dense variants and the latent-cache decode step in the same run
+    (``dtype`` default: float32 on the CPU, bfloat16 on CUDA)."""
+    shape = dict(QUICK if quick else LLAMA2_7B, **({"layers": layers} if layers else {}))
+    dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
     model = _llama(shape, device, dtype, seed)
     dense = capture_decode(model, batch_size=batch, max_cache_len=cache_len)
-    latent = copy.deepcopy(dense)
-    plan, report = uniform_head_plan(latent, rank_ratio)
+    dense_sites = find_sites(dense.gm)
+    plan, report = uniform_head_plan(dense, rank_ratio)
+    _use_products(dense, dense_sites, plan)
+    latent = _sharing_parameters(dense)
     rewrite = LatentKVCache(latent.config)
     Pipeline([FactorizeQKV(plan), rewrite])(latent)
+    latent_sites = find_sites(latent.gm)
     lower(latent)
+    prefix = prefix_sdpa_graph(dense, dense_sites)
+    _prefill(dense.gm, dense_sites, latent.gm, latent_sites, plan, dense.config, seed)
+
     start = cache_len - steps
-    results = {}
-    for name, decoder in (("dense", dense), ("latent", latent)):
-        step = compile_step(decoder) if compile else decoder.gm
-        seconds = _time_steps(step, decoder, batch, start, steps, device)
-        results[name] = {"seconds": seconds, "tokens_per_s": batch * steps / seconds}
+    gen = torch.Generator().manual_seed(seed + 1)
+    ids = [torch.randint(0, shape["vocab"], (batch, 1), generator=gen).to(device) for _ in range(steps)]
+    positions = [torch.tensor([start + i], device=device) for i in range(steps)]
+    dense_fn, latent_fn = (compile_step(d) if compile else d.gm for d in (dense, latent))
+    prefix_fn = torch.compile(prefix, fullgraph=True) if compile else prefix  # valid_len becomes dynamic
+    variants: dict[str, Step] = {
+        REFERENCE: lambda i: dense_fn(input_ids=ids[i], cache_position=positions[i]),
+        "sdpa-prefix": lambda i: prefix_fn(ids[i], positions[i], start + i + 1)[0],
+        "latent": lambda i: latent_fn(input_ids=ids[i], cache_position=positions[i]),
+    }
+
+    tolerance = CHECK_TOLERANCE[dtype]
+    reference = _run(variants[REFERENCE], steps)
+    check = {REFERENCE: {"reference": True, "passed": bool(reference.isfinite().all())}}
+    check.update({name: _compare(_run(variants[name], steps), reference, tolerance) for name in ("sdpa-prefix", "latent")})
+    seconds = {name: _time(step, steps, device) for name, step in variants.items() if check[name]["passed"]}
+    timed = {name: {"seconds": s, "tokens_per_s": batch * steps / s} for name, s in seconds.items()}
+    dense_names = [n for n in (REFERENCE, "sdpa-prefix") if n in timed]
+    baseline = max(dense_names, key=lambda n: timed[n]["tokens_per_s"]) if dense_names else None
+    speedup = (timed["latent"]["tokens_per_s"] / timed[baseline]["tokens_per_s"]
+               if baseline and "latent" in timed else None)
     return {
         "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
-        "torch": torch.__version__, "shape": shape, "batch": batch, "cache_len": cache_len, "steps": steps,
-        "dtype": str(dtype), "rank_ratio": rank_ratio, "rho1": report.rho1, "rho2": report.rho2,
+        "versions": versions(), "shape": shape, "batch": batch, "cache_len": cache_len, "steps": steps,
+        "positions": [start, cache_len], "dtype": str(dtype), "rank_ratio": rank_ratio,
+        "rank": report.ranks[0]["k"][0], "rho1": report.rho1, "rho2": report.rho2,
         "cache_bytes_dense": rewrite.bytes.dense, "cache_bytes_latent": rewrite.bytes.latent, "compiled": compile,
-        "dense": results["dense"], "latent": results["latent"],
-        "speedup": results["latent"]["tokens_per_s"] / results["dense"]["tokens_per_s"],
+        "check": {"tolerance": tolerance, "metric": "relative Frobenius error of the logits vs " + REFERENCE,
+                  "variants": check},
+        "correct": all(c["passed"] for c in check.values()),
+        "dense_variants": {n: timed.get(n) for n in (REFERENCE, "sdpa-prefix")},
+        "baseline": baseline, "dense": timed.get(baseline), "latent": timed.get("latent"), "speedup": speedup,
     }
 
 
 def print_decode(result: dict) -> None:
-    print(f"device {result['device']}, torch {result['torch']}, {result['dtype']}, batch {result['batch']}, "
-          f"cache {result['cache_len']}, {result['steps']} steps, compiled={result['compiled']}")
-    print(f"latent cache: rank ratio {result['rank_ratio']}, rho1 {result['rho1']:.3f}, rho2 {result['rho2']:.3f}, "
-          f"{result['cache_bytes_latent'] / 2**20:.1f} MiB vs {result['cache_bytes_dense'] / 2**20:.1f} MiB dense")
-    for name in ("dense", "latent"):
-        print(f"  {name:<7}{result[name]['tokens_per_s']:>10.1f} tokens/s")
-    print(f"  speedup {result['speedup']:.2f}x")
+    v = result["versions"]
+    print(f"device {result['device']}; torch {v['torch']}, triton {v['triton']}, transformers {v['transformers']}")
+    print(f"{result['dtype']}, {result['shape']['layers']} layers, batch {result['batch']}, cache {result['cache_len']}, "
+          f"{result['steps']} steps at positions {result['positions'][0]}..{result['positions'][1] - 1}, "
+          f"compiled={result['compiled']}")
+    print(f"latent cache: rank {result['rank']} (ratio {result['rank_ratio']}), rho1 {result['rho1']:.3f}, "
+          f"rho2 {result['rho2']:.3f}, {result['cache_bytes_latent'] / 2**20:.1f} MiB vs "
+          f"{result['cache_bytes_dense'] / 2**20:.1f} MiB dense")
+    check = result["check"]
+    print(f"check ({check['metric']}, tolerance {check['tolerance']:g}):")
+    for name, c in check["variants"].items():
+        if c.get("reference"):
+            print(f"  {name:<16} reference")
+        else:
+            verdict = "ok" if c["passed"] else "MISMATCH: not timed"
+            print(f"  {name:<16} rel {c['rel_err']:.2e}  max {c['max_abs_err']:.2e}  "
+                  f"tokens {100 * c['token_agreement']:.0f}%  {verdict}")
+    print("tokens/s:")
+    for name, t in [*((f"dense {n}", t) for n, t in result["dense_variants"].items()), ("latent", result["latent"])]:
+        print(f"  {name:<23}{t['tokens_per_s']:>12.1f}" if t else f"  {name:<23}{'not timed':>12}")
+    if result["speedup"] is not None:
+        print(f"baseline: dense {result['baseline']} (the faster dense variant); latent speedup {result['speedup']:.2f}x")

@@ -123,10 +123,13 @@ def _int8_cache(gm: GraphModule, write, heads: int) -> tuple[Node, Node] | None:
         return None
     latent, bits, group = source.args[0], source.args[1], source.kwargs.get("group")
     B, _, L, width = tensor_attr(gm, write.buffer).shape
+    device = tensor_attr(gm, write.buffer).device
     r = int(latent.meta["val"].shape[-1]) // heads
     owner, _, leaf = write.buffer.rpartition(".")
-    add_tensor_attr(gm, f"{owner}.{leaf}_int8", torch.zeros(B, heads, L, width, dtype=torch.int8), parameter=False)
-    add_tensor_attr(gm, f"{owner}.{leaf}_scale", torch.zeros(B, heads, L, dtype=torch.float32), parameter=False)
+    add_tensor_attr(gm, f"{owner}.{leaf}_int8", torch.zeros(B, heads, L, width, dtype=torch.int8, device=device),
+                    parameter=False)
+    add_tensor_attr(gm, f"{owner}.{leaf}_scale", torch.zeros(B, heads, L, dtype=torch.float32, device=device),
+                    parameter=False)
     graph = gm.graph
 
     def call(op, *args, **kwargs):

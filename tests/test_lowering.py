@@ -107,21 +107,31 @@ def test_generate_and_decode_bench_commands(tmp_path, capsys):
 
     out = tmp_path / "g.json"
     assert main(["generate", "--model", "tiny-llama-gqa", "--prompt", "def f(x):", "--max-new-tokens", "6",
-                 "--recipe", "wsvd-noft", "--rho1", "0.6", "--calib-windows", "4", "--seq-len", "32", "--no-compile",
-                 "--quiet", "--json", str(out)]) == 0
+                 "--recipe", "wsvd", "--bits", "w8a8", "--rho1", "0.6", "--calib-windows", "4", "--seq-len", "32",
+                 "--no-compile", "--quiet", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
+    # the whole recipe (rotations, QAT, W8A8), its 8-bit latents cached as int8 codes, lowered
+    assert result["path"].startswith("wsvd w8a8 rho1") and "(int8 latents)" in result["path"]
     assert "lowered to wsvd::latent_attention" in result["path"] and len(result["tokens"]) > 6
     assert "lowered to wsvd::latent_attention" in capsys.readouterr().out
 
     out = tmp_path / "b.json"
-    assert main(["bench", "decode", "--device", "cpu", "--quick", "--cache-len", "40", "--steps", "4",
+    assert main(["bench", "decode", "--device", "cpu", "--quick", "--layers", "3", "--cache-len", "40", "--steps", "4",
                  "--no-compile", "--json", str(out)]) == 0
     bench = json.loads(out.read_text())
-    assert bench["dense"]["tokens_per_s"] > 0 and bench["latent"]["tokens_per_s"] > 0
+    assert bench["correct"] and bench["shape"]["layers"] == 3
+    assert all(c["passed"] for c in bench["check"]["variants"].values())
+    assert bench["check"]["variants"]["latent"]["rel_err"] < 1e-5  # float32: rounding only
+    assert bench["baseline"] in ("hf-static-cache", "sdpa-prefix") and bench["dense"] == bench["dense_variants"][bench["baseline"]]
+    assert bench["latent"]["tokens_per_s"] > 0 and all(v["tokens_per_s"] > 0 for v in bench["dense_variants"].values())
+    assert bench["speedup"] == pytest.approx(bench["latent"]["tokens_per_s"] / bench["dense"]["tokens_per_s"])
+    assert set(bench["versions"]) >= {"torch", "triton", "transformers"} and bench["device"].startswith("cpu")
     assert bench["cache_bytes_latent"] < bench["cache_bytes_dense"] and bench["rho2"] == 0.5
+    assert "latent speedup" in capsys.readouterr().out
     assert main(["bench", "decode", "--device", "cpu", "--cache-len", "4", "--steps", "8"]) == 2
-    assert main(["generate", "--model", "tiny-llama", "--prompt", "x", "--recipe", "rtn"]) == 2
-    assert "has no low-rank factors" in capsys.readouterr().err
+    assert main(["bench", "decode", "--device", "cpu", "--quick", "--layers", "0"]) == 2
+    assert main(["generate", "--model", "tiny-llama", "--prompt", "x", "--recipe", "rtn", "--bits", "w9a9"]) == 2
+    assert "unknown bit setting 'w9a9'" in capsys.readouterr().err
 
 
 def test_cuda_kernel_falls_back_to_pytorch_with_one_warning(monkeypatch):
@@ -147,3 +157,35 @@ def test_cuda_kernel_falls_back_to_pytorch_with_one_warning(monkeypatch):
         ops._latent_attention_cuda(*big)
     with pytest.raises(ValueError, match="lengths must be"):
         ops._latent_attention_cuda(*args[:4], torch.tensor([6.0]), *args[5:])
+
+
+def test_decode_bench_reports_a_mismatch_and_does_not_time_it(monkeypatch, tmp_path, capsys):
+    """Dense caches prefilled from the wrong kv head's up-projection (a head-mapping bug): the check catches
+    the latent variant (both dense variants read the same caches and still agree)."""
+    import json
+
+    import lowering.bench
+    from wsvd_passes.cli import main
+
+    rebuild = lowering.bench.latent_to_dense
+    monkeypatch.setattr(lowering.bench, "latent_to_dense", lambda c, up: rebuild(c, up.roll(1, dims=0)))
+    out = tmp_path / "b.json"
+    assert main(["bench", "decode", "--device", "cpu", "--quick", "--cache-len", "24", "--steps", "3", "--no-compile",
+                 "--json", str(out)]) == 1
+    bench = json.loads(out.read_text())
+    check = bench["check"]["variants"]
+    assert not bench["correct"] and not check["latent"]["passed"] and check["sdpa-prefix"]["passed"]
+    assert bench["latent"] is None and bench["speedup"] is None and bench["dense"]["tokens_per_s"] > 0
+    printed = capsys.readouterr()
+    assert "MISMATCH: not timed" in printed.out and printed.err.startswith("error: the variants' outputs disagree")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_decode_bench_checks_and_times_on_cuda():
+    """On a GPU, compiled, bf16: every variant passes the check before it is timed."""
+    from lowering.bench import bench_decode
+
+    result = bench_decode(device="cuda", quick=True, batch=4, cache_len=512, steps=8)
+    assert result["correct"], result["check"]
+    assert result["speedup"] is not None and result["dtype"] == "torch.bfloat16"

@@ -212,7 +212,7 @@ def _put_tensors(captured: CapturedGraph, tensors: dict[str, torch.Tensor], base
                             f"{tuple(state[name].shape)}: compress again")
         owner_path, _, leaf = name.rpartition(".")
         owner = captured.gm.get_submodule(owner_path)
-        value = value.to(state[name].dtype)
+        value = value.to(state[name].device, state[name].dtype)
         if leaf in owner._parameters:
             owner.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=value.is_floating_point()))
         else:

@@ -42,11 +42,11 @@ from .sites import AttentionSite, find_sites
 class InputStatsObserver(torch.nn.Module):
     """Identity module accumulating float64 Gram matrix and abs-sum of its input's last dim."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, device: torch.device | str = "cpu"):
         super().__init__()
-        self.register_buffer("gram_sum", torch.zeros(width, width, dtype=torch.float64))
-        self.register_buffer("abs_sum", torch.zeros(width, dtype=torch.float64))
-        self.register_buffer("tokens", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("gram_sum", torch.zeros(width, width, dtype=torch.float64, device=device))
+        self.register_buffer("abs_sum", torch.zeros(width, dtype=torch.float64, device=device))
+        self.register_buffer("tokens", torch.zeros((), dtype=torch.int64, device=device))
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,7 +81,7 @@ class InsertInputObservers(GraphPass):
                 name = f"{OBSERVER_PREFIX}{site.layer}_{role}"
                 if hasattr(gm, name):
                     raise WsvdError(f"observers are already inserted (found {name}): run RemoveObservers first")
-                gm.add_module(name, InputStatsObserver(x.meta["val"].shape[-1]))
+                gm.add_module(name, InputStatsObserver(x.meta["val"].shape[-1], x.meta["val"].device))
                 with gm.graph.inserting_after(x):
                     obs = copy_meta(gm.graph.call_module(name, (x,)), like, val=x.meta.get("val"))
                 x.replace_all_uses_with(obs, delete_user_cb=lambda user, obs=obs: user is not obs)
@@ -115,13 +115,18 @@ def _stats(obs: InputStatsObserver, where: str) -> InputStats:
     return InputStats(gram, absmean, n)
 
 
-def split_batch(batch: torch.Tensor | dict) -> tuple[dict, torch.Tensor]:
-    """(graph kwargs, labels [B, S]) of token ids [B, S] (labels = ids) or a dict of graph kwargs with "labels"."""
+def split_batch(batch: torch.Tensor | dict, device: torch.device | None = None) -> tuple[dict, torch.Tensor]:
+    """(graph kwargs, labels [B, S]) of token ids [B, S] (labels = ids) or a dict of graph kwargs with "labels";
+    the graph kwargs are moved to ``device`` when given (labels stay where they are)."""
     if isinstance(batch, dict):
         if "labels" not in batch:
             raise WsvdError("an image-text batch needs 'labels' [B, S] (-100 where not supervised): build it with mm_data")
-        return {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
-    return {"input_ids": batch}, batch
+        kwargs, labels = {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
+    else:
+        kwargs, labels = {"input_ids": batch}, batch
+    if device is not None:
+        kwargs = {k: v.to(device) for k, v in kwargs.items()}
+    return kwargs, labels
 
 
 def as_batches(data: torch.Tensor | Sequence[dict], batch_size: int) -> list:
@@ -137,7 +142,7 @@ def collect_input_stats(captured: CapturedGraph, batches: Iterable[torch.Tensor 
     try:
         with torch.no_grad():
             for batch in tqdm(list(batches), desc="calibration statistics", disable=not progress):
-                captured.gm(**split_batch(batch)[0])
+                captured.gm(**split_batch(batch, captured.device)[0])
         n_sites = len(find_sites(captured.gm))
         return [
             SiteStats(
@@ -158,7 +163,7 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """
     if logits.shape[:2] != labels.shape:
         raise WsvdError(f"labels {tuple(labels.shape)} do not match logits {tuple(logits.shape[:2])}")
-    shifted = labels[:, 1:]
+    shifted = labels[:, 1:].to(logits.device)
     if not (shifted != -100).any():
         raise WsvdError("every label is masked (-100): nothing to compute a loss on")
     return torch.nn.functional.cross_entropy(
@@ -196,10 +201,10 @@ def collect_gradients(
             p.requires_grad_(name in fisher)
         for sample in tqdm(list(samples), desc="per-sample gradients", disable=not progress):
             if isinstance(sample, dict):
-                kwargs, labels = split_batch(sample)
+                kwargs, labels = split_batch(sample, captured.device)
             else:
                 ids, labels = sample if isinstance(sample, tuple) else (sample, sample)
-                kwargs, labels = {"input_ids": ids[None]}, labels[None]
+                kwargs, labels = {"input_ids": ids[None].to(captured.device)}, labels[None]
             with torch.enable_grad():
                 loss = next_token_loss(gm(**kwargs), labels)
                 grads = torch.autograd.grad(loss, [params[t] for t in targets])

@@ -50,6 +50,11 @@ class CapturedGraph:
     dynamic_shapes: dict | None
     config: object  # the model's (text) config: rope theta, vocab size, ...
 
+    @property
+    def device(self) -> torch.device:
+        """Where the graph's inputs (and its parameters and caches) live."""
+        return next(iter(self.example_kwargs.values())).device
+
     def reexport(self) -> torch.export.ExportedProgram:
         """Export the (possibly edited) graph module again, keeping the dynamic dims."""
         return torch.export.export(
@@ -63,6 +68,11 @@ def _unlift(ep: torch.export.ExportedProgram) -> torch.fx.GraphModule:
     if "check_guards" in inspect.signature(ep.module).parameters:
         return ep.module(check_guards=False)
     return ep.module()
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's parameters (graph inputs are built there)."""
+    return next(model.parameters()).device
 
 
 def _text_config(model: torch.nn.Module):
@@ -99,7 +109,7 @@ def capture_forward(model: torch.nn.Module, *, example_batch: int = 2, example_l
     if getattr(model, "training", False):
         model.eval()
     max_len = int(getattr(config, "max_position_embeddings", 4096))
-    example = torch.zeros(example_batch, example_len, dtype=torch.long)
+    example = torch.zeros(example_batch, example_len, dtype=torch.long, device=model_device(model))
     dynamic = {"input_ids": {0: torch.export.Dim("batch", max=1024), 1: torch.export.Dim("seq", min=2, max=max_len)}}
     try:
         with torch.no_grad():
@@ -129,9 +139,10 @@ def capture_decode(model: torch.nn.Module, *, batch_size: int = 1, max_cache_len
         if generation_config is not None:
             generation_config.cache_implementation = "static"
         wrapper = TorchExportableModuleForDecoderOnlyLM(model, batch_size=batch_size, max_cache_len=max_cache_len)
+        device = model_device(model)
         example = {
-            "input_ids": torch.zeros(batch_size, 1, dtype=torch.long),
-            "cache_position": torch.zeros(1, dtype=torch.long),
+            "input_ids": torch.zeros(batch_size, 1, dtype=torch.long, device=device),
+            "cache_position": torch.zeros(1, dtype=torch.long, device=device),
         }
         with torch.no_grad():
             ep = wrapper.export(**example, strict=True)  # non-strict lifts the cache as constants

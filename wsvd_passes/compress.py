@@ -63,7 +63,8 @@ def calibrate(
         if key not in groups:
             groups[key] = [g for s in sites for g in split_groups(
                 s.layer, weights[s.layer],
-                make_scaling(stats[s.layer].qkv, r.scaling, s.hidden_size, alpha=r.alpha, where=f"layer {s.layer}"),
+                make_scaling(stats[s.layer].qkv, r.scaling, s.hidden_size, alpha=r.alpha, where=f"layer {s.layer}",
+                             device=stats[s.layer].qkv.gram.device),
                 r.granularity, s.head_dim)]
     accumulators = {key: ImportanceAccumulator(groups[key], sites[0].head_dim)
                     for key in {(r.granularity, r.scaling) for r in recipes if r.factor and r.allocation == "importance"}}
@@ -154,9 +155,9 @@ class _Analysis:
             sums[i] += float(((g.weight - up.double() @ down.double()) @ S).square().sum())
         sums[2] += float(g.sigma.square().sum())
         name = f"layer{g.layer}.{g.name}" + (f".head{g.head}" if g.head is not None else "")
-        self.spectra[f"{name}.before"] = g.sigma.float()
+        self.spectra[f"{name}.before"] = g.sigma.float().cpu()
         after = torch.linalg.svdvals(final[0].double() @ final[1].double() @ S)
-        self.spectra[f"{name}.after"] = after[: final[0].shape[1]].float()
+        self.spectra[f"{name}.after"] = after[: final[0].shape[1]].float().cpu()
 
     def relative_errors(self) -> dict[int, dict[str, dict[str, float]]]:
         out: dict[int, dict[str, dict[str, float]]] = {}
@@ -221,7 +222,8 @@ def tune_beta(captured: CapturedGraph, calib: Calibration, recipe: Recipe, rho1:
     for beta in grid:
         candidate = dataclasses.replace(recipe, beta=beta)
         compressed, _ = compress(captured, calib, candidate, rho1, bits)
-        losses[beta] = evaluate(lambda ids: compressed.gm(input_ids=ids), data, progress=False).nll
+        losses[beta] = evaluate(lambda ids: compressed.gm(input_ids=ids), data, progress=False,
+                                device=captured.device).nll
     best = min(grid, key=losses.__getitem__)  # ties keep the earlier grid value
     return dataclasses.replace(recipe, beta=best), losses
 

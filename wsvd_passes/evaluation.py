@@ -48,8 +48,12 @@ def evaluate(
     reference: Logits | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    device: torch.device | None = None,
 ) -> EvalResult:
-    """Score ``logits_fn`` on ``windows`` (int64 [n, S], or image-text samples); compare with ``reference``."""
+    """Score ``logits_fn`` on ``windows`` (int64 [n, S], or image-text samples); compare with ``reference``.
+
+    Inputs are moved to ``device`` (the models' device) when given; scores are float64.
+    """
     if isinstance(windows, list):
         batches = windows
     elif windows.ndim != 2 or windows.shape[1] < 2:
@@ -60,11 +64,12 @@ def evaluate(
     tokens = 0
     with torch.no_grad():
         for batch in tqdm(batches, desc="evaluation", disable=not progress):
-            kwargs, labels = split_batch(batch)
-            inputs = kwargs if isinstance(batch, dict) else batch
-            keep = labels[:, 1:] != -100
-            target = labels[:, 1:][keep]
-            logp = F.log_softmax(logits_fn(inputs)[:, :-1].double(), -1)[keep]
+            kwargs, labels = split_batch(batch, device)
+            inputs = kwargs if isinstance(batch, dict) else kwargs["input_ids"]
+            logits = logits_fn(inputs)
+            keep = labels[:, 1:].to(logits.device) != -100
+            target = labels[:, 1:].to(logits.device)[keep]
+            logp = F.log_softmax(logits[:, :-1].double(), -1)[keep]
             nll += float(-logp.gather(1, target[:, None]).sum())
             tokens += target.numel()
             if reference is not None:

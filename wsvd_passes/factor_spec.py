@@ -1,10 +1,11 @@
 """The layout of a factored projection, as :class:`~wsvd_passes.factorize.FactorizeQKV` recorded it.
 
-The factorisation pass stores, next to each up-projection ``<attn>.wsvd.{p}_up``, the buffer
-``<attn>.wsvd.{p}_ranks`` (int64, the kept rank per latent block) and once per layer
-``<attn>.wsvd.granularity`` (int64 code of "joint", "projection" or "head"). Buffers survive re-export,
-artifacts and every later pass, so this is the one place later passes and lowering read the layout from:
-nothing re-derives it by probing the factors for zeros.
+The factorisation pass puts a :class:`FactorSpec` in the meta of each up-projection node it creates
+(``node.meta["wsvd_factor"]``, state carried in node meta as torch.ao's pt2e does), and the rank per
+latent block in the buffer ``<attn>.wsvd.{p}_ranks`` beside the factors. Later passes keep the node
+(they replace its tensors, not the node) and lowering reads the cache shapes, so this is the one place
+the layout is read from: nothing re-derives it by probing the factors for zeros, and it works on fake
+tensors. Artifacts rebuild it by replaying the passes.
 
     joint       one latent C [.., r] shared by q, k and v                  blocks 1, width r
     projection  one latent per projection C_p [.., r_p]                     blocks 1, width r_p
@@ -16,12 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-from torch.fx import GraphModule
+from torch.fx import Node
 
 from .errors import WsvdError
 
-GRANULARITIES = ("joint", "projection", "head")
+FACTOR_META = "wsvd_factor"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,24 +45,9 @@ def ranks_target(up: str) -> str:
     return f"{owner}.{leaf.partition('_up')[0]}_ranks"
 
 
-def granularity_target(up: str) -> str:
-    """The layer's granularity buffer, beside its factors."""
-    return f"{up.rpartition('.')[0]}.granularity"
-
-
-def granularity_code(granularity: str) -> torch.Tensor:
-    return torch.tensor(GRANULARITIES.index(granularity), dtype=torch.long)
-
-
-def factor_spec(gm: GraphModule, up: str, latent_width: int) -> FactorSpec:
-    """The layout of the factored projection whose up-projection is the tensor ``up`` and whose latent
-    (the up-projection's input) has ``latent_width`` columns."""
-    try:
-        ranks = tuple(gm.get_buffer(ranks_target(up)).tolist())
-        granularity = GRANULARITIES[int(gm.get_buffer(granularity_target(up)))]
-    except AttributeError:
-        raise WsvdError(f"{up}: no factor layout recorded beside it (factor the graph with FactorizeQKV)") from None
-    blocks = len(ranks) if granularity == "head" else 1
-    if latent_width % blocks:
-        raise WsvdError(f"{up}: a latent of {latent_width} columns does not split into {blocks} heads")
-    return FactorSpec(granularity, blocks, ranks, latent_width // blocks)
+def factor_spec(up_node: Node) -> FactorSpec:
+    """The layout recorded on a factored projection's up-projection node."""
+    spec = up_node.meta.get(FACTOR_META)
+    if spec is None:
+        raise WsvdError(f"{up_node.name}: no factor layout recorded on it (factor the graph with FactorizeQKV)")
+    return spec

@@ -12,8 +12,8 @@ zero columns of U (exact). Everything stays ``aten.linear``, which export keeps 
 one op, so the factored graph re-exports and :func:`~wsvd_passes.sites.find_sites`
 recognises ``linear(linear(x, D), U)`` as a factored projection. New tensors live
 under ``<attention module>.wsvd``: ``{name}_down``, ``{p}_up``, int64 ``{p}_ranks`` (rank per
-head; one entry for the other granularities) and ``granularity``: the layout record that
-:mod:`wsvd_passes.factor_spec` reads back for every later pass.
+head; one entry for the other granularities); the layout record every later pass reads is the
+:class:`~wsvd_passes.factor_spec.FactorSpec` in each new up-projection node's meta.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 from torch.fx import GraphModule
 
 from .errors import WsvdError
-from .factor_spec import granularity_code, granularity_target, ranks_target
+from .factor_spec import FACTOR_META, FactorSpec, ranks_target
 from .graph_utils import add_tensor_attr, copy_meta, get_attr_node, infer_val, remove_attr_if_unused
 from .lowrank import PROJECTIONS
 from .pipeline import GraphPass
@@ -45,12 +45,10 @@ class LayerFactors:
     ranks: dict[str, list[int]]  # per projection: rank per head (head) or [rank] (other granularities)
 
 
-
-
 def block_diagonal(U: torch.Tensor, n: int) -> bool:
     """True when U [n H, n r] has n diagonal blocks and zeros elsewhere (per-head factors)."""
     rows, cols = U.shape[0] // n, U.shape[1] // n
-    mask = torch.block_diag(*[torch.ones(rows, cols, dtype=torch.bool)] * n)
+    mask = torch.block_diag(*[torch.ones(rows, cols, dtype=torch.bool, device=U.device)] * n)
     return U.shape == mask.shape and not bool(U.detach()[~mask].any())
 
 
@@ -81,7 +79,8 @@ class FactorizeQKV(GraphPass):
         if any(p.factored for p in projections.values()):
             raise WsvdError(f"layer {site.layer} is already factored; factor a fresh capture")
         owner = projections["q"].weight.rpartition(".")[0].rpartition(".")[0] + ".wsvd"
-        dtype = gm.get_parameter(projections["q"].weight).dtype
+        weight = gm.get_parameter(projections["q"].weight)
+        device, dtype = weight.device, weight.dtype
         missing = [p for p in PROJECTIONS if p not in f.ups or f.latent_of.get(p) not in f.downs]
         if missing:
             raise WsvdError(f"layer {site.layer}: the plan has no factors for {', '.join(missing)}")
@@ -103,20 +102,22 @@ class FactorizeQKV(GraphPass):
         for latent_name, down in f.downs.items():
             if down.shape[1] != site.hidden_size:
                 raise WsvdError(f"layer {site.layer}: down-projection {latent_name} takes {down.shape[1]} inputs, not {site.hidden_size}")
-            add_tensor_attr(gm, f"{owner}.{latent_name}_down", down.to(dtype).contiguous(), parameter=True)
+            add_tensor_attr(gm, f"{owner}.{latent_name}_down", down.to(device, dtype).contiguous(), parameter=True)
             d_node = get_attr_node(gm, f"{owner}.{latent_name}_down", first)
             with gm.graph.inserting_before(first):
                 latents[latent_name] = infer_val(gm, copy_meta(
                     gm.graph.call_function(aten.linear.default, (site.qkv_input, d_node)), first))
-        add_tensor_attr(gm, granularity_target(f"{owner}.q_up"), granularity_code(f.granularity), parameter=False)
         for name, proj in projections.items():
-            add_tensor_attr(gm, f"{owner}.{name}_up", f.ups[name].to(dtype).contiguous(), parameter=True)
-            add_tensor_attr(gm, ranks_target(f"{owner}.{name}_up"), torch.tensor(f.ranks[name], dtype=torch.long),
-                            parameter=False)
+            add_tensor_attr(gm, f"{owner}.{name}_up", f.ups[name].to(device, dtype).contiguous(), parameter=True)
+            add_tensor_attr(gm, ranks_target(f"{owner}.{name}_up"),
+                            torch.tensor(f.ranks[name], dtype=torch.long, device=device), parameter=False)
             u_node = get_attr_node(gm, f"{owner}.{name}_up", proj.node)
             args = (latents[f.latent_of[name]], u_node) + ((proj.node.args[2],) if len(proj.node.args) > 2 else ())
             with gm.graph.inserting_before(proj.node):
                 new = infer_val(gm, copy_meta(gm.graph.call_function(aten.linear.default, args), proj.node))
+            width = f.downs[f.latent_of[name]].shape[0]
+            blocks = len(f.ranks[name]) if f.granularity == "head" else 1
+            new.meta[FACTOR_META] = FactorSpec(f.granularity, blocks, tuple(f.ranks[name]), width // blocks)
             proj.node.replace_all_uses_with(new)
             gm.graph.erase_node(proj.node)
             remove_attr_if_unused(gm, proj.weight)

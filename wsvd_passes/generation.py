@@ -43,7 +43,7 @@ def generate(
     decoder: CapturedGraph, prompt: torch.Tensor, max_new_tokens: int, *, step: Callable | None = None,
     temperature: float = 0.0, top_k: int | None = None, seed: int | None = None,
 ) -> torch.Tensor:
-    """Continue ``prompt`` (int64 [B, P]); returns [B, P + max_new_tokens].
+    """Continue ``prompt`` (int64 [B, P]); returns [B, P + max_new_tokens] on the decoder's device.
 
     ``temperature == 0`` is greedy; otherwise tokens are sampled from softmax(logits / T),
     restricted to the ``top_k`` most likely when given, with a seeded generator.
@@ -63,13 +63,14 @@ def generate(
             "positions: capture the decode graph with a larger max_cache_len"
         )
     step = decoder.gm if step is None else step
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    tokens = torch.empty(batch, total, dtype=prompt.dtype)
+    device = decoder.device
+    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    tokens = torch.empty(batch, total, dtype=prompt.dtype, device=device)
     tokens[:, : prompt.shape[1]] = prompt
     for pos in range(total - 1):
         # a fresh contiguous [B, 1] tensor: a compiled step then sees the same strides at every length
         ids = tokens[:, pos : pos + 1].clone(memory_format=torch.contiguous_format)
-        logits = step(input_ids=ids, cache_position=torch.tensor([pos]))
+        logits = step(input_ids=ids, cache_position=torch.tensor([pos], device=device))
         if pos + 1 >= prompt.shape[1]:
             tokens[:, pos + 1] = _next_token(logits[:, -1].float(), temperature, top_k, generator)
     return tokens

@@ -13,15 +13,22 @@ from .errors import WsvdError
 
 
 def random_hadamard(n: int, seed: int) -> torch.Tensor:
-    """Seeded random-sign Hadamard rotation of order ``n`` (float64, orthogonal)."""
+    """Seeded random-sign Hadamard rotation of order ``n`` (float64, orthogonal).
+
+    Always a real CPU tensor, also when called under a FakeTensorMode (passes traced on fake
+    tensors): torchao caches its base matrices at first use, and a fake one cached there would
+    poison every later real call."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
     from torchao.prototype.spinquant.hadamard_utils import random_hadamard_matrix
 
     try:
-        H = random_hadamard_matrix(n, "cpu", seed=seed)
+        with unset_fake_temporarily():
+            H = random_hadamard_matrix(n, "cpu", seed=seed)
     except (AssertionError, TypeError):  # torchao asserts when n / K is not a power of two
         H = None
     if H is None or tuple(H.shape) != (n, n):
         raise WsvdError(f"no Hadamard matrix of order {n} is known (orders are 2^k times 1, 12, 20, 28, 36, 40, "
                         "44, 52, 60, 108, 140, 156 or 172); rotation needs such a hidden / head / MLP size")
     # torchao stores some base matrices in float32: snap the +-1/sqrt(n) entries back to exact values
-    return torch.round(H.double() * n**0.5) / n**0.5
+    with unset_fake_temporarily():
+        return torch.round(H.double() * n**0.5) / n**0.5

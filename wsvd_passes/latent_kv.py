@@ -80,10 +80,10 @@ class LatentKVCache(GraphPass):
             self._check(gm, site)
         length = sites[0].k_cache.max_len
         cos, sin = rope_tables(self.inv_freq, self.attention_scaling, length)
-        dtype = tensor_attr(gm, sites[0].k_cache.buffer).dtype
-        add_tensor_attr(gm, ROPE_COS, cos.to(dtype), parameter=False)
-        add_tensor_attr(gm, ROPE_SIN, sin.to(dtype), parameter=False)
-        add_tensor_attr(gm, ROPE_INV_FREQ, self.inv_freq.float(), parameter=False)
+        cache = tensor_attr(gm, sites[0].k_cache.buffer)  # tables, caches and factors follow its device
+        add_tensor_attr(gm, ROPE_COS, cos.to(cache.device, cache.dtype), parameter=False)
+        add_tensor_attr(gm, ROPE_SIN, sin.to(cache.device, cache.dtype), parameter=False)
+        add_tensor_attr(gm, ROPE_INV_FREQ, self.inv_freq.to(cache.device, torch.float32), parameter=False)
         add_tensor_attr(gm, ROPE_SCALING, torch.tensor(self.attention_scaling), parameter=False)
         for site in sites:
             self._rewrite(gm, site)
@@ -112,10 +112,10 @@ class LatentKVCache(GraphPass):
         B, n_kv, L, H = tensor_attr(gm, site.k_cache.buffer).shape
         n_q = site.n_heads
         owner = site.k_proj.down.rpartition(".")[0]
-        dtype = tensor_attr(gm, site.k_cache.buffer).dtype
+        device, dtype = tensor_attr(gm, site.k_cache.buffer).device, tensor_attr(gm, site.k_cache.buffer).dtype
         layout = _cache_layout(gm, site)
         for name, (_, heads, r) in layout.items():
-            add_tensor_attr(gm, f"{owner}.{name}_latent_cache", torch.zeros(B, heads, L, aligned(r), dtype=dtype),
+            add_tensor_attr(gm, f"{owner}.{name}_latent_cache", torch.zeros(B, heads, L, aligned(r), dtype=dtype, device=device),
                             parameter=False)
             self.bytes.latent += B * heads * L * aligned(r) * dtype.itemsize
         self.bytes.dense += 2 * B * n_kv * L * H * dtype.itemsize
@@ -190,7 +190,7 @@ def _cache_layout(gm: GraphModule, site: AttentionSite) -> dict[str, tuple[Node,
     one latent per kv head; joint factors cache the one shared latent; per-projection factors cache
     the K and V latents whole (one "head" each, every kv head reads all of it).
     """
-    specs = {p: factor_spec(gm, proj.up, tensor_attr(gm, proj.down).shape[0]) for p, proj in (("k", site.k_proj), ("v", site.v_proj))}
+    specs = {p: factor_spec(proj.node) for p, proj in (("k", site.k_proj), ("v", site.v_proj))}
     if specs["k"].granularity == "joint":
         return {"qkv": (site.k_proj.node.args[0], 1, specs["k"].width)}
     return {p: (proj.node.args[0], specs[p].blocks, specs[p].width) for p, proj in (("k", site.k_proj), ("v", site.v_proj))}

@@ -43,12 +43,14 @@ class Scaling:
     inv: torch.Tensor
 
 
-def make_scaling(stats: InputStats | None, method: str, width: int, *, alpha: float = 0.5, where: str = "") -> Scaling:
-    """The scaling matrix of one attention input of ``width`` features (see module docstring)."""
+def make_scaling(stats: InputStats | None, method: str, width: int, *, alpha: float = 0.5, where: str = "",
+                 device: torch.device | str = "cpu") -> Scaling:
+    """The scaling matrix of one attention input of ``width`` features (see module docstring), on the
+    device of ``stats`` (``device`` for ``none``)."""
     if method not in SCALINGS:
         raise WsvdError(f"unknown scaling {method!r}: use one of {', '.join(SCALINGS)}")
     if method == "none":
-        eye = torch.eye(width, dtype=torch.float64)
+        eye = torch.eye(width, dtype=torch.float64, device=device)
         return Scaling(eye, eye)
     if stats is None:
         raise WsvdError(f"scaling {method!r} needs calibration statistics: run collect_input_stats first")
@@ -56,7 +58,7 @@ def make_scaling(stats: InputStats | None, method: str, width: int, *, alpha: fl
         d = stats.absmean.clamp_min(1e-6 * float(stats.absmean.max())) ** alpha
         return Scaling(torch.diag(d), torch.diag(1.0 / d))
     L = whitening_factor(stats.gram, where=where)
-    eye = torch.eye(L.shape[0], dtype=torch.float64)
+    eye = torch.eye(L.shape[0], dtype=torch.float64, device=L.device)
     return Scaling(L, torch.linalg.solve_triangular(L, eye, upper=False))
 
 
@@ -69,7 +71,7 @@ def whitening_factor(gram: torch.Tensor, *, where: str = "") -> torch.Tensor:
     scale = float(gram.diagonal().mean())
     for exponent in range(-10, 0):
         jitter = scale * 10.0**exponent
-        L, info = torch.linalg.cholesky_ex(gram + jitter * torch.eye(gram.shape[0], dtype=gram.dtype))
+        L, info = torch.linalg.cholesky_ex(gram + jitter * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device))
         if info == 0:
             warnings.warn(f"{where}: Gram matrix is not positive definite; added jitter {jitter:.3g} to whiten it",
                           stacklevel=2)

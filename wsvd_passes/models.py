@@ -64,26 +64,42 @@ def cache_dir() -> Path:
     return Path(os.environ.get("WSVD_CACHE", Path.home() / ".cache" / "wsvd"))
 
 
-def load_model(name_or_path: str, *, seed: int = 0) -> LoadedModel:
-    """Load a registry name or a local checkpoint directory as a float32 eval-mode model."""
+def load_model(name_or_path: str, *, seed: int = 0, device: torch.device | str = "cpu",
+               dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a registry name or a local checkpoint directory as an eval-mode model on ``device`` in ``dtype``.
+
+    Tiny random models are initialised (seeded) in float32 and then cast, so that every dtype
+    holds the same model up to rounding.
+    """
     if name_or_path in TINY_CONFIGS:
-        return _tiny_model(name_or_path, seed)
-    if name_or_path in VLM_NAMES:
+        lm = _tiny_model(name_or_path, seed, dtype)
+    elif name_or_path in VLM_NAMES:
         from .vlm import load_vlm
 
-        return load_vlm(name_or_path, seed=seed)
-    if name_or_path == SMOLLM2:
-        return _load_checkpoint(_smollm2_checkpoint(), name=SMOLLM2)
-    path = Path(name_or_path)
-    if path.is_dir():
-        return _load_checkpoint(path, name=str(path))
-    raise WsvdError(
-        f"unknown model {name_or_path!r}: give one of {', '.join(MODEL_NAMES)} "
-        "or a local directory holding a Hugging Face checkpoint (config.json + weights)"
-    )
+        lm = load_vlm(name_or_path, seed=seed, dtype=dtype)
+    elif name_or_path == SMOLLM2:
+        lm = _load_checkpoint(_smollm2_checkpoint(), name=SMOLLM2, dtype=dtype)
+    elif Path(name_or_path).is_dir():
+        lm = _load_checkpoint(Path(name_or_path), name=str(name_or_path), dtype=dtype)
+    else:
+        raise WsvdError(
+            f"unknown model {name_or_path!r}: give one of {', '.join(MODEL_NAMES)} "
+            "or a local directory holding a Hugging Face checkpoint (config.json + weights)"
+        )
+    lm.model.to(device)
+    return lm
 
 
-def _tiny_model(name: str, seed: int) -> LoadedModel:
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast the floating-point parameters only, as ``from_pretrained(dtype=...)`` leaves a model:
+    buffers such as the rotary ``inv_freq`` stay float32 (rounding it would move every RoPE angle)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(dtype)
+    return model
+
+
+def _tiny_model(name: str, seed: int, dtype: torch.dtype) -> LoadedModel:
     import transformers
 
     cls_name, overrides = TINY_CONFIGS[name]
@@ -94,10 +110,10 @@ def _tiny_model(name: str, seed: int) -> LoadedModel:
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # The byte-level tokenizer needs no vocabulary file, so tiny models work offline.
     tokenizer = transformers.ByT5Tokenizer()
-    return LoadedModel(name, model.eval(), tokenizer)
+    return LoadedModel(name, cast_parameters(model, dtype).eval(), tokenizer)
 
 
-def _load_checkpoint(path: Path, *, name: str) -> LoadedModel:
+def _load_checkpoint(path: Path, *, name: str, dtype: torch.dtype) -> LoadedModel:
     import transformers
 
     if not (path / "config.json").is_file():
@@ -109,7 +125,7 @@ def _load_checkpoint(path: Path, *, name: str) -> LoadedModel:
     if getattr(config, "vision_config", None) is not None and type(config) in transformers.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
         from .vlm import load_vlm
 
-        return load_vlm(str(path))
+        return load_vlm(str(path), dtype=dtype)
     if type(config) not in transformers.MODEL_FOR_CAUSAL_LM_MAPPING:
         raise WsvdError(
             f"{path} holds a {type(config).__name__.removesuffix('Config')} model, which is not a causal "
@@ -117,7 +133,7 @@ def _load_checkpoint(path: Path, *, name: str) -> LoadedModel:
         )
     if not any(f.name.startswith(("tokenizer", "vocab")) for f in path.iterdir()):
         raise WsvdError(f"{path} has no tokenizer files: save the tokenizer next to the weights (tokenizer.save_pretrained)")
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     return LoadedModel(name, model.eval(), tokenizer)
 

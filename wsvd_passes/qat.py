@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .calibration import collect_gradients
 from .capture import CapturedGraph
 from .errors import WsvdError
-from .factor_spec import factor_spec, ranks_target
+from .factor_spec import factor_spec
 from .graph_utils import tensor_attr
 from .lowrank import PROJECTIONS
 from .pipeline import GraphPass, Pipeline
@@ -107,7 +107,7 @@ class _Rotation(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.empty_like(start))
         orthogonal(self, "weight", orthogonal_map="cayley")
         self.weight = start  # sets the trivialisation base: weight == start, skew part 0
-        keep = torch.arange(start.shape[-1]) < torch.tensor(ranks)[:, None]  # [n, r]
+        keep = torch.arange(start.shape[-1], device=start.device) < torch.tensor(ranks, device=start.device)[:, None]  # [n, r]
         mask = (keep[:, :, None] & keep[:, None, :]).to(start.dtype)
         self.parametrizations.weight.original.register_hook(lambda grad: grad * mask)
 
@@ -129,7 +129,8 @@ def local_qat(W: torch.Tensor, F: torch.Tensor, up: torch.Tensor, down: torch.Te
     n, r = down.shape[0], down.shape[1]
     Fn = F.float() / F.float().flatten(1).mean(1).clamp_min(torch.finfo(torch.float32).tiny)[:, None, None]
     W = W.float()
-    rotation = _Rotation((start if start is not None else torch.eye(r).expand(n, r, r)).float(), ranks or [r] * n)
+    rotation = _Rotation((start if start is not None else torch.eye(r, device=down.device).expand(n, r, r)).float(),
+                         ranks or [r] * n)
     A = up.float().clone().requires_grad_(True)
     B = down.float().clone().requires_grad_(True)
     opt = torch.optim.Adam([{"params": [A, B], "lr": lr}, {"params": rotation.parameters(), "lr": s2_lr}])
@@ -177,7 +178,7 @@ class LocalQAT(GraphPass):
                 proj = getattr(site, f"{p}_proj")
                 if (site.layer, p) not in self.targets:
                     raise WsvdError(f"layer {site.layer} {p}: no QAT target; measure targets on the same model")
-                if not proj.factored or proj.up is None or not factor_spec(gm, proj.up, tensor_attr(gm, proj.down).shape[0]).per_head:
+                if not proj.factored or proj.up is None or not factor_spec(proj.node).per_head:
                     raise WsvdError(f"layer {site.layer} {p}: local QAT needs per-head factors (granularity 'head')")
                 self._train(gm, site, proj, heads[p], self.targets[(site.layer, p)], generator)
         return True
@@ -185,15 +186,16 @@ class LocalQAT(GraphPass):
     def _train(self, gm, site, proj, n, target: QATTarget, generator) -> None:
         U, D = tensor_attr(gm, proj.up).detach(), tensor_attr(gm, proj.down).detach()
         d, r_max = U.shape[0] // n, D.shape[0] // n
-        ranks = gm.get_buffer(ranks_target(proj.up)).tolist()
+        ranks = list(factor_spec(proj.node).ranks)
         ups = torch.stack([U[h * d:(h + 1) * d, h * r_max:(h + 1) * r_max] for h in range(n)]).float()
         downs = D.reshape(n, r_max, -1).float()
-        W, F = target.weight.reshape(n, d, -1), target.fisher.reshape(n, d, -1)
+        W, F = (t.reshape(n, d, -1).to(U.device) for t in (target.weight, target.fisher))
         if W.shape != (n, d, D.shape[1]):
             raise WsvdError(f"layer {site.layer}: QAT target {tuple(target.weight.shape)} does not match the factors")
         start = torch.eye(r_max).repeat(n, 1, 1)
         for h, r in enumerate(ranks):  # one independent draw per head, identity on its padding
             start[h, :r, :r] = random_rotations(1, r, generator)[0].float()
+        start = start.to(U.device)
         ups, downs, _, losses = local_qat(W, F, ups, downs, self.weight_bits, steps=self.steps, lr=self.lr,
                                           s2_lr=self.s2_lr, start=start, ranks=ranks)
         self.report["loss_before"] += losses["loss_before"]

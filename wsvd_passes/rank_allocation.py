@@ -65,7 +65,7 @@ class ImportanceAccumulator:
         # g_i = u_i^T G (S^-T v_i): precompute the right directions S^-T V [E, k] in float32.
         self._right = [(g.scaling.inv.T @ g.Vh.T).float() for g in groups]
         self._left = [g.U.float() for g in groups]
-        self.sum_sq = [torch.zeros(len(g.sigma), dtype=torch.float64) for g in groups]
+        self.sum_sq = [torch.zeros(len(g.sigma), dtype=torch.float64, device=g.sigma.device) for g in groups]
         self.samples = 0
 
     def _grad_of(self, g: Group, grads: dict) -> torch.Tensor:
@@ -94,7 +94,7 @@ def importance_ranks(groups: list[Group], scores: dict[tuple, torch.Tensor], rho
     chosen: dict[tuple, list[int]] = {g.key: [] for g in groups}
     candidates = []
     for gi, g in enumerate(groups):
-        s = scores[g.key]
+        s = scores[g.key].cpu()  # read element by element below
         if not torch.isfinite(s).all():
             raise WsvdError(f"importance scores of group {g.key} are not finite; check the calibration gradients")
         order = sorted(range(len(s)), key=lambda i: (-float(s[i]), i))

@@ -40,7 +40,8 @@ def replace_tensor_arg(gm: GraphModule, user: Node, index: int, value: torch.Ten
     while _exists(gm, target):
         n += 1
         target = f"{old.target}_{suffix}{n}"
-    add_tensor_attr(gm, target, value.to(current.dtype).contiguous(), parameter=isinstance(current, torch.nn.Parameter))
+    add_tensor_attr(gm, target, value.to(current.device, current.dtype).contiguous(),
+                    parameter=isinstance(current, torch.nn.Parameter))
     user.replace_input_with(old, get_attr_node(gm, target, user))
     remove_attr_if_unused(gm, old.target)
 
@@ -66,13 +67,14 @@ class RotateResidual(GraphPass):
     def transform(self, gm: GraphModule, sites: list[AttentionSite]) -> bool:
         stream = find_residual_stream(gm)
         E = stream.embedding.meta["val"].shape[-1]
-        S1 = random_hadamard(E, self.seed)
+        S1 = random_hadamard(E, self.seed).to(stream.embedding.meta["val"].device)
         if _is(stream.embedding, aten.embedding.default):
             replace_tensor_arg(gm, stream.embedding, 0, _weight(gm, stream.embedding, 0) @ S1, "rot")
         else:
             _rotate_input(gm, stream.embedding, S1)
         for norm in stream.norms:
-            gamma = tensor_attr(gm, norm.gamma).detach().double() if norm.gamma else torch.ones(E, dtype=torch.float64)
+            gamma = (tensor_attr(gm, norm.gamma).detach().double() if norm.gamma
+                     else torch.ones(E, dtype=torch.float64, device=S1.device))
             for reader in norm.readers:
                 replace_tensor_arg(gm, reader, 1, _weight(gm, reader) * gamma[None, :] @ S1, "rot")
             if norm.gamma:
@@ -90,7 +92,7 @@ def _rotate_input(gm: GraphModule, x: Node, S1: torch.Tensor) -> None:
     """Embeddings fed to the graph (VLM decoders) are rotated on entry: ``x -> x S1`` (a linear with S1^T)."""
     if x.op != "placeholder":
         raise WsvdError("the graph input is already rotated: run RotateResidual once")
-    add_tensor_attr(gm, INPUT_ROTATION, S1.T.to(x.meta["val"].dtype).contiguous(), parameter=False)
+    add_tensor_attr(gm, INPUT_ROTATION, S1.T.to(x.meta["val"].device, x.meta["val"].dtype).contiguous(), parameter=False)
     after_inputs = [n for n in gm.graph.nodes if n.op == "placeholder"][-1].next
     with gm.graph.inserting_before(after_inputs):
         weight = gm.graph.get_attr(INPUT_ROTATION)
@@ -110,9 +112,9 @@ class RotateValueHeads(GraphPass):
             if site.latent_kv:
                 raise WsvdError(f"layer {site.layer}: rotate V before the latent-KV rewrite")
             D = site.head_dim
-            R = random_hadamard(D, self.seed + site.layer)
             v = site.v_proj.node  # dense W_v [n_kv D, E] or factored U_v [n_kv D, r]: rotate each head's rows
             W = _weight(gm, v)
+            R = random_hadamard(D, self.seed + site.layer).to(W.device)
             replace_tensor_arg(gm, v, 1, torch.cat([R.T @ block for block in W.split(D)]), "vrot")
             if len(v.args) > 2 and v.args[2] is not None:
                 b = _weight(gm, v, 2)
@@ -135,10 +137,10 @@ class OnlineHadamard(GraphPass):
             if writer in attention_outputs:
                 continue
             W = _weight(gm, writer)
-            H = random_hadamard(W.shape[1], self.seed)
+            H = random_hadamard(W.shape[1], self.seed).to(W.device)
             owner = writer.args[1].target.rpartition(".")[0]
-            add_tensor_attr(gm, f"{owner}.online_hadamard", H.T.to(tensor_attr(gm, writer.args[1].target).dtype).contiguous(),
-                            parameter=False)
+            add_tensor_attr(gm, f"{owner}.online_hadamard", H.T.to(W.device, tensor_attr(gm, writer.args[1].target).dtype)
+                            .contiguous(), parameter=False)
             x = writer.args[0]
             with gm.graph.inserting_before(writer):
                 rotated = infer_val(gm, copy_meta(gm.graph.call_function(

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .capture import CapturedGraph, _export_error, _unlift
+from .capture import CapturedGraph, _export_error, _unlift, model_device
 from .errors import WsvdError
 
 # The text decoder of every tiny VLM: GQA 3:1, head_dim 16, random weights.
@@ -157,9 +157,9 @@ def uses_mrope(config) -> bool:
     return "mrope_section" in (getattr(text, "rope_parameters", None) or {})
 
 
-def load_vlm(name_or_path: str, *, seed: int = 0):
-    """A tiny VLM by name, or a local checkpoint directory, as a float32 eval-mode ``LoadedModel``."""
-    from .models import LoadedModel
+def load_vlm(name_or_path: str, *, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A tiny VLM by name, or a local checkpoint directory, as an eval-mode ``LoadedModel`` in ``dtype``."""
+    from .models import LoadedModel, cast_parameters
 
     if name_or_path in _TINY:
         model_cls, config, processor = _TINY[name_or_path](byte_tokenizer())
@@ -167,17 +167,17 @@ def load_vlm(name_or_path: str, *, seed: int = 0):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = model_cls(config).to(torch.float32)
-        return LoadedModel(name_or_path, model.eval(), processor.tokenizer, processor)
-    return _load_checkpoint(Path(name_or_path))
+        return LoadedModel(name_or_path, cast_parameters(model, dtype).eval(), processor.tokenizer, processor)
+    return _load_checkpoint(Path(name_or_path), dtype)
 
 
-def _load_checkpoint(path: Path):
+def _load_checkpoint(path: Path, dtype: torch.dtype):
     import transformers
 
     from .models import LoadedModel
 
     try:
-        model = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32,
+        model = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=dtype,
                                                                          attn_implementation="sdpa")
     except (ValueError, OSError) as e:
         raise WsvdError(f"cannot load the vision-language model in {path}: {str(e).strip().splitlines()[0]}") from None
@@ -214,10 +214,11 @@ def capture_vlm_forward(model: torch.nn.Module, *, example_batch: int = 2, examp
     model.eval()
     batch = torch.export.Dim("batch", max=1024)
     seq = torch.export.Dim("seq", min=2, max=int(getattr(config, "max_position_embeddings", 4096)))
-    example = {"inputs_embeds": torch.zeros(example_batch, example_len, config.hidden_size)}
+    device, dtype = model_device(model), model.dtype
+    example = {"inputs_embeds": torch.zeros(example_batch, example_len, config.hidden_size, device=device, dtype=dtype)}
     dynamic = {"inputs_embeds": {0: batch, 1: seq}}
     if uses_mrope(model.config):
-        positions = torch.arange(example_len).expand(3, example_batch, example_len).contiguous()
+        positions = torch.arange(example_len, device=device).expand(3, example_batch, example_len).contiguous()
         example["position_ids"], dynamic["position_ids"] = positions, {1: batch, 2: seq}
     try:
         with torch.no_grad():
@@ -241,8 +242,9 @@ def capture_vlm_decode(model: torch.nn.Module, *, batch_size: int = 1, max_cache
     try:
         generation_config.cache_implementation = "static"
         wrapper = TorchExportableModuleForDecoderOnlyLM(model, batch_size=batch_size, max_cache_len=max_cache_len)
-        example = {"inputs_embeds": torch.zeros(batch_size, 1, config.hidden_size),
-                   "cache_position": torch.zeros(1, dtype=torch.long)}
+        device = model_device(model)
+        example = {"inputs_embeds": torch.zeros(batch_size, 1, config.hidden_size, device=device, dtype=model.dtype),
+                   "cache_position": torch.zeros(1, dtype=torch.long, device=device)}
         with torch.no_grad():
             ep = wrapper.export(**example, strict=True)
     except Exception as e:  # noqa: BLE001 - re-raised as one user-facing line
@@ -276,9 +278,12 @@ def decoder_inputs(model: torch.nn.Module, processed: dict) -> DecoderInputs:
         seen.update(kwargs)
         raise _DecoderReached
 
+    device = model_device(model)
+    inputs = {k: v.to(device, model.dtype if v.is_floating_point() else v.dtype) if torch.is_tensor(v) else v
+              for k, v in processed.items()}  # pixel values in the model's dtype
     handle = model.get_decoder().register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        model(**processed, use_cache=False)
+        model(**inputs, use_cache=False)
     except _DecoderReached:
         pass
     finally:
@@ -286,7 +291,7 @@ def decoder_inputs(model: torch.nn.Module, processed: dict) -> DecoderInputs:
     if seen.get("inputs_embeds") is None:
         raise WsvdError(f"{type(model).__name__} did not call its language decoder with inputs_embeds: unsupported VLM")
     ids = processed["input_ids"]
-    kwargs = {"inputs_embeds": seen["inputs_embeds"].float()}
+    kwargs = {"inputs_embeds": seen["inputs_embeds"].to(model.dtype)}
     if kwargs["inputs_embeds"].shape[:2] != ids.shape:
         raise WsvdError(f"the decoder sees {kwargs['inputs_embeds'].shape[1]} positions for {ids.shape[1]} tokens: "
                         "the processor and the model disagree on the number of image tokens")
@@ -300,7 +305,7 @@ def decoder_inputs(model: torch.nn.Module, processed: dict) -> DecoderInputs:
 
 def append_token(model: torch.nn.Module, kwargs: dict, token: torch.Tensor) -> dict:
     """Graph kwargs for the sequence extended by ``token`` [B] (a text token: its 3 positions advance together)."""
-    embed = model.get_input_embeddings()(token)[:, None].float()
+    embed = model.get_input_embeddings()(token)[:, None].to(kwargs["inputs_embeds"].dtype)
     out = {"inputs_embeds": torch.cat([kwargs["inputs_embeds"], embed], 1)}
     if "position_ids" in kwargs:
         pos = kwargs["position_ids"]
