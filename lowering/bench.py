@@ -199,10 +199,14 @@ def versions() -> dict:
 
 
 def bench_decode(*, device: str, quick: bool = False, layers: int | None = None, batch: int = 1, cache_len: int = 4096,
-                 steps: int = 32, rank_ratio: float = 0.5, compile: bool = True, seed: int = 0,
-                 dtype: torch.dtype | None = None) -> dict:
+                 steps: int = 32, rank_ratio: float = 0.5, compile: bool = True, cuda_graphs: bool = False,
+                 seed: int = 0, dtype: torch.dtype | None = None) -> dict:
     """Check, then time, the dense variants and the latent-cache decode step in the same run
-    (``dtype`` default: float32 on the CPU, bfloat16 on CUDA)."""
+    (``dtype`` default: float32 on the CPU, bfloat16 on CUDA). ``cuda_graphs``: every variant is
+    compiled with ``mode="reduce-overhead"`` (CUDA-graph replays: no per-kernel launch cost)."""
+    if cuda_graphs and (device != "cuda" or not compile):
+        raise ValueError("cuda_graphs needs device cuda and compile=True")
+    options = {"mode": "reduce-overhead"} if cuda_graphs else {}
     shape = dict(QUICK if quick else LLAMA2_7B, **({"layers": layers} if layers else {}))
     dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
     model = _llama(shape, device, dtype, seed)
@@ -222,8 +226,8 @@ def bench_decode(*, device: str, quick: bool = False, layers: int | None = None,
     gen = torch.Generator().manual_seed(seed + 1)
     ids = [torch.randint(0, shape["vocab"], (batch, 1), generator=gen).to(device) for _ in range(steps)]
     positions = [torch.tensor([start + i], device=device) for i in range(steps)]
-    dense_fn, latent_fn = (compile_step(d) if compile else d.gm for d in (dense, latent))
-    prefix_fn = torch.compile(prefix, fullgraph=True) if compile else prefix  # valid_len becomes dynamic
+    dense_fn, latent_fn = (compile_step(d, **options) if compile else d.gm for d in (dense, latent))
+    prefix_fn = torch.compile(prefix, fullgraph=True, **options) if compile else prefix  # valid_len becomes dynamic
     variants: dict[str, Step] = {
         REFERENCE: lambda i: dense_fn(input_ids=ids[i], cache_position=positions[i]),
         "sdpa-prefix": lambda i: prefix_fn(ids[i], positions[i], start + i + 1)[0],
@@ -246,6 +250,7 @@ def bench_decode(*, device: str, quick: bool = False, layers: int | None = None,
         "positions": [start, cache_len], "dtype": str(dtype), "rank_ratio": rank_ratio,
         "rank": report.ranks[0]["k"][0], "rho1": report.rho1, "rho2": report.rho2,
         "cache_bytes_dense": rewrite.bytes.dense, "cache_bytes_latent": rewrite.bytes.latent, "compiled": compile,
+        "cuda_graphs": cuda_graphs,
         "check": {"tolerance": tolerance, "metric": "relative Frobenius error of the logits vs " + REFERENCE,
                   "variants": check},
         "correct": all(c["passed"] for c in check.values()),

@@ -67,3 +67,29 @@ def test_decode_latent_and_lowered_graphs_reproduce_the_evaluated_graph(tmp_path
     int8 = [name for name, b in cache_buffers(lowered).items() if b.dtype == torch.int8]
     assert bool(int8) == (bits != "w16a16"), "8-bit-or-fewer latents are cached as int8 codes"
     _close(steps(lowered, IDS), evaluated, "lowered graph")
+
+
+@pytest.mark.slow
+def test_smollm2_wsvd_w8a8_artifact_decodes_what_was_evaluated(tmp_path, smollm2, smollm2_forward):
+    """SmolLM2-135M, full wsvd W8A8 at rho1 0.5 (4 calibration windows of 128 tokens; about 10 minutes): the reloaded
+    artifact's lowered decode graph (int8 latents) reproduces the evaluated graph's logits step by step, and
+    generates the same greedy tokens lowered and not lowered."""
+    from wsvd_passes.data import pydoc_text, token_windows
+    from wsvd_passes.generation import greedy_generate
+
+    windows = token_windows(smollm2.tokenizer, pydoc_text("calibration"), 128, max_windows=4)
+    recipe, bits = RECIPES["wsvd"], parse_bits("w8a8")
+    calib = calibrate(smollm2_forward, windows, [recipe], progress=False)
+    compressed, report = compress(smollm2_forward, calib, recipe, 0.5, bits)
+    artifact.save(tmp_path, model="smollm2-135m", base=smollm2_forward, compressed=compressed, recipe=recipe,
+                  bits=bits, rho1_target=0.5, report=report, calibration={}, environment={})
+    ids = smollm2.tokenizer("The capital of France is Paris. The capital of Germany is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        evaluated = compressed.gm(input_ids=ids)
+    decoder = artifact.load(tmp_path, decode=True, max_cache_len=ids.shape[1] + 8, model=smollm2).captured
+    Pipeline([LatentKVCache(decoder.config)])(decoder)
+    unlowered = greedy_generate(decoder, ids, 8)
+    lowered = lowering.lower(decoder)
+    assert any(b.dtype == torch.int8 for b in cache_buffers(lowered).values())
+    _close(steps(lowered, ids), evaluated, "lowered graph")
+    assert torch.equal(greedy_generate(lowered, ids, 8), unlowered)

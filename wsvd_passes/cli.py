@@ -122,7 +122,8 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--arch", default="90", help="kernel --static: comma-separated SM versions (default 90; e.g. 90,80)")
     be.add_argument("--shape", action="append", metavar="B,H,D,L,RATIO",
                     help="kernel: batch, heads, head dim, cache length, rank/head dim (repeatable; e.g. 16,32,128,8192,0.5)")
-    be.add_argument("--cuda-graphs", action="store_true", help="kernel: time CUDA-graph replays (no launch overhead)")
+    be.add_argument("--cuda-graphs", action="store_true", help="time CUDA-graph replays (no launch overhead): kernel steps, or decode "
+                    "steps compiled with mode='reduce-overhead'")
     be.add_argument("--layers", type=int, default=None, help="decode: decoder layers of the model (default: "
                     "32 for the Llama-2-7B shape, 2 with --quick)")
     be.add_argument("--batch", type=int, default=1, help="decode: batch size")
@@ -378,9 +379,11 @@ def cmd_bench(args) -> dict:
         raise WsvdError(f"--cache-len ({args.cache_len}) must exceed --steps ({args.steps}) >= 1")
     if args.layers is not None and args.layers < 1:
         raise WsvdError(f"--layers {args.layers} must be at least 1")
+    if args.cuda_graphs and (device != "cuda" or args.no_compile):
+        raise WsvdError("--cuda-graphs needs --device cuda and compilation (no --no-compile)")
     result = bench_decode(device=device, quick=args.quick, layers=args.layers, batch=args.batch,
                           cache_len=args.cache_len, steps=args.steps, rank_ratio=args.rank_ratio,
-                          compile=not args.no_compile, dtype=dtype)
+                          compile=not args.no_compile, cuda_graphs=args.cuda_graphs, dtype=dtype)
     print_decode(result)
     return result
 
