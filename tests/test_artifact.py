@@ -72,7 +72,7 @@ def test_load_errors_name_the_problem(tmp_path):
     directory, _, manifest = _save(tmp_path, "svd-llm")
     newer = dict(manifest, format_version=artifact.FORMAT_VERSION + 1)
     (directory / "manifest.json").write_text(json.dumps(newer))
-    with pytest.raises(WsvdError, match="format version 2 .* upgrade wsvd-passes"):
+    with pytest.raises(WsvdError, match=f"format version {artifact.FORMAT_VERSION + 1} .* upgrade wsvd-passes"):
         artifact.load(directory)
     (directory / "manifest.json").write_text(json.dumps(dict(manifest, model="tiny-llama")))
     with pytest.raises(WsvdError, match="not the ones"):
@@ -83,11 +83,79 @@ def test_load_errors_name_the_problem(tmp_path):
         artifact.load(directory)
 
 
-def test_model_pt2_is_written_but_not_needed(tmp_path):
+def test_model_pt2_is_written_on_request_but_not_needed(tmp_path):
     directory, _, manifest = _save(tmp_path, "svd-llm")
-    assert manifest["exported_program"] == "model.pt2" and zipfile.is_zipfile(directory / "model.pt2")
-    (directory / "model.pt2").unlink()
+    assert not (directory / "model.pt2").exists() and "save_pt2" in manifest["exported_program"]
+    base = tiny_forward(MODEL)
+    compressed, report = compress(base, _calibration(), RECIPES["svd-llm"], 0.6, parse_bits("w16a16"))
+    manifest = artifact.save(tmp_path / "pt2", model=MODEL, base=base, compressed=compressed,
+                             recipe=RECIPES["svd-llm"], bits=parse_bits("w16a16"), rho1_target=0.6, report=report,
+                             calibration={}, environment={}, save_pt2=True)
+    assert manifest["exported_program"] == "model.pt2" and zipfile.is_zipfile(tmp_path / "pt2" / "model.pt2")
+    (tmp_path / "pt2" / "model.pt2").unlink()
+    artifact.load(tmp_path / "pt2")
+
+
+@pytest.mark.parametrize("bits,codes", [("w8a8", "weight"), ("w4a4", "weight_packed")])
+def test_quantised_weights_are_stored_packed_and_the_rest_in_bfloat16(tmp_path, bits, codes):
+    directory, compressed, manifest = _save(tmp_path, "wsvd", bits)
+    from safetensors import safe_open
+
+    quantized = manifest["storage"]["quantized"]
+    assert quantized and all(q["bits"] == int(bits[1]) for q in quantized.values())
+    with safe_open(directory / "weights.safetensors", "pt") as f:
+        names = set(f.keys())
+        name = next(iter(quantized))
+        stored = f.get_tensor(f"{name}.{codes}")
+        assert stored.dtype == (torch.int8 if bits == "w8a8" else torch.int32)
+        W = compressed.gm.get_parameter(name)
+        assert stored.numel() * stored.element_size() == W.numel() * int(bits[1]) // 8
+        assert name not in names and f"{name}.weight_scale" in names
+        floats = [f.get_tensor(n) for n in names if f.get_tensor(n).is_floating_point() and "weight_scale" not in n
+                  and "hadamard" not in n]
+        assert floats and all(t.dtype == torch.bfloat16 for t in floats)
+    assert manifest["bytes"] == (directory / "weights.safetensors").stat().st_size
+
+
+def test_equal_tensors_are_stored_once():
+    from wsvd_passes.packing import pack, unpack
+
+    embedding = torch.randn(7, 5)
+    stored, layout = pack({"embed": embedding, "lm_head": embedding.clone(), "other": torch.randn(5)}, {}, {},
+                          {"embed", "lm_head", "other"}, torch.float32)
+    assert len(stored) == 2 and layout["aliases"] == {"lm_head": "embed"}
+    out = unpack(stored, layout, "here")
+    assert torch.equal(out["lm_head"], embedding) and torch.equal(out["embed"], embedding)
+
+
+def test_damaged_packed_artifacts_give_one_line(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    directory, _, manifest = _save(tmp_path, "wsvd", "w4a4")
+    path = directory / "weights.safetensors"
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 2])
+    with pytest.raises(WsvdError, match="weights.safetensors cannot be read .* truncated"):
+        artifact.load(directory)
+    path.write_bytes(good)
+    name = next(iter(manifest["storage"]["quantized"]))
+    for key, damage, message in [
+        (f"{name}.weight_scale", lambda t: t[:-1], "do not form a 4-bit weight"),
+        (f"{name}.weight_packed", lambda t: torch.zeros_like(t), "do not form a 4-bit weight"),  # codes -8
+        (f"{name}.weight_packed", lambda t: t[:, :-1], "does not hold a"),
+        (f"{name}.weight_shape", None, "is missing"),
+    ]:
+        tensors = load_file(path)
+        if damage is None:
+            del tensors[key]
+        else:
+            tensors[key] = damage(tensors[key]).contiguous()
+        save_file(tensors, path, metadata={"format": artifact.FORMAT})
+        with pytest.raises(WsvdError, match=message):
+            artifact.load(directory)
+        path.write_bytes(good)
     artifact.load(directory)
+
 
 
 def test_tied_embeddings_reload_on_the_decode_graph(tmp_path):

@@ -9,6 +9,7 @@ from wsvd_passes.compress import calibrate, factor_plan
 from wsvd_passes.factorize import FactorizeQKV
 from wsvd_passes.fake_quant import FakeQuantize
 from wsvd_passes.pipeline import Pipeline
+from wsvd_passes.quant_spec import quant_spec, quantized_linears
 from wsvd_passes.quantize import fake_quant_activation, parse_bits
 from wsvd_passes.recipes import RECIPES
 from wsvd_passes.rotate import OnlineHadamard, RotateResidual, RotateValueHeads
@@ -49,3 +50,29 @@ def test_error_shrinks_with_bits_and_latents_are_quantised_per_head():
     lm_head = next(n for n in graph.gm.graph.nodes if n.op == "output").all_input_nodes[0]
     assert lm_head.args[0].target is not fake_quant_activation  # the LM head stays in full precision
     assert graph.reexport() is not None
+
+
+def test_quantised_weights_are_exact_integer_codes_times_the_recorded_scale():
+    graph = _compressed("w4a8")
+    specs = {n: quant_spec(n) for n in quantized_linears(graph.gm)}
+    lm_head = next(n for n in graph.gm.graph.nodes if n.op == "output").all_input_nodes[0]
+    assert specs and lm_head not in specs
+    assert all(not n.args[1].target.endswith("online_hadamard") for n in specs)
+    for node, spec in specs.items():
+        W = graph.gm.get_parameter(node.args[1].target)
+        scale = graph.gm.get_buffer(spec.scale)
+        codes = torch.round(W / scale[:, None])
+        assert (spec.weight_bits, spec.activation_bits) == (4, 8)
+        assert codes.abs().max() <= 7 and torch.equal(codes * scale[:, None], W)
+        assert node.args[0].target is fake_quant_activation and node.args[0].kwargs["group"] == spec.activation_group
+
+
+def test_vlm_input_rotation_is_not_quantised():
+    from wsvd_passes.compress import compress
+    from wsvd_passes.residual import INPUT_ROTATION
+
+    graph, _ = compress(tiny_forward("tiny-llava"), None, RECIPES["quarot"], None, parse_bits("w4a4"))
+    rotation = next(n for n in graph.gm.graph.nodes if n.target is torch.ops.aten.linear.default
+                    and n.args[1].target == INPUT_ROTATION)
+    assert quant_spec(rotation) is None and rotation.args[0].op == "placeholder"
+    assert quantized_linears(graph.gm)

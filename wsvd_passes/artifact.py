@@ -7,10 +7,16 @@
   target and achieved rho1/rho2, per-layer ranks, reconstruction errors, fine-tuning/QAT
   losses, calibration provenance (data source and sha256, windows, gradient samples);
 - ``weights.safetensors``: every tensor of the compressed graph that differs from the
-  uncompressed capture (factors, rank buffers, rotated and quantised weights);
+  uncompressed capture (factors, rank buffers, rotated and quantised weights), packed
+  (:mod:`wsvd_passes.packing`): quantised weights as int8 / int4-in-int32 codes with per-row
+  scales in compressed-tensors' layouts, other weights in ``save_dtype`` (bfloat16 by default),
+  tensors that are equal (tied embedding / LM head) once; the manifest's ``storage`` says how;
 - ``spectra.safetensors``: singular values before/after per group (for ``wsvd report``);
-- ``model.pt2``: the exported program (``torch.export.save``), for users of torch.export;
-  :func:`load` does not read it.
+- ``model.pt2`` (only with ``save_pt2=True``): the exported program (``torch.export.save``),
+  for users of torch.export; :func:`load` does not read it.
+
+Saving rounds the compressed graph's stored weights to ``save_dtype`` in place, so the
+in-memory graph that is evaluated afterwards is exactly the artifact that is deployed.
 
 :func:`load` never unpickles: it loads the base model, captures it, replays the recipe's
 passes in structure-only mode (:func:`~wsvd_passes.compress.recipe_passes` with
@@ -28,6 +34,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .capture import CapturedGraph, capture_decode, capture_forward
@@ -36,6 +43,7 @@ from .errors import WsvdError
 from .factorize import LayerFactors, pad_heads
 from .lowrank import PROJECTIONS
 from .models import LoadedModel, load_model
+from .packing import pack, quantized_weights, unpack
 from .pipeline import Pipeline
 from .qat import QATTarget
 from .quantize import Bits, parse_bits
@@ -43,7 +51,7 @@ from .recipes import Recipe
 from .sites import AttentionSite, find_sites
 
 FORMAT = "wsvd-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: packed weights (manifest["storage"]); 1: float tensors as they are
 
 
 def library_version() -> str:
@@ -73,21 +81,34 @@ class Artifact:
 
 def save(directory: str | Path, *, model: str, base: CapturedGraph, compressed: CapturedGraph, recipe: Recipe,
          bits: Bits, rho1_target: float | None, report: FactorReport | None, calibration: dict,
-         environment: dict) -> dict:
-    """Write the artifact of ``compressed`` (made from the uncompressed ``base`` capture); returns the manifest."""
+         environment: dict, save_dtype: torch.dtype = torch.bfloat16, save_pt2: bool = False) -> dict:
+    """Write the artifact of ``compressed`` (made from the uncompressed ``base`` capture); returns the manifest.
+
+    The compressed graph's floating weights that are stored in ``save_dtype`` are rounded to it
+    in place (see the module docstring).
+    """
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     reference = base.gm.state_dict()
-    changed = {name: t.detach().clone().contiguous() for name, t in compressed.gm.state_dict().items()
+    state = compressed.gm.state_dict()
+    changed = {name: t.detach() for name, t in state.items()
                if name not in reference or not torch.equal(t, reference[name])}
-    save_file(changed, out / "weights.safetensors", metadata={"format": FORMAT})
+    quantized = quantized_weights(compressed.gm)
+    parameters = {name for name, _ in compressed.gm.named_parameters()}
+    stored, storage = pack(changed, quantized, state, parameters, save_dtype)
+    with torch.no_grad():
+        for name in storage["cast"]:
+            state[name].copy_(state[name].to(save_dtype))
+    save_file(stored, out / "weights.safetensors", metadata={"format": FORMAT})
     if report is not None:
         save_file({k: v.contiguous() for k, v in report.spectra.items()}, out / "spectra.safetensors")
-    try:
-        torch.export.save(compressed.reexport(), out / "model.pt2")
-        exported = "model.pt2"
-    except Exception as e:  # noqa: BLE001 - optional output; the reason is recorded instead
-        exported = f"not saved ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    exported = "not saved (pass save_pt2=True / --save-pt2)"
+    if save_pt2:
+        try:
+            torch.export.save(compressed.reexport(), out / "model.pt2")
+            exported = "model.pt2"
+        except Exception as e:  # noqa: BLE001 - optional output; the reason is recorded instead
+            exported = f"not saved ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
     site = find_sites(base.gm)[0]
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "wsvd_version": library_version(),
@@ -97,7 +118,8 @@ def save(directory: str | Path, *, model: str, base: CapturedGraph, compressed: 
         "heads": {"n_heads": site.n_heads, "n_kv_heads": site.n_kv_heads, "head_dim": site.head_dim,
                   "hidden_size": site.hidden_size},
         "calibration": calibration, "environment": environment, "exported_program": exported,
-        "tensors": len(changed),
+        "tensors": len(stored), "storage": storage,
+        "bytes": (out / "weights.safetensors").stat().st_size,
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
@@ -144,8 +166,22 @@ def load(directory: str | Path, *, decode: bool = False, max_cache_len: int = 25
     targets = placeholder_targets(sites) if recipe.qat else None
     base_names = set(captured.gm.state_dict())
     Pipeline(recipe_passes(recipe, bits, plan, targets, replay=True))(captured)
-    _put_tensors(captured, load_file(weights_path), base_names, directory)
+    _put_tensors(captured, read_weights(directory, manifest), base_names, directory)
     return Artifact(lm, captured, manifest)
+
+
+def read_weights(directory: str | Path, manifest: dict) -> dict[str, torch.Tensor]:
+    """The graph tensors of an artifact, unpacked (format 2) or as stored (format 1)."""
+    path = Path(directory) / "weights.safetensors"
+    try:
+        stored = load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise WsvdError(f"{path} cannot be read ({e}): the file is truncated or damaged, compress again") from None
+    if manifest["format_version"] < 2:
+        return stored
+    if "storage" not in manifest:
+        raise WsvdError(f"{Path(directory) / 'manifest.json'} has no 'storage' section: compress again")
+    return unpack(stored, manifest["storage"], str(path))
 
 
 def _recipe(manifest: dict) -> Recipe:

@@ -77,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     co.add_argument("--tune-beta", action="store_true",
                     help="tune QSVD's beta (Sigma split) of quantising factor recipes on 8 calibration windows")
     co.add_argument("--json", dest="json_out", help="also write the report to this JSON file")
+    co.add_argument("--save-dtype", default="bfloat16",
+                    help="storage type of the weights that are not quantised: bfloat16 (default), float16 or float32")
+    co.add_argument("--save-pt2", action="store_true", help="also write model.pt2 (torch.export.save)")
 
     ta = sub.add_parser("table", help="perplexity / KL / top-1 of recipes at several ratios (WSVD Table 1 analog)")
     _add_model(ta)
@@ -502,6 +505,7 @@ def _compress_to(args, out: str):
     (loaded model, manifest)."""
     from .artifact import save
     from .compress import compress
+    from .device import parse_dtype
 
     (rho1,) = _parse_rho1(args.rho1)
     bits = _bits(args)
@@ -511,7 +515,8 @@ def _compress_to(args, out: str):
     name = str(Path(lm.name).resolve()) if Path(lm.name).is_dir() else lm.name  # a path that still works elsewhere
     manifest = save(out, model=name, base=captured, compressed=compressed, recipe=recipe, bits=bits,
                     rho1_target=rho1 if recipe.factor else None, report=report, calibration=provenance,
-                    environment=_environment())
+                    environment=_environment(), save_dtype=parse_dtype(getattr(args, "save_dtype", "bfloat16"), "--save-dtype"),
+                    save_pt2=getattr(args, "save_pt2", False))
     return lm, manifest
 
 

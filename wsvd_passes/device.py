@@ -31,8 +31,8 @@ def parse_device(name: str | None) -> torch.device:
     return device
 
 
-def parse_dtype(name: str) -> torch.dtype:
-    """The model dtype named ``name`` (bfloat16, float16 or float32)."""
+def parse_dtype(name: str, option: str = "--dtype") -> torch.dtype:
+    """The dtype named ``name`` (bfloat16, float16 or float32), given with ``option``."""
     if name not in DTYPES:
-        raise WsvdError(f"--dtype {name!r} is not supported: use one of {', '.join(DTYPES)}")
+        raise WsvdError(f"{option} {name!r} is not supported: use one of {', '.join(DTYPES)}")
     return DTYPES[name]

@@ -1,16 +1,21 @@
 """Fake-quant pass: quantise-dequantise the weights and input activations of linear layers.
 
-Every ``aten.linear`` is quantised except the LM head (its output is the logits) and
-the online Hadamard transforms (fixed rotations, not weights). For each:
+Every ``aten.linear`` is quantised except the LM head (its output is the logits), the online
+Hadamard transforms (fixed rotations, not weights) and the input rotation of a VLM's
+``inputs_embeds`` (the embeddings of text models are never quantised either; QuaRot keeps
+them in full precision). For each:
 
 - weight W [out, in]: per-output-channel symmetric RTN at ``bits.weight`` bits with a
-  per-row clipping search (:func:`~wsvd_passes.quantize.search_weight_clip`); the
-  quantised weight replaces W (computed once: weights are static);
+  per-row clipping search (:func:`~wsvd_passes.quantize.search_weight_clip`); W is replaced
+  by ``codes * scale`` (computed once: weights are static) and the scale [out] is kept as a
+  buffer ``<weight>_scale``, so the integer codes are exact (:mod:`wsvd_passes.quant_spec`);
 - input activation: a ``fake_quant_activation`` node (per token, dynamic) at
   ``bits.activation`` bits; for the up-projection of per-head factors the input is the
-  latent [.., heads * r_max] and is quantised per token per head (group r_max), the
-  granularity the decode kernel uses; a joint latent is quantised per token.
+  latent [.., heads * r_max] and is quantised per token per head (group r_max, from the
+  recorded :class:`~wsvd_passes.factor_spec.FactorSpec`), the granularity the decode kernel
+  uses; a joint latent is quantised per token.
 
+Each quantised linear records a :class:`~wsvd_passes.quant_spec.QuantSpec` in its meta.
 ``bits >= 16`` leaves that side untouched, so W16A16 is the identity.
 """
 
@@ -20,10 +25,12 @@ import torch
 from torch.fx import GraphModule, Node
 from tqdm.auto import tqdm
 
-from .factorize import block_diagonal
-from .graph_utils import copy_meta, infer_val, tensor_attr
+from .factor_spec import factor_spec
+from .graph_utils import add_tensor_attr, copy_meta, infer_val, tensor_attr
 from .pipeline import GraphPass
-from .quantize import Bits, fake_quant_activation, fake_quant_weight, search_weight_clip
+from .quant_spec import QUANT_META, QuantSpec
+from .quantize import Bits, fake_quant_activation, quantize_weight, search_weight_clip
+from .residual import INPUT_ROTATION
 from .rotate import replace_tensor_arg
 from .sites import AttentionSite
 
@@ -41,33 +48,43 @@ class FakeQuantize(GraphPass):
             return False
         output = next(n for n in gm.graph.nodes if n.op == "output")
         logits = {a for a in output.all_input_nodes}
-        groups = _latent_groups(gm, sites)
+        groups = _latent_groups(sites)
         linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is aten.linear.default]
         for node in tqdm(linears, desc="fake-quant (clip search)", unit="linear", leave=False,
                          disable=not (self.progress and self.clip_search and self.bits.weight < 16)):
-            if node in logits:
-                continue
             weight = node.args[1]
-            if weight.op != "get_attr" or weight.target.endswith("online_hadamard"):
+            if node in logits or weight.op != "get_attr" or _fixed_rotation(weight.target):
                 continue
+            scale = None
             if self.bits.weight < 16:
                 W = tensor_attr(gm, weight.target).detach().float()
                 clip = search_weight_clip(W, self.bits.weight) if self.clip_search else None
-                replace_tensor_arg(gm, node, 1, fake_quant_weight(W, self.bits.weight, clip_ratio=clip), f"w{self.bits.weight}")
+                codes, row_scale = quantize_weight(W, self.bits.weight, clip_ratio=clip)
+                replace_tensor_arg(gm, node, 1, codes.to(row_scale.dtype) * row_scale[:, None], f"w{self.bits.weight}")
+                scale = f"{node.args[1].target}_scale"
+                add_tensor_attr(gm, scale, row_scale, parameter=False)
+            group = groups.get(node)
             if self.bits.activation < 16:
                 x = node.args[0]
                 with gm.graph.inserting_before(node):
-                    q = gm.graph.call_function(fake_quant_activation, (x, self.bits.activation),
-                                               {"group": groups.get(node)})
+                    q = gm.graph.call_function(fake_quant_activation, (x, self.bits.activation), {"group": group})
                 node.replace_input_with(x, infer_val(gm, copy_meta(q, node)))
+            node.meta[QUANT_META] = QuantSpec(self.bits.weight, self.bits.activation, group, scale)
         return True
 
 
-def _latent_groups(gm: GraphModule, sites: list[AttentionSite]) -> dict[Node, int]:
-    """Up-projection node -> latent width per head, for per-head factors (block-diagonal U)."""
+def _fixed_rotation(target: str) -> bool:
+    """Rotations the rotation passes insert as linears: not weights of the model."""
+    return target.endswith("online_hadamard") or target == INPUT_ROTATION
+
+
+def _latent_groups(sites: list[AttentionSite]) -> dict[Node, int]:
+    """Up-projection node -> latent width per head, for per-head factors (from the recorded layout)."""
     groups = {}
     for site in sites:
-        for proj, heads in ((site.q_proj, site.n_heads), (site.k_proj, site.n_kv_heads), (site.v_proj, site.n_kv_heads)):
-            if proj.factored and proj.up is not None and heads > 1 and block_diagonal(tensor_attr(gm, proj.up), heads):
-                groups[proj.node] = tensor_attr(gm, proj.down).shape[0] // heads
+        for proj in (site.q_proj, site.k_proj, site.v_proj):
+            if proj.factored and proj.up is not None:
+                spec = factor_spec(proj.node)
+                if spec.per_head and spec.blocks > 1:
+                    groups[proj.node] = spec.width
     return groups

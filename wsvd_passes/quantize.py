@@ -75,6 +75,19 @@ def fake_quant_weight(w: torch.Tensor, bits: int, *, clip_ratio: torch.Tensor | 
     return _output(w, _fake_quant_rows(w, bits, clip_ratio), ste)
 
 
+def quantize_weight(w: torch.Tensor, bits: int, *, clip_ratio: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The integer form of :func:`fake_quant_weight` for bits <= 8: int8 codes [out, in] and float32
+    scales [out] with ``codes * scale[:, None]`` equal to the fake-quant value (same ops, same rounding)."""
+    if not 2 <= bits <= 8:
+        raise WsvdError(f"int8 codes hold 2 to 8 bits, not {bits}")
+    work = w.detach().to(_work_dtype(w))
+    clip = None if clip_ratio is None else clip_ratio.to(work.dtype).unsqueeze(-1)
+    scale = _row_scale(work, bits, clip)
+    codes = torch.clamp(torch.round(work * scale.reciprocal()), -_qmax(bits), _qmax(bits)).to(torch.int8)
+    return codes, scale[:, 0]
+
+
 def fake_quant_activation(x: torch.Tensor, bits: int, *, group: int | None = None, ste: bool = False) -> torch.Tensor:
     """Dynamic per-token fake quantisation of X [..., d], or per token per group of ``group`` features."""
     if bits >= 16:

@@ -1,0 +1,40 @@
+"""What :class:`~wsvd_passes.fake_quant.FakeQuantize` quantised, recorded on the graph.
+
+State carried in node meta, as torch.ao's pt2e ``prepare``/``convert`` do: each quantised
+``aten.linear`` node gets a :class:`QuantSpec` in ``node.meta["wsvd_quant"]``. Its weight
+get_attr holds the dequantised values ``codes * scale`` (what evaluation computes with) and
+the per-row scale is a buffer beside it (``<weight>_scale`` [out], float32), so the integer
+codes are recovered exactly as ``round(W / scale)`` (|codes| <= 2^(bits-1) - 1). Later passes
+keep the linear node and its weight, and the consumers read the layout from here instead of
+re-deriving it: packed artifacts (:mod:`wsvd_passes.packing`), the latent cache (the
+activation quantiser in front of o_proj) and the int8 runtime (:mod:`lowering.int8`).
+
+The activation quantiser itself is the ``fake_quant_activation(x, bits, group=...)`` node
+feeding the linear; the spec repeats its bits and group so that a consumer needs one lookup.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch.fx import GraphModule, Node
+
+QUANT_META = "wsvd_quant"
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    weight_bits: int  # 16: weight not quantised
+    activation_bits: int  # 16: input not quantised
+    activation_group: int | None  # features per activation scale (None: one scale per token)
+    scale: str | None  # get_attr target of the weight's per-row scale [out] (None when not quantised)
+
+
+def quant_spec(node: Node) -> QuantSpec | None:
+    """The spec recorded on a linear node, or None when FakeQuantize left it alone."""
+    return node.meta.get(QUANT_META)
+
+
+def quantized_linears(gm: GraphModule) -> list[Node]:
+    """The linear nodes that carry a :class:`QuantSpec`, in graph order."""
+    return [n for n in gm.graph.nodes if n.op == "call_function" and QUANT_META in n.meta]
