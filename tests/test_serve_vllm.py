@@ -58,8 +58,10 @@ def test_vllm_greedy_tokens_equal_the_artifacts(tmp_path, recipe, bits):
 @pytest.mark.parametrize("directory", [d for d in os.environ.get("WSVD_SERVE_ARTIFACTS", "").split(",") if d])
 def test_vllm_greedy_tokens_equal_given_artifacts(tmp_path, directory):
     """Artifacts too slow to compress here (SmolLM2): WSVD_SERVE_ARTIFACTS=DIR1,DIR2 pytest -m vllm ..."""
+    from transformers import AutoTokenizer
+
     export_vllm(directory, tmp_path / "out")
-    tokenizer = artifact.load(directory).model.tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")  # the exported tokenizer, what vLLM would use
     prompts = [tokenizer(t).input_ids for t in ("The capital of France is", "def fibonacci(n):",
                                                  "Water boils at a temperature of")]
     assert vllm_tokens(tmp_path / "out", prompts) == artifact_tokens(directory, prompts)
