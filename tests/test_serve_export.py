@@ -1,0 +1,101 @@
+"""``wsvd export vllm``: the written directory computes the artifact's function (float64 reference of the
+served model, no vLLM needed), records the factor layout, stores tied embeddings once, and rejects what the
+plugin cannot serve with one error line."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny, tiny_forward
+from serve_reference import served_logits
+from wsvd_passes import artifact
+from wsvd_passes.cli import main
+from wsvd_passes.compress import calibrate, compress
+from wsvd_passes.quantize import parse_bits
+from wsvd_passes.recipes import RECIPES
+from wsvd_passes.serve.export import export_vllm
+from wsvd_passes.serve.format import FORMAT_VERSION, check_block
+
+WINDOWS = torch.randint(0, 384, (4, 33), generator=torch.Generator().manual_seed(3))
+IDS = torch.randint(0, 384, (19,), generator=torch.Generator().manual_seed(5))
+
+
+def make_artifact(directory, model, recipe, bits="w16a16", rho1=0.6, base=None):
+    """Compress tiny ``model`` (or the capture ``base`` of the checkpoint ``model``) with ``recipe`` into ``directory``."""
+    base = base or tiny_forward(model)
+    r = dataclasses.replace(RECIPES[recipe], finetune_steps=10, qat_steps=5)  # few steps: the layout is what counts
+    calib = calibrate(base, WINDOWS, [r], progress=False) if r.factor else None
+    compressed, report = compress(base, calib, r, rho1, parse_bits(bits))
+    artifact.save(directory, model=model, base=base, compressed=compressed, recipe=r, bits=parse_bits(bits),
+                  rho1_target=rho1, report=report, calibration={}, environment={})
+    return compressed
+
+
+@pytest.mark.parametrize("model,recipe,bits", [("tiny-llama-gqa", "wsvd-noq", "w16a16"),
+                                               ("tiny-qwen2", "svd-llm", "w16a16"),
+                                               ("tiny-llama-gqa", "qsvd", "w8a8"),
+                                               ("tiny-mistral", "wsvd", "w8a8")])
+def test_exported_directory_computes_the_artifacts_function(tmp_path, model, recipe, bits):
+    compressed = make_artifact(tmp_path / "art", model, recipe, bits)
+    block = export_vllm(tmp_path / "art", tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    manifest = artifact.read_manifest(tmp_path / "art")
+    family = {"tiny-llama-gqa": "Llama", "tiny-qwen2": "Qwen2", "tiny-mistral": "Mistral"}[model]
+    assert config["architectures"] == [f"Wsvd{family}ForCausalLM"] and config["wsvd"] == block
+    assert block["format_version"] == FORMAT_VERSION and block["recipe"] == recipe and block["bits"] == bits
+    assert block["activation_bits"] == (8 if bits == "w8a8" else None)
+    assert block["online_hadamard"] == RECIPES[recipe].rotate and block["qkv_bias"] == (model == "tiny-qwen2")
+    for layer, ranks in enumerate(block["layers"]):
+        recorded = manifest["ranks"][str(layer)]
+        for p in "qkv":
+            assert ranks[p]["ranks"] == (recorded["qkv"] if block["granularity"] == "joint" else recorded[p])
+    weights = load_file(tmp_path / "out" / "model.safetensors")
+    assert all(t.dtype == torch.float32 for t in weights.values())
+    with torch.no_grad():
+        expected = compressed.gm(input_ids=IDS[None])[0].double()
+    # float recipes: float64 reference; quantised: the reference in float32 (the quantiser's rounding)
+    got = served_logits(tmp_path / "out", IDS, torch.float64 if bits == "w16a16" else torch.float32).double()
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+    assert (tmp_path / "out" / "tokenizer_config.json").is_file()
+
+
+def test_tied_embeddings_are_stored_once(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from wsvd_passes.capture import capture_forward
+    from wsvd_passes.models import load_model
+
+    config = tiny("tiny-llama-gqa").model.config.to_dict() | {"tie_word_embeddings": True}
+    checkpoint = tmp_path / "tied"
+    LlamaForCausalLM(type(tiny("tiny-llama-gqa").model.config).from_dict(config)).save_pretrained(checkpoint)
+    tiny("tiny-llama-gqa").tokenizer.save_pretrained(checkpoint)
+    base = capture_forward(load_model(str(checkpoint)).model)
+    compressed = make_artifact(tmp_path / "art", str(checkpoint), "svd-llm", base=base)
+    export_vllm(tmp_path / "art", tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is True
+    assert "lm_head.weight" not in load_file(tmp_path / "out" / "model.safetensors")
+    with torch.no_grad():
+        expected = compressed.gm(input_ids=IDS[None])[0].double()
+    assert (served_logits(tmp_path / "out", IDS) - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+def test_unsupported_recipe_is_one_error_line(tmp_path, capsys):
+    make_artifact(tmp_path / "art", "tiny-llama-gqa", "quarot", "w8a8")
+    assert main(["export", "vllm", str(tmp_path / "art"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: recipe quarot has no low-rank factors") and "wsvd-noq" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+    assert main(["export", "vllm", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
+    assert "has no manifest.json" in capsys.readouterr().err
+
+
+def test_a_newer_format_version_is_refused_at_load():
+    block = {"format": "wsvd-vllm", "format_version": FORMAT_VERSION, "granularity": "head"}
+    assert check_block(block) is block
+    with pytest.raises(ValueError, match=f"format version {FORMAT_VERSION + 1}; .* reads up to version {FORMAT_VERSION}"):
+        check_block(block | {"format_version": FORMAT_VERSION + 1})
+    with pytest.raises(ValueError, match="wsvd export vllm"):
+        check_block(None)

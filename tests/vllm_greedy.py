@@ -1,0 +1,24 @@
+"""Greedy tokens from vLLM for a ``wsvd export vllm`` directory (run as a script: vLLM spawns its engine).
+
+    python tests/vllm_greedy.py OUT '[[ids...], ...]' NEW_TOKENS   -> prints one JSON line: [[new ids...], ...]
+"""
+
+import json
+import os
+import sys
+
+
+def main() -> None:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
+    from vllm import LLM, SamplingParams
+
+    directory, prompts, new = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+    llm = LLM(model=directory, dtype="float32", max_model_len=256, enforce_eager=True, skip_tokenizer_init=True,
+              seed=0)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                           SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True, detokenize=False))
+    print("TOKENS " + json.dumps([list(o.outputs[0].token_ids) for o in outputs]), flush=True)
+
+
+if __name__ == "__main__":
+    main()

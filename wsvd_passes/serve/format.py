@@ -1,0 +1,26 @@
+"""The served directory's format: architecture names and the ``wsvd`` config block, checked at load.
+
+No heavy imports: the vLLM plugin and model read this module, and so does the exporter.
+"""
+
+from __future__ import annotations
+
+FORMAT = "wsvd-vllm"
+FORMAT_VERSION = 1
+ARCHITECTURES = {"llama": "WsvdLlamaForCausalLM", "mistral": "WsvdMistralForCausalLM", "qwen2": "WsvdQwen2ForCausalLM"}
+GRANULARITIES = ("head", "projection", "joint")
+
+
+def check_block(block) -> dict:
+    """The ``wsvd`` block of a served config, or ValueError naming the problem and the fix (vLLM shows it at load)."""
+    if not isinstance(block, dict) or block.get("format") != FORMAT:
+        raise ValueError("config.json has no wsvd block of format 'wsvd-vllm': write the directory with "
+                         "`wsvd export vllm ARTIFACT OUT`")
+    version = block.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"config.json was exported in wsvd-vllm format version {version!r}; this wsvd-passes plugin "
+                         f"reads up to version {FORMAT_VERSION}: upgrade wsvd-passes in the serving environment")
+    if block.get("granularity") not in GRANULARITIES:
+        raise ValueError(f"config.json's wsvd granularity {block.get('granularity')!r} is not one of "
+                         f"{', '.join(GRANULARITIES)}: export the directory again")
+    return block

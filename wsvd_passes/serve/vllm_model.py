@@ -1,0 +1,198 @@
+"""vLLM model classes for directories written by ``wsvd export vllm`` (imported by vLLM only).
+
+vLLM's own Llama model (:class:`vllm.model_executor.models.llama.LlamaForCausalLM`: embeddings, RMSNorm,
+LM head, logits processor, weight loading) with a decoder layer whose q/k/v are the factored projections
+of the ``wsvd`` config block, for a token t of hidden state x [E] and p in q, k, v::
+
+    head         c_p = x D_p^T [n_p w_p] (one matmul, heads contiguous);  p_h = c_p,h U_p,h^T (+ b_p,h)  [D]
+    projection   c_p = x D_p^T [r_p];                                  p = c_p U_p^T (+ b_p)          [n_p D]
+    joint        c = x D^T [r] shared by q, k and v;                   p = c U_p^T (+ b_p)
+
+then vLLM's RoPE (``get_rope``, rotate-half) and ``Attention``: phase 1, K and V are rebuilt from the
+latents before attention and vLLM caches them as usual. Tensor parallelism partitions per-head factors by
+head (D_p, U_p and b_p rows of the rank's heads; no extra communication); a projection or joint latent is
+computed whole on every rank (replicated D) and U_p is split by output heads.
+
+Quantised recipes (``activation_bits``): every linear but the LM head reads its input through
+:func:`~wsvd_passes.quantize.fake_quant_activation`, the very quantiser of the compressed graph (per
+token; per token per head for per-head up-projections), and the MLP applies the online Hadamard
+``h -> h H`` before down_proj; weights are the artifact's (already quantised, stored dequantised).
+Per-token scales need whole rows, so quantised models serve at tensor-parallel size 1.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from vllm.config import VllmConfig
+from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+from vllm.model_executor.layers.activation import SiluAndMul
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+)
+from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.utils import extract_layer_index
+from vllm.model_executor.utils import set_weight_attrs
+
+from ..quantize import fake_quant_activation
+from .format import check_block
+
+
+ATTENTION_MIN_HEAD_DIM = 32  # the smallest head size of vLLM's CPU attention backend (CPU_ATTN)
+
+
+def _load_rows(param: nn.Parameter, loaded: torch.Tensor) -> None:
+    """Weight loader of a tensor split by rows across tensor-parallel ranks (per-head factors)."""
+    rows = param.shape[0]
+    param.data.copy_(loaded.narrow(0, get_tensor_model_parallel_rank() * rows, rows))
+
+
+class HeadUp(nn.Module):
+    """Per-head up-projections of ``heads`` local heads: weight [heads D, w] (head h: U_h [D, w]), bias [heads D]."""
+
+    def __init__(self, heads: int, head_dim: int, width: int, bias: bool):
+        super().__init__()
+        self.heads, self.head_dim, self.width = heads, head_dim, width
+        self.weight = nn.Parameter(torch.empty(heads * head_dim, width), requires_grad=False)
+        set_weight_attrs(self.weight, {"weight_loader": _load_rows})
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(heads * head_dim), requires_grad=False)
+            set_weight_attrs(self.bias, {"weight_loader": _load_rows})
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        """latent [T, heads w] -> [T, heads D]."""
+        c = latent.view(-1, self.heads, self.width)
+        out = torch.einsum("thr,hdr->thd", c, self.weight.view(self.heads, self.head_dim, self.width)).flatten(1)
+        return out if self.bias is None else out + self.bias
+
+
+class WsvdAttention(nn.Module):
+    def __init__(self, config, block: dict, cache_config, prefix: str):
+        super().__init__()
+        tp = get_tensor_model_parallel_world_size()
+        layer = block["layers"][extract_layer_index(prefix)]
+        self.bits = block["activation_bits"]
+        self.granularity = block["granularity"]
+        E, D = config.hidden_size, block["head_dim"]
+        total = {"q": config.num_attention_heads, "k": config.num_key_value_heads, "v": config.num_key_value_heads}
+        if total["k"] % tp:
+            raise ValueError(f"{total['k']} kv heads do not split over tensor-parallel size {tp}: serve a wsvd model "
+                             "with a tensor-parallel size that divides its kv heads")
+        if self.bits and tp > 1:
+            raise ValueError("a wsvd model with quantised activations (per-token scales over whole rows) serves at "
+                             "tensor-parallel size 1")
+        self.local = {p: n // tp for p, n in total.items()}
+        self.sizes = {p: self.local[p] * D for p in total}
+        self.groups = {}
+        if self.granularity == "joint":
+            self.qkv_down = ReplicatedLinear(E, layer["q"]["width"], bias=False, prefix=f"{prefix}.qkv_down")
+        for p in total:
+            w = layer[p]["width"]
+            if self.granularity == "head":
+                setattr(self, f"{p}_down", ColumnParallelLinear(E, total[p] * w, bias=False, prefix=f"{prefix}.{p}_down"))
+                setattr(self, f"{p}_up", HeadUp(self.local[p], D, w, block["qkv_bias"]))
+                self.groups[p] = w if total[p] > 1 else None
+            else:
+                if self.granularity == "projection":
+                    setattr(self, f"{p}_down", ReplicatedLinear(E, w, bias=False, prefix=f"{prefix}.{p}_down"))
+                setattr(self, f"{p}_up", ColumnParallelLinear(w, total[p] * D, bias=block["qkv_bias"],
+                                                              prefix=f"{prefix}.{p}_up"))
+                self.groups[p] = None
+        self.o_proj = RowParallelLinear(total["q"] * D, E, bias=block["o_bias"], prefix=f"{prefix}.o_proj")
+        self.rotary_emb = get_rope(D, max_position=config.max_position_embeddings,
+                                   rope_parameters=getattr(config, "rope_parameters", None), is_neox_style=True)
+        # vLLM's CPU attention takes head sizes from 32: smaller heads are zero-padded (q.k and the kept
+        # output columns are unchanged; the scale stays D^-1/2)
+        self.head_dim, self.attn_dim = D, max(D, ATTENTION_MIN_HEAD_DIM)
+        self.attn = Attention(self.local["q"], self.attn_dim, D**-0.5, num_kv_heads=self.local["k"],
+                              cache_config=cache_config, prefix=f"{prefix}.attn")
+
+    def _quant(self, x: torch.Tensor, group: int | None = None) -> torch.Tensor:
+        return fake_quant_activation(x, self.bits, group=group) if self.bits else x
+
+    def _linear(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        out = module(x)
+        return out[0] if isinstance(out, tuple) else out
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = self._quant(hidden_states)
+        if self.granularity == "joint":
+            latent = self._linear(self.qkv_down, x)
+            latents = dict.fromkeys("qkv", latent)
+        else:
+            latents = {p: self._linear(getattr(self, f"{p}_down"), x) for p in "qkv"}
+        q, k, v = (self._linear(getattr(self, f"{p}_up"), self._quant(latents[p], self.groups[p])) for p in "qkv")
+        q, k = self.rotary_emb(positions, q, k)
+        out = self.attn(*(self._pad(t) for t in (q, k, v)))
+        if self.attn_dim != self.head_dim:
+            out = out.unflatten(-1, (-1, self.attn_dim))[..., :self.head_dim].flatten(-2)
+        return self._linear(self.o_proj, self._quant(out))
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, heads D] -> [T, heads attn_dim], zero columns appended to every head."""
+        if self.attn_dim == self.head_dim:
+            return x
+        return nn.functional.pad(x.unflatten(-1, (-1, self.head_dim)), (0, self.attn_dim - self.head_dim)).flatten(-2)
+
+
+class WsvdMLP(nn.Module):
+    """SwiGLU MLP; quantised recipes: fake-quant inputs and the online Hadamard before down_proj."""
+
+    def __init__(self, config, block: dict, prefix: str):
+        super().__init__()
+        E, inner, bias = config.hidden_size, config.intermediate_size, block["mlp_bias"]
+        if config.hidden_act != "silu":
+            raise ValueError(f"hidden_act {config.hidden_act!r}: the wsvd vLLM plugin serves SwiGLU (silu) MLPs")
+        self.bits = block["activation_bits"]
+        self.gate_up_proj = MergedColumnParallelLinear(E, [inner] * 2, bias=bias, prefix=f"{prefix}.gate_up_proj")
+        self.down_proj = RowParallelLinear(inner, E, bias=bias, prefix=f"{prefix}.down_proj")
+        self.down_hadamard = ReplicatedLinear(inner, inner, bias=False, prefix=f"{prefix}.down_hadamard") \
+            if block["online_hadamard"] else None
+        self.act_fn = SiluAndMul()
+
+    def _quant(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_quant_activation(x, self.bits) if self.bits else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act_fn(self.gate_up_proj(self._quant(x))[0])
+        if self.down_hadamard is not None:
+            h = self.down_hadamard(h)[0]
+        return self.down_proj(self._quant(h))[0]
+
+
+class WsvdDecoderLayer(nn.Module):
+    """Pre-norm decoder layer (vLLM's fused residual RMSNorm) with :class:`WsvdAttention` and :class:`WsvdMLP`."""
+
+    def __init__(self, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        block = config.wsvd
+        self.self_attn = WsvdAttention(config, block, vllm_config.cache_config, f"{prefix}.self_attn")
+        self.mlp = WsvdMLP(config, block, f"{prefix}.mlp")
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None):
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(positions, hidden_states)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.mlp(hidden_states), residual
+
+
+class WsvdForCausalLM(LlamaForCausalLM):
+    """vLLM's Llama causal LM built from :class:`WsvdDecoderLayer` (Llama, Mistral and Qwen2 families)."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        check_block(getattr(vllm_config.model_config.hf_config, "wsvd", None))
+        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=WsvdDecoderLayer)
