@@ -23,7 +23,8 @@ So the loss is the loss of the quantised graph that is deployed.
 A slice of the calibration windows (``val_fraction``, at least one) is held back: the validation
 KL is measured on the written (deployed) graph every ``eval_every`` steps, the best state is kept,
 and training stops after ``patience`` evaluations without improvement. The calibration KL is
-measured before and after on the first ``score_windows`` training windows. Evaluation data never
+measured before and after on the first ``score_windows`` training windows; the report also has the
+mean training loss between evaluations (``train_history``). Evaluation data never
 reaches this pass: it is given the calibration windows only.
 
 Layer-local healing for streamed (layer-by-layer) compression, matching each layer's output to
@@ -166,6 +167,7 @@ class Heal(GraphPass):
         calib_before = score(scored)
         best = (score(self.val), 0, self._snapshot(latents))
         val_before, history, stale, step = best[0], [(0, best[0])], 0, 0
+        train_history, losses = [], []  # (step, mean training loss of the steps since the previous evaluation)
         frozen = {name: p.requires_grad for name, p in gm.named_parameters()}
         groups = [{"params": [t for lat in latents for t in lat.parameters()], "lr": self.lr}]
         rotations = [p for lat in latents if lat.rotation is not None for p in lat.rotation.parameters()]
@@ -193,7 +195,10 @@ class Heal(GraphPass):
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                 opt.step()
+                losses.append(loss.item())
                 if step % self.eval_every == 0 or step == self.steps:
+                    train_history.append((step, sum(losses) / len(losses)))
+                    losses = []
                     straight.set(False)  # the validation KL is the deployed graph's
                     self._write(gm, latents)
                     val = score(self.val)
@@ -216,6 +221,7 @@ class Heal(GraphPass):
             "batch_size": self.batch_size, "train_windows": len(self.train), "val_windows": len(self.val),
             "calib_kl_windows": len(scored), "calib_kl_before": calib_before, "calib_kl_after": score(scored),
             "val_kl_before": val_before, "val_kl_after": best[0], "val_history": history,
+            "train_history": train_history,
             "seconds": round(time.perf_counter() - start, 1),
         }
         return True
