@@ -43,9 +43,10 @@ from .errors import WsvdError
 from .factorize import LayerFactors, pad_heads
 from .lowrank import PROJECTIONS
 from .models import LoadedModel, load_model
-from .packing import pack, quantized_weights, unpack
+from .packing import pack, unpack
 from .pipeline import Pipeline
 from .qat import QATTarget
+from .quant_spec import quantized_weights
 from .quantize import Bits, parse_bits
 from .recipes import Recipe
 from .sites import AttentionSite, find_sites

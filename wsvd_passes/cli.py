@@ -3,8 +3,8 @@
     wsvd eval  --model NAME|PATH [--data FILE] [--json OUT]   perplexity on the evaluation text
     wsvd eval  --model VLM --mc data.jsonl [--artifact DIR]   multiple-choice image questions (VLMs)
     wsvd sites --model NAME|PATH                              the attention sites found in the graph
-    wsvd compress --model NAME|PATH --recipe R --rho1 X --out DIR
-    wsvd table --model NAME --recipes R1,R2 --rho1 0.9,0.5 --json OUT
+    wsvd compress --model NAME|PATH --recipe R --rho1 X [--rho2 Y] [--heal-steps N] --out DIR
+    wsvd table --model NAME --recipes R1,R2 --rho1 0.9,0.5 [--rho2 0.5] --json OUT
     wsvd generate --model NAME|PATH --prompt TEXT [--recipe wsvd-noq --rho1 X] [--no-lower] [--no-compile]
     wsvd bench kernel|decode [--device cuda|cpu] [--quick] [--layers N] [--json OUT]
     wsvd report DIR [--out OUT_DIR]                           markdown report with plots of a compress --out DIR
@@ -18,6 +18,7 @@ variants disagree exits with status 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -71,12 +72,14 @@ def _parser() -> argparse.ArgumentParser:
     _add_model(co)
     _add_device(co)
     co.add_argument("--recipe", required=True, help="see `wsvd_passes.recipes` (svd, asvd, svd-llm, qsvd-noq, wsvd-noft, wsvd-noq)")
-    co.add_argument("--rho1", type=float, required=True, help="kept fraction of Q/K/V parameters, in (0, 1]")
+    co.add_argument("--rho1", help="kept fraction of Q/K/V parameters, in (0, 1]")
+    co.add_argument("--rho2", help="kept fraction of the K+V cache, in (0, 1] (alone, or with --rho1: both budgets)")
     co.add_argument("--out", required=True, help="output directory")
     _add_calibration(co)
     co.add_argument("--bits", default="w16a16", help="w8a8, w4a4, w8a4, w4a8 or w16a16 for quantising recipes")
     co.add_argument("--tune-beta", action="store_true",
                     help="tune QSVD's beta (Sigma split) of quantising factor recipes on 8 calibration windows")
+    _add_heal(co)
     co.add_argument("--json", dest="json_out", help="also write the report to this JSON file")
     co.add_argument("--save-dtype", default="bfloat16",
                     help="storage type of the weights that are not quantised: bfloat16 (default), float16 or float32")
@@ -86,7 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_model(ta)
     _add_device(ta)
     ta.add_argument("--recipes", default="svd,asvd,svd-llm,qsvd-noq,wsvd-noft,wsvd-noq")
-    ta.add_argument("--rho1", default="0.9,0.8,0.7,0.6,0.5", help="comma-separated ratios")
+    ta.add_argument("--rho1", help="comma-separated ratios (default 0.9,0.8,0.7,0.6,0.5 without --rho2)")
+    ta.add_argument("--rho2", help="comma-separated K+V cache ratios: ranks allocated under the cache budget "
+                    "(with --rho1: every pair, both budgets at once)")
     ta.add_argument("--data", help="evaluation text file (default: evaluation half of pydoc_data.topics)")
     ta.add_argument("--eval-windows", type=int, default=32, help="evaluation windows (default 32)")
     _add_calibration(ta)
@@ -94,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
                     "a comma-separated list runs each (one calibration)")
     ta.add_argument("--tune-beta", action="store_true",
                     help="tune QSVD's beta (Sigma split) of quantising factor recipes on 8 calibration windows")
+    _add_heal(ta)
     ta.add_argument("--json", dest="json_out", help="write the rows to this JSON file")
 
     ge = sub.add_parser("generate", help="generate text through the (compressed, lowered, compiled) decode graph")
@@ -147,6 +153,26 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("artifact", help="directory written by wsvd compress --out")
     ex.add_argument("out", help="output directory (serve it with `vllm serve OUT`)")
     return parser
+
+
+def _add_heal(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--heal-steps", type=int, default=None, metavar="N",
+                   help="heal the factors end to end for N steps on KL(dense || compressed) over the calibration "
+                   "windows (on by default in wsvd-heal and wsvd-heal-noq; any factor recipe)")
+
+
+def _with_heal(args, recipes: list):
+    """``recipes`` with --heal-steps applied (refused for recipes without factors)."""
+    steps = getattr(args, "heal_steps", None)
+    if steps is None:
+        return recipes
+    if steps < 1:
+        raise WsvdError(f"--heal-steps {steps} must be at least 1")
+    plain = [r.name for r in recipes if not r.factor]
+    if plain:
+        raise WsvdError(f"--heal-steps: recipe {plain[0]} has no low-rank factors to heal (quantisation only): "
+                        "use a factor recipe such as wsvd-heal or wsvd-heal-noq")
+    return [dataclasses.replace(r, heal_steps=steps) for r in recipes]
 
 
 def _add_calibration(p: argparse.ArgumentParser) -> None:
@@ -453,7 +479,7 @@ def _prepare(args, recipe_names: list[str]):
     from .data import text_source, token_windows
     from .recipes import get_recipe
 
-    recipes = [get_recipe(n.strip()) for n in recipe_names]
+    recipes = _with_heal(args, [get_recipe(n.strip()) for n in recipe_names])
     for flag in ("calib_windows", "grad_samples", "eval_windows"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
@@ -496,17 +522,35 @@ def _bits(args):
     return parse_bits(getattr(args, "bits", "w16a16"))
 
 
-def _parse_rho1(text: str) -> list[float]:
-    from .errors import WsvdError
+def _parse_ratios(text: str, flag: str) -> list[float]:
+    """The values of ``--rho1``/``--rho2`` (comma-separated), each checked to lie in (0, 1]."""
+    from .rank_allocation import check_rho2
 
     try:
         values = [float(v) for v in str(text).split(",")]
     except ValueError:
-        raise WsvdError(f"--rho1 {text!r} is not a comma-separated list of numbers") from None
+        raise WsvdError(f"--{flag} {text!r} is not a comma-separated list of numbers") from None
     for v in values:
-        if not 0 < v <= 1:
+        if flag == "rho2":
+            check_rho2(v)
+        elif not 0 < v <= 1:
             raise WsvdError(f"rho1 {v} is outside (0, 1]: it is the kept fraction of Q/K/V parameters")
     return values
+
+
+def _targets(args, *, single: bool) -> list[tuple[float | None, float | None]]:
+    """(rho1, rho2) points of --rho1 and --rho2: every pair; a missing flag is None (at least one is needed)."""
+    rho2 = getattr(args, "rho2", None)
+    if args.rho1 is None and rho2 is None:
+        if single:
+            raise WsvdError(f"wsvd {args.command} needs --rho1 and/or --rho2 (kept fraction of Q/K/V parameters, "
+                            "of the K+V cache)")
+        args.rho1 = "0.9,0.8,0.7,0.6,0.5"
+    rho1s = _parse_ratios(args.rho1, "rho1") if args.rho1 is not None else [None]
+    rho2s = _parse_ratios(rho2, "rho2") if rho2 is not None else [None]
+    if single and len(rho1s) * len(rho2s) > 1:
+        raise WsvdError(f"wsvd {args.command} takes one --rho1 and one --rho2 value, not lists")
+    return [(r1, r2) for r2 in rho2s for r1 in rho1s]
 
 
 def cmd_compress(args) -> dict:
@@ -523,11 +567,11 @@ def _compress_to(args, out: str):
     from .compress import compress
     from .device import parse_dtype
 
-    (rho1,) = _parse_rho1(args.rho1)
+    ((rho1, rho2),) = _targets(args, single=True)
     bits = _bits(args)
     lm, captured, calib, (recipe,), provenance = _prepare(args, [args.recipe])
-    recipe, _ = _tuned(args, captured, calib, recipe, rho1, bits)
-    compressed, report = compress(captured, calib, recipe, rho1, bits, progress=not args.quiet)
+    recipe, _ = _tuned(args, captured, calib, recipe, rho1, bits, rho2)
+    compressed, report = compress(captured, calib, recipe, rho1, bits, rho2=rho2, progress=not args.quiet)
     name = str(Path(lm.name).resolve()) if Path(lm.name).is_dir() else lm.name  # a path that still works elsewhere
     manifest = save(out, model=name, base=captured, compressed=compressed, recipe=recipe, bits=bits,
                     rho1_target=rho1 if recipe.factor else None, report=report, calibration=provenance,
@@ -536,26 +580,13 @@ def _compress_to(args, out: str):
     return lm, manifest
 
 
-class _MemoLogits:
-    """Reference logits computed once per evaluation batch and reused for every row."""
-
-    def __init__(self, fn):
-        self.fn, self.memo = fn, {}
-
-    def __call__(self, ids):
-        key = ids.cpu().numpy().tobytes()
-        if key not in self.memo:
-            self.memo[key] = self.fn(ids)
-        return self.memo[key]
-
-
-def _tuned(args, captured, calib, recipe, rho1, bits):
+def _tuned(args, captured, calib, recipe, rho1, bits, rho2=None):
     """``recipe`` with QSVD's beta tuned on calibration windows when --tune-beta applies to it."""
     from .compress import tune_beta
 
     if not (getattr(args, "tune_beta", False) and recipe.factor and recipe.quantize):
         return recipe, None
-    tuned, losses = tune_beta(captured, calib, recipe, rho1, bits)
+    tuned, losses = tune_beta(captured, calib, recipe, rho1, bits, rho2=rho2)
     if not args.quiet:
         print(f"{recipe.name}: beta {tuned.beta} (calibration loss per beta: "
               f"{', '.join(f'{b}: {v:.4f}' for b, v in losses.items())})", flush=True)
@@ -563,39 +594,46 @@ def _tuned(args, captured, calib, recipe, rho1, bits):
 
 
 def cmd_table(args) -> list[dict]:
-    from .compress import compress
+    from .compress import cache_bytes_per_token, compress
+    from .sites import find_sites
     from .data import text_source, token_windows
-    from .evaluation import evaluate
+    from .evaluation import MemoLogits, evaluate
     from .quantize import parse_bits
 
-    rhos = _parse_rho1(args.rho1)
+    points = _targets(args, single=False)
     settings = [parse_bits(b.strip()) for b in args.bits.split(",")]
     lm, captured, calib, recipes, provenance = _prepare(args, args.recipes.split(","))
     text, eval_source = text_source(args.data, "evaluation")
     windows = token_windows(lm.tokenizer, text, args.seq_len, args.eval_windows)
-    reference = _MemoLogits(lambda ids: captured.gm(input_ids=ids))
+    reference = MemoLogits(lambda ids: captured.gm(input_ids=ids))
     fp = evaluate(reference, windows, progress=not args.quiet, device=captured.device)
+    sites = find_sites(captured.gm)
     rows = [{"recipe": "fp", "rho1": 1.0, "rho2": 1.0, "bits": "w16a16", "ppl": fp.ppl, "kl": 0.0, "top1": 1.0,
-             "tokens": fp.tokens}]
+             "tokens": fp.tokens,
+             "cache_bytes_per_token": cache_bytes_per_token(sites, None, recipes[0], parse_bits("w16a16"))}]
     print(f"{'recipe':<11}{'rho1':>6}{'got':>7}{'rho2':>7}{'bits':>8}{'ppl':>10}{'kl':>9}{'top1':>8}{'sec':>6}")
     print(f"{'fp':<11}{1.0:>6.2f}{1.0:>7.3f}{1.0:>7.3f}{'w16a16':>8}{fp.ppl:>10.3f}{0.0:>9.4f}{1.0:>8.4f}")
     quantising = [r for r in recipes if r.quantize]
     runs = [(r, b) for r in recipes if not r.quantize for b in settings[:1]] + [(r, b) for b in settings for r in quantising]
     for recipe, bits in runs:
         spec = f"w{bits.weight}a{bits.activation}" if recipe.quantize else "w16a16"
-        for rho1 in rhos if recipe.factor else [1.0]:
+        for rho1, rho2_target in points if recipe.factor else [(1.0, None)]:
             start = time.perf_counter()
-            tuned, beta_losses = _tuned(args, captured, calib, recipe, rho1, bits)
-            compressed, report = compress(captured, calib, tuned, rho1, bits, progress=not args.quiet)
+            tuned, beta_losses = _tuned(args, captured, calib, recipe, rho1, bits, rho2_target)
+            compressed, report = compress(captured, calib, tuned, rho1, bits, rho2=rho2_target, progress=not args.quiet)
             r = evaluate(lambda ids: compressed.gm(input_ids=ids), windows, reference=reference, progress=False,
                          device=captured.device)
             seconds = time.perf_counter() - start
             got, rho2 = (report.rho1, report.rho2) if report else (1.0, 1.0)
-            rows.append({"recipe": recipe.name, "rho1": rho1, "rho1_achieved": got, "rho2": rho2, "bits": spec,
+            rows.append({"recipe": recipe.name, "rho1": rho1, "rho1_achieved": got, "rho2": rho2,
+                         "rho2_target": rho2_target, "bits": spec,
+                         "cache_bytes_per_token": cache_bytes_per_token(sites, report, tuned, bits),
                          "ppl": r.ppl, "kl": r.kl, "top1": r.top1, "tokens": r.tokens, "seconds": round(seconds, 1),
                          "above_break_even": len(report.above_break_even) if report else 0,
-                         "beta": tuned.beta, "beta_losses": beta_losses, "qat": report.qat if report else None})
-            print(f"{recipe.name:<11}{rho1:>6.2f}{got:>7.3f}{rho2:>7.3f}{spec:>8}{r.ppl:>10.3f}"
+                         "beta": tuned.beta, "beta_losses": beta_losses, "qat": report.qat if report else None,
+                         "heal": report.heal if report else None})
+            target = f"{rho1:.2f}" if rho1 is not None else f"c{rho2_target:.2f}"  # c: a cache (rho2) target
+            print(f"{recipe.name:<11}{target:>6}{got:>7.3f}{rho2:>7.3f}{spec:>8}{r.ppl:>10.3f}"
                   f"{r.kl:>9.4f}{r.top1:>8.4f}{seconds:>6.0f}", flush=True)
             del compressed
     print(f"model {lm.name}; calibration {provenance['source']} ({provenance['windows']} x {provenance['seq_len']} "

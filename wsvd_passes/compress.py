@@ -21,6 +21,7 @@ from .evaluation import evaluate
 from .factorize import FactorizeQKV, LayerFactors, pad_heads
 from .fake_quant import FakeQuantize
 from .finetune import fisher_finetune
+from .heal import Heal
 from .pipeline import GraphPass, Pipeline
 from .graph_utils import tensor_attr
 from .lowrank import PROJECTIONS, Group, make_scaling, split_groups
@@ -102,38 +103,45 @@ class FactorReport:
     reconstruction: dict[int, dict[str, dict[str, float]]]  # layer -> proj -> {"before_ft", "after"}
     spectra: dict[str, torch.Tensor]  # "layer{L}.{proj}[.head{h}].before|after" -> singular values
     qat: dict | None = None  # LocalQAT.report when the recipe trains S2
+    heal: dict | None = None  # Heal.report when the recipe heals its factors end to end
+    rho2_target: float | None = None  # the cache budget the ranks were allocated under (None: rho1 only)
 
     def as_dict(self) -> dict:
         """Everything but the spectra (tensors), JSON-ready."""
-        return {"rho1": self.rho1, "rho2": self.rho2, "rho1_per_layer": self.rho1_per_layer,
+        return {"rho1": self.rho1, "rho2": self.rho2, "rho2_target": self.rho2_target, "rho1_per_layer": self.rho1_per_layer,
                 "rho2_per_layer": self.rho2_per_layer,
                 "ranks": {str(k): v for k, v in self.ranks.items()},
                 "above_break_even": [list(k) for k in self.above_break_even], "finetune": self.finetune,
-                "reconstruction": {str(k): v for k, v in self.reconstruction.items()}, "qat": self.qat}
+                "reconstruction": {str(k): v for k, v in self.reconstruction.items()}, "qat": self.qat,
+                "heal": self.heal}
 
 
-def factor_plan(calib: Calibration, recipe: Recipe, rho1: float | None) -> tuple[dict[int, LayerFactors], FactorReport]:
-    """Per-layer factors for ``recipe`` at parameter ratio ``rho1`` (None: full rank, exact)."""
+def factor_plan(calib: Calibration, recipe: Recipe, rho1: float | None, rho2: float | None = None
+                ) -> tuple[dict[int, LayerFactors], FactorReport]:
+    """Per-layer factors for ``recipe`` at parameter ratio ``rho1`` and/or cache ratio ``rho2``
+    (both None: full rank, exact; rho2 alone: rho1 = 1)."""
     key = (recipe.granularity, recipe.scaling)
     if key not in calib.groups:
         raise WsvdError(f"recipe {recipe.name} was not part of this calibration: pass it to calibrate()")
     groups = calib.groups[key]
-    if rho1 is None:
+    if rho1 is None and rho2 is None:
         kept = full_ranks(groups)
     elif recipe.allocation == "importance":
-        kept = importance_ranks(groups, calib.scores[key], rho1)
+        cache_dense = sum(2 * s.n_kv_heads * s.head_dim for s in calib.sites)
+        kept = importance_ranks(groups, calib.scores[key], rho1, rho2=rho2, cache_dense=cache_dense)
     else:
-        kept = uniform_ranks(groups, rho1)
+        kept = uniform_ranks(groups, rho1, rho2=rho2)
     plan, ranks, ft = {}, {}, {"loss_before": 0.0, "loss_after": 0.0} if recipe.finetune else None
     analysis = _Analysis()
     for site in calib.sites:
         layer_groups = [g for g in groups if g.layer == site.layer]
         plan[site.layer], ranks[site.layer] = _layer_factors(site, layer_groups, kept, recipe, calib, ft, analysis)
-    rho2 = [_cache_width(site, ranks[site.layer], recipe.granularity) / (2 * site.n_kv_heads * site.head_dim)
-            for site in calib.sites]
+    rho2_layers = [_cache_width(site, ranks[site.layer], recipe.granularity) / (2 * site.n_kv_heads * site.head_dim)
+                   for site in calib.sites]
     rho1_layers = [achieved_rho1([g for g in groups if g.layer == s.layer], kept) for s in calib.sites]
-    report = FactorReport(achieved_rho1(groups, kept), sum(rho2) / len(rho2), ranks, rho1_layers, rho2,
-                          above_break_even(groups, kept), ft, analysis.relative_errors(), analysis.spectra)
+    report = FactorReport(achieved_rho1(groups, kept), sum(rho2_layers) / len(rho2_layers), ranks, rho1_layers,
+                          rho2_layers, above_break_even(groups, kept), ft, analysis.relative_errors(), analysis.spectra,
+                          rho2_target=rho2)
     return plan, report
 
 
@@ -169,12 +177,15 @@ class _Analysis:
 
 def recipe_passes(recipe: Recipe, bits: Bits, plan: dict[int, LayerFactors] | None = None,
                   qat_targets: dict[tuple[int, str], QATTarget] | None = None, *, replay: bool = False,
+                  heal_data: tuple[CapturedGraph, torch.Tensor | list] | None = None,
                   progress: bool = False) -> list[GraphPass]:
     """The passes of ``recipe`` in order: factorise, rotate (S1, V heads, online Hadamard),
-    local QAT (S2), fake-quantise.
+    local QAT (S2), fake-quantise, heal end to end.
 
     ``replay=True`` rebuilds only the graph structure, for tensors loaded afterwards
-    (:func:`wsvd_passes.artifact.load`): QAT takes no steps and the clip search is skipped.
+    (:func:`wsvd_passes.artifact.load`): QAT takes no steps, the clip search is skipped and healing
+    (which changes tensors only) is left out. Healing needs ``heal_data`` = (the uncompressed capture,
+    the calibration windows).
     """
     passes = []
     if recipe.factor:
@@ -192,27 +203,41 @@ def recipe_passes(recipe: Recipe, bits: Bits, plan: dict[int, LayerFactors] | No
                                s2_lr=recipe.qat_s2_lr, progress=progress))
     if recipe.quantize:
         passes.append(FakeQuantize(bits, clip_search=not replay, progress=progress))
+    if recipe.heal_steps and not replay:
+        if not recipe.factor:
+            raise WsvdError(f"recipe {recipe.name} has no low-rank factors to heal: use a factor recipe such as wsvd-heal")
+        if heal_data is None:
+            raise WsvdError(f"recipe {recipe.name} heals its factors: give the dense capture and calibration windows")
+        reference, windows = heal_data
+        passes.append(Heal(reference, windows, steps=recipe.heal_steps, lr=recipe.heal_lr, batch_size=recipe.heal_batch,
+                           weight_bits=bits.weight if recipe.quantize else 16, s2=recipe.qat, s2_lr=recipe.qat_s2_lr,
+                           progress=progress))
     return passes
 
 
 def compress(captured: CapturedGraph, calib: Calibration | None, recipe: Recipe, rho1: float | None, bits: Bits, *,
-             progress: bool = False) -> tuple[CapturedGraph, FactorReport | None]:
+             rho2: float | None = None, progress: bool = False) -> tuple[CapturedGraph, FactorReport | None]:
     """A compressed copy of ``captured`` (the original is left untouched) and its factor report."""
-    plan, report = factor_plan(calib, recipe, rho1) if recipe.factor else (None, None)
-    passes = recipe_passes(recipe, bits, plan, calib.qat_targets if calib else None, progress=progress)
+    plan, report = factor_plan(calib, recipe, rho1, rho2) if recipe.factor else (None, None)
+    passes = recipe_passes(recipe, bits, plan, calib.qat_targets if calib else None, progress=progress,
+                           heal_data=(captured, calib.windows) if calib else None)
     compressed = copy.deepcopy(captured)
     Pipeline(passes)(compressed)
     qat = next((p for p in passes if isinstance(p, LocalQAT)), None)
     if qat is not None:
         report.qat = qat.report
+    heal = next((p for p in passes if isinstance(p, Heal)), None)
+    if heal is not None:
+        report.heal = heal.report
     return compressed, report
 
 
 BETA_GRID = (0.25, 0.5, 0.75)
 
 
-def tune_beta(captured: CapturedGraph, calib: Calibration, recipe: Recipe, rho1: float, bits: Bits, *,
-              windows: int = 8, grid: tuple[float, ...] = BETA_GRID) -> tuple[Recipe, dict[float, float]]:
+def tune_beta(captured: CapturedGraph, calib: Calibration, recipe: Recipe, rho1: float | None, bits: Bits, *,
+              rho2: float | None = None, windows: int = 8, grid: tuple[float, ...] = BETA_GRID
+              ) -> tuple[Recipe, dict[float, float]]:
     """QSVD's beta: the split of Sigma between down (Sigma^beta) and up (Sigma^(1-beta)) that minimises
     the next-token loss of the compressed (quantised) model on the first ``windows`` calibration
     windows (never evaluation data). Returns the recipe with that beta and the loss per beta.
@@ -221,11 +246,25 @@ def tune_beta(captured: CapturedGraph, calib: Calibration, recipe: Recipe, rho1:
     losses = {}
     for beta in grid:
         candidate = dataclasses.replace(recipe, beta=beta)
-        compressed, _ = compress(captured, calib, candidate, rho1, bits)
+        compressed, _ = compress(captured, calib, candidate, rho1, bits, rho2=rho2)
         losses[beta] = evaluate(lambda ids: compressed.gm(input_ids=ids), data, progress=False,
                                 device=captured.device).nll
     best = min(grid, key=losses.__getitem__)  # ties keep the earlier grid value
     return dataclasses.replace(recipe, beta=best), losses
+
+
+def cache_bytes_per_token(sites: list[AttentionSite], report: FactorReport | None, recipe: Recipe, bits: Bits) -> float:
+    """K+V cache bytes per token over all layers as deployed, before padding: latents (unpadded ranks) as int8
+    codes plus one float32 scale per latent block (kv head, projection or joint latent) when activations are
+    quantised to <= 8 bits, else bfloat16 values; recipes without factors cache dense K and V in bfloat16."""
+    if report is None:
+        return float(sum(2 * s.n_kv_heads * s.head_dim * 2 for s in sites))
+    blocks = {"head": lambda s: 2 * s.n_kv_heads, "projection": lambda s: 2, "joint": lambda s: 1}[recipe.granularity]
+    total = 0.0
+    for site in sites:
+        width = _cache_width(site, report.ranks[site.layer], recipe.granularity)
+        total += width + 4 * blocks(site) if recipe.quantize and bits.activation <= 8 else 2 * width
+    return total
 
 
 def _cache_width(site: AttentionSite, ranks: dict[str, list[int]], granularity: str) -> int:

@@ -41,6 +41,20 @@ class EvalResult:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
+class MemoLogits:
+    """``fn``'s logits computed once per distinct input (token ids, or image-text graph kwargs) and reused."""
+
+    def __init__(self, fn: Logits):
+        self.fn, self.memo = fn, {}
+
+    def __call__(self, inputs):
+        tensors = [inputs[k] for k in sorted(inputs)] if isinstance(inputs, dict) else [inputs]
+        key = tuple((tuple(t.shape), t.dtype, t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()) for t in tensors)
+        if key not in self.memo:
+            self.memo[key] = self.fn(inputs)
+        return self.memo[key]
+
+
 def evaluate(
     logits_fn: Logits,
     windows: torch.Tensor | list[dict],

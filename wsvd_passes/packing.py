@@ -25,19 +25,8 @@ import torch
 from torch.fx import GraphModule
 
 from .errors import WsvdError
-from .quant_spec import quant_spec, quantized_linears
 
 INT_QUANTIZED, PACK_QUANTIZED = "int-quantized", "pack-quantized"
-
-
-def quantized_weights(gm: GraphModule) -> dict[str, tuple[int, str]]:
-    """Quantised weight target -> (bits, scale target), from the recorded specs."""
-    out = {}
-    for node in quantized_linears(gm):
-        spec = quant_spec(node)
-        if spec.weight_bits <= 8:
-            out[node.args[1].target] = (spec.weight_bits, spec.scale)
-    return out
 
 
 def pack(tensors: dict[str, torch.Tensor], quantized: dict[str, tuple[int, str]], scales: dict[str, torch.Tensor],

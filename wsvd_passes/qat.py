@@ -94,7 +94,7 @@ def random_rotations(n: int, r: int, generator: torch.Generator) -> torch.Tensor
     return q * torch.sign(torch.diagonal(R, dim1=-2, dim2=-1)).unsqueeze(-2)
 
 
-class _Rotation(torch.nn.Module):
+class Rotation(torch.nn.Module):
     """A batch of orthogonal matrices [n, r, r], ``start @ cayley(K)`` with K skew-symmetric.
 
     For a head of rank r_h < r the gradient of K is masked to its top-left r_h x r_h block, so
@@ -129,7 +129,7 @@ def local_qat(W: torch.Tensor, F: torch.Tensor, up: torch.Tensor, down: torch.Te
     n, r = down.shape[0], down.shape[1]
     Fn = F.float() / F.float().flatten(1).mean(1).clamp_min(torch.finfo(torch.float32).tiny)[:, None, None]
     W = W.float()
-    rotation = _Rotation((start if start is not None else torch.eye(r, device=down.device).expand(n, r, r)).float(),
+    rotation = Rotation((start if start is not None else torch.eye(r, device=down.device).expand(n, r, r)).float(),
                          ranks or [r] * n)
     A = up.float().clone().requires_grad_(True)
     B = down.float().clone().requires_grad_(True)

@@ -6,8 +6,8 @@ get_attr holds the dequantised values ``codes * scale`` (what evaluation compute
 the per-row scale is a buffer beside it (``<weight>_scale`` [out], float32), so the integer
 codes are recovered exactly as ``round(W / scale)`` (|codes| <= 2^(bits-1) - 1). Later passes
 keep the linear node and its weight, and the consumers read the layout from here instead of
-re-deriving it: packed artifacts (:mod:`wsvd_passes.packing`), the latent cache (the
-activation quantiser in front of o_proj) and the int8 runtime (:mod:`lowering.int8`).
+re-deriving it: packed artifacts (:mod:`wsvd_passes.packing`) and healing (which re-quantises
+the factors it trains and so rewrites their scales).
 
 The activation quantiser itself is the ``fake_quant_activation(x, bits, group=...)`` node
 feeding the linear; the spec repeats its bits and group so that a consumer needs one lookup.
@@ -38,3 +38,13 @@ def quant_spec(node: Node) -> QuantSpec | None:
 def quantized_linears(gm: GraphModule) -> list[Node]:
     """The linear nodes that carry a :class:`QuantSpec`, in graph order."""
     return [n for n in gm.graph.nodes if n.op == "call_function" and QUANT_META in n.meta]
+
+
+def quantized_weights(gm: GraphModule) -> dict[str, tuple[int, str]]:
+    """Quantised weight target -> (bits, scale target), for the weights quantised to 8 bits or fewer."""
+    out = {}
+    for node in quantized_linears(gm):
+        spec = quant_spec(node)
+        if spec.weight_bits <= 8:
+            out[node.args[1].target] = (spec.weight_bits, spec.scale)
+    return out

@@ -1,11 +1,18 @@
-"""Rank allocation: which singular components of which groups to keep under a rho1 budget.
+"""Rank allocation: which singular components of which groups to keep under a rho1 budget,
+a rho2 (KV-cache) budget, or both.
 
-Budget: ``rho1 * sum_groups E * m`` parameters; a kept component of a group costs
+Parameter budget: ``rho1 * sum_groups E * m`` parameters; a kept component of a group costs
 ``E + m`` (its column of ``up`` and row of ``down``).
+Cache budget: ``rho2 * sum_layers 2 n_kv H`` cached values per token; a kept component of a key or
+value group (per head or per projection) or of a joint group costs one (its latent channel), a
+query component none. With rho2 alone the parameter budget is rho1 = 1 (never more parameters than
+the dense projections).
 
 - :func:`uniform_ranks`: every group keeps its leading ``floor(rho1 * E m / (E + m))``
-  components (the same ratio everywhere; achieved rho1 <= target).
-- :func:`importance_ranks`: global top-k by importance (QSVD/WSVD). The score of
+  components (the same ratio everywhere; achieved rho1 <= target), key/value groups at most
+  ``floor(rho2 * m)`` (achieved rho2 <= target).
+- :func:`importance_ranks`: global greedy by importance (QSVD/WSVD): components in score order,
+  each kept when it fits every budget. The score of
   component i of a group is ``sigma_i * sqrt(mean_samples g_i^2)`` with
   ``g_i = u_i^T (dL/dW') v_i`` the per-sample gradient in scaled coordinates
   (``dL/dW' = dL/dW S^-T``), accumulated by :class:`ImportanceAccumulator`.
@@ -38,12 +45,38 @@ def _check_rho1(rho1: float) -> None:
         raise WsvdError(f"rho1 {rho1} is outside (0, 1]: it is the kept fraction of Q/K/V parameters")
 
 
-def uniform_ranks(groups: list[Group], rho1: float, *, min_rank: int = 1) -> Kept:
+def check_rho2(rho2: float) -> None:
+    if not 0 < rho2 <= 1:
+        raise WsvdError(f"rho2 {rho2} is outside (0, 1]: it is the kept fraction of the K+V cache")
+
+
+def cache_cost(g: Group) -> int:
+    """Cached values per token of one kept component: 1 for key, value and joint groups, 0 for queries."""
+    return int(g.name in ("k", "v", "qkv"))
+
+
+def _rho2_too_low(rho2: float, minimum: float, min_rank: int) -> WsvdError:
+    return WsvdError(f"rho2 {rho2} is below the minimum of {min_rank} component(s) per key/value head "
+                     f"(rho2 {minimum:.4f} for this model): raise rho2")
+
+
+def uniform_ranks(groups: list[Group], rho1: float | None, *, rho2: float | None = None, min_rank: int = 1) -> Kept:
+    """Leading components of every group at the same ratio (rho1 None: 1; rho2 None: no cache budget)."""
+    rho1 = 1.0 if rho1 is None else rho1
     _check_rho1(rho1)
+    if rho2 is not None:
+        check_rho2(rho2)
+        if any(g.name == "qkv" for g in groups):
+            raise WsvdError("uniform ranks under a rho2 budget need per-projection or per-head groups, not joint ones")
+        cached = [g for g in groups if cache_cost(g)]
+        if any(math.floor(rho2 * g.shape[0] + 1e-9) < min_rank for g in cached):
+            raise _rho2_too_low(rho2, max(min_rank / g.shape[0] for g in cached), min_rank)
     kept = {}
     for g in groups:
         m, e = g.shape
         r = max(min_rank, math.floor(rho1 * m * e / (m + e) + 1e-9))
+        if rho2 is not None and cache_cost(g):
+            r = min(r, math.floor(rho2 * m + 1e-9))
         kept[g.key] = torch.arange(min(r, len(g.sigma)))
     return kept
 
@@ -87,10 +120,19 @@ class ImportanceAccumulator:
         return {g.key: g.sigma * (s / self.samples).sqrt() for g, s in zip(self.groups, self.sum_sq)}
 
 
-def importance_ranks(groups: list[Group], scores: dict[tuple, torch.Tensor], rho1: float, *, min_rank: int = 1) -> Kept:
-    """Global top-k of ``scores`` under the rho1 parameter budget."""
+def importance_ranks(groups: list[Group], scores: dict[tuple, torch.Tensor], rho1: float | None, *,
+                     rho2: float | None = None, cache_dense: int | None = None, min_rank: int = 1) -> Kept:
+    """Greedy by ``scores`` under the rho1 parameter budget (None: 1) and, with ``rho2``, the cache budget
+    ``rho2 * cache_dense`` (``cache_dense``: the dense K+V cache width summed over the layers)."""
+    rho1 = 1.0 if rho1 is None else rho1
     _check_rho1(rho1)
     budget = rho1 * sum(g.dense_params for g in groups)
+    cache = math.inf
+    if rho2 is not None:
+        check_rho2(rho2)
+        if not cache_dense:
+            raise WsvdError("a rho2 budget needs the dense cache width (cache_dense)")
+        cache = rho2 * cache_dense + 1e-9
     chosen: dict[tuple, list[int]] = {g.key: [] for g in groups}
     candidates = []
     for gi, g in enumerate(groups):
@@ -101,14 +143,18 @@ def importance_ranks(groups: list[Group], scores: dict[tuple, torch.Tensor], rho
         for i in order[:min_rank]:
             chosen[g.key].append(i)
             budget -= g.cost
+            cache -= cache_cost(g)
         candidates += [(-float(s[i]), gi, i) for i in order[min_rank:]]
     if budget < 0:
         raise WsvdError(f"rho1 {rho1} is below the minimum of {min_rank} component(s) per group; raise rho1")
+    if cache < 0:
+        raise _rho2_too_low(rho2, sum(min_rank * cache_cost(g) for g in groups) / cache_dense, min_rank)
     for _, gi, i in sorted(candidates):
         g = groups[gi]
-        if g.cost <= budget:
+        if g.cost <= budget and cache_cost(g) <= cache:
             chosen[g.key].append(i)
             budget -= g.cost
+            cache -= cache_cost(g)
     return {k: torch.tensor(sorted(v), dtype=torch.long) for k, v in chosen.items()}
 
 

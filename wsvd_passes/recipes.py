@@ -18,7 +18,9 @@ The baselines factor Q, K and V separately, as the WSVD paper does for them. The
 quantise (``--bits``): weights per output channel with a clipping search, activations
 per token (latents per token per head); rotations come first. ``wsvd`` then trains a
 per-head orthogonal S2 with the factors against the deployment quantiser
-(:mod:`wsvd_passes.qat`; paper: lr 1e-5, 50 steps).
+(:mod:`wsvd_passes.qat`; paper: lr 1e-5, 50 steps). The ``-heal`` recipes then train the factors
+(and S2) end to end on KL(dense || compressed) over the calibration windows (:mod:`wsvd_passes.heal`);
+``heal_steps`` turns healing on for any factor recipe.
 """
 
 from __future__ import annotations
@@ -46,7 +48,12 @@ class Recipe:
     qat_steps: int = 50
     qat_lr: float = 1e-5  # Adam on the factors
     qat_s2_lr: float = 1e-3  # Adam on S2's Cayley parameter (the paper does not give one)
+    heal_steps: int = 0  # end-to-end healing of the factors on KL(dense || compressed) (:mod:`wsvd_passes.heal`); 0: off
+    heal_lr: float = 1e-5  # Adam on the factors (S2, where the recipe trains it, uses qat_s2_lr)
+    heal_batch: int = 2  # calibration windows per step
 
+
+HEAL_STEPS = 100
 
 RECIPES = {
     r.name: r
@@ -62,6 +69,9 @@ RECIPES = {
         Recipe("qsvd", "joint", "asvd", "importance", rotate=True, quantize=True),
         Recipe("wsvd-noqat", "head", "whiten", "importance", finetune=True, rotate=True, quantize=True),
         Recipe("wsvd", "head", "whiten", "importance", finetune=True, rotate=True, quantize=True, qat=True),
+        Recipe("wsvd-heal-noq", "head", "whiten", "importance", finetune=True, heal_steps=HEAL_STEPS),
+        Recipe("wsvd-heal", "head", "whiten", "importance", finetune=True, rotate=True, quantize=True, qat=True,
+               heal_steps=HEAL_STEPS),
     ]
 }
 

@@ -3,7 +3,8 @@
 :func:`write_report` reads ``manifest.json`` (required), ``spectra.safetensors`` and
 ``evaluation.json`` (both optional) and writes ``report.md`` with four plots next to
 it: per-layer, per-head ranks (heatmap), singular-value spectra before/after for the
-first, middle and last layer, per-layer reconstruction error and per-layer rho1/rho2.
+first, middle and last layer, per-layer reconstruction error and per-layer rho1/rho2; with a
+``wsvd table --json`` as ``evaluation.json``, a Pareto plot of KL against KV-cache bytes per token.
 A section whose data the directory lacks becomes one line saying so.
 """
 
@@ -25,7 +26,8 @@ FORMAT_VERSION = 1
 _FIX = "point wsvd report at a directory written by wsvd compress --out"
 _SPECTRUM_KEY = re.compile(r"layer(\d+)\.(\w+?)(?:\.head(\d+))?\.(before|after)")
 _HEAD_KEYS = ("n_heads", "n_kv_heads", "head_dim", "hidden_size")
-_EVAL_FIRST = ["recipe", "rho1", "rho1_achieved", "rho2", "bits", "ppl", "nll", "kl", "top1", "ref_ppl", "tokens"]
+_EVAL_FIRST = ["recipe", "rho1", "rho1_achieved", "rho2_target", "rho2", "cache_bytes_per_token", "bits", "ppl", "nll",
+               "kl", "top1", "ref_ppl", "tokens"]
 
 
 def write_report(directory, out_dir=None) -> Path:
@@ -43,6 +45,7 @@ def write_report(directory, out_dir=None) -> Path:
         _reconstruction_section(manifest, out),
         _ratios_section(manifest, out),
         _evaluation_section(evaluation),
+        _pareto_section(evaluation, out),
     ]
     path = out / "report.md"
     path.write_text("\n\n".join(sections) + "\n")
@@ -197,7 +200,8 @@ def _header(m: dict, directory: Path) -> str:
              _key_values("Calibration", m.get("calibration"), "No calibration provenance in manifest.json."),
              _key_values("Environment", m.get("environment"), "No environment in manifest.json."),
              _key_values("Fine-tuning", m.get("finetune"), "Fine-tuning: none recorded in manifest.json."),
-             _key_values("QAT", m.get("qat"), "QAT: none recorded in manifest.json.")]
+             _key_values("QAT", m.get("qat"), "QAT: none recorded in manifest.json."),
+             _key_values("Healing", m.get("heal"), "Healing: none recorded in manifest.json.")]
     return "\n\n".join(parts)
 
 
@@ -250,6 +254,32 @@ def _evaluation_section(rows: list[dict]) -> str:
     keys = [k for r in rows for k, v in r.items() if not isinstance(v, (dict, list))]
     columns = [k for k in _EVAL_FIRST if k in keys] + [k for k in dict.fromkeys(keys) if k not in _EVAL_FIRST]
     return "## Evaluation\n\n" + _table(columns, [[r.get(k) for k in columns] for r in rows])
+
+
+def _pareto_section(rows: list[dict], out: Path) -> str:
+    points = [r for r in rows if all(isinstance(r.get(k), (int, float)) for k in ("kl", "cache_bytes_per_token"))]
+    if len(points) < 2:
+        return ("## KL vs cache size\n\nPareto plot: unavailable (evaluation.json has fewer than two rows with KL "
+                "and cache bytes).")
+    front = pareto_front(points)
+    _plot_pareto(points, front, out / "pareto.png")
+    return ("## KL vs cache size\n\nKL to the uncompressed model against K+V cache bytes per token (unpadded latents; "
+            "int8 codes and float32 scales for latents quantised to <= 8 bits, else bfloat16); black: the Pareto front "
+            "(no other row has both less cache and less KL).\n\n![pareto](pareto.png)\n\n"
+            + _table(["recipe", "bits", "rho1", "rho2", "cache bytes/token", "kl"],
+                     [[r.get("recipe"), r.get("bits"), r.get("rho1"), r.get("rho2"), r["cache_bytes_per_token"], r["kl"]]
+                      for r in front]))
+
+
+def pareto_front(rows: list[dict]) -> list[dict]:
+    """Rows no other row beats on both cache bytes and KL (ties on both keep the first), by cache size."""
+    ordered = sorted(rows, key=lambda r: (r["cache_bytes_per_token"], r["kl"]))
+    front, best = [], float("inf")
+    for r in ordered:
+        if r["kl"] < best:
+            front.append(r)
+            best = r["kl"]
+    return front
 
 
 # ---------------------------------------------------------------- plots
@@ -388,5 +418,23 @@ def _plot_ratios(rho1: list[float], rho2: list[float], target, path: Path) -> No
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("ratio")
     ax.set_title("per-layer compression ratios")
+    ax.legend(fontsize=7)
+    fig.savefig(path)
+
+
+def _plot_pareto(rows: list[dict], front: list[dict], path: Path) -> None:
+    fig = _figure(6.4, 4.0)
+    ax = fig.subplots()
+    series: dict[str, list[dict]] = {}
+    for r in rows:
+        series.setdefault(f"{r.get('recipe')} {r.get('bits', '')}".strip(), []).append(r)
+    for label, rs in series.items():
+        rs = sorted(rs, key=lambda r: r["cache_bytes_per_token"])
+        ax.plot([r["cache_bytes_per_token"] for r in rs], [r["kl"] for r in rs], marker="o", markersize=4, label=label)
+    ax.step([r["cache_bytes_per_token"] for r in front], [r["kl"] for r in front], where="post", color="k",
+            linewidth=1, label="Pareto front")
+    ax.set_xlabel("K+V cache bytes per token")
+    ax.set_ylabel("KL to uncompressed (nats/token)")
+    ax.set_title("KL vs cache size")
     ax.legend(fontsize=7)
     fig.savefig(path)
