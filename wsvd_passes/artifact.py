@@ -217,3 +217,44 @@ def _put_tensors(captured: CapturedGraph, tensors: dict[str, torch.Tensor], base
             owner.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=value.is_floating_point()))
         else:
             owner.register_buffer(leaf, value)
+
+
+def write_shard(directory: str | Path, name: str, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write ``DIR/name.safetensors`` under a temporary name and rename it: a kill leaves no half-written shard."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    final, staging = out / f"{name}.safetensors", out / f".{name}.safetensors.tmp"
+    try:
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, staging, metadata={"format": FORMAT})
+    except OSError as e:
+        staging.unlink(missing_ok=True)
+        raise WsvdError(f"cannot write {final} ({e.strerror}): free disk space or choose another --out") from None
+    staging.replace(final)
+    return final
+
+
+def save_streamed(directory: str | Path, *, model: str, model_sha256: str, shards: list[Path], site: AttentionSite,
+                  recipe: Recipe, bits: Bits, rho1_target: float | None, report: FactorReport, calibration: dict,
+                  environment: dict) -> dict:
+    """The artifact of a streamed compression (:mod:`wsvd_passes.stream`): its layer shards merged into
+    ``weights.safetensors`` (then removed), the spectra and the manifest, as :func:`save` writes them."""
+    out = Path(directory)
+    tensors = {}
+    for shard in shards:
+        tensors.update(load_file(shard))
+    write_shard(out, "weights", tensors)
+    write_shard(out, "spectra", {k: v.contiguous() for k, v in report.spectra.items()})
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "wsvd_version": library_version(),
+        "model": model, "model_sha256": model_sha256, "graph": "forward",
+        "recipe": dataclasses.asdict(recipe), "bits": f"w{bits.weight}a{bits.activation}", "rho1_target": rho1_target,
+        **report.as_dict(),
+        "heads": {"n_heads": site.n_heads, "n_kv_heads": site.n_kv_heads, "head_dim": site.head_dim,
+                  "hidden_size": site.hidden_size},
+        "calibration": calibration, "environment": environment, "exported_program": "not saved (--stream)",
+        "tensors": len(tensors), "streamed": True,
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    for shard in shards:
+        shard.unlink()
+    return manifest

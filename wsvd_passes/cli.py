@@ -77,6 +77,10 @@ def _parser() -> argparse.ArgumentParser:
     co.add_argument("--tune-beta", action="store_true",
                     help="tune QSVD's beta (Sigma split) of quantising factor recipes on 8 calibration windows")
     co.add_argument("--json", dest="json_out", help="also write the report to this JSON file")
+    co.add_argument("--stream", action="store_true", help="one decoder layer in memory at a time, read from the "
+                    "checkpoint directory's safetensors (float low-rank recipes: wsvd-noq, svd-llm, ...)")
+    co.add_argument("--offload-dir", help="with --stream: where per-layer activations, statistics and Fisher wait "
+                    "between passes (default: a temporary folder in --out)")
 
     ta = sub.add_parser("table", help="perplexity / KL / top-1 of recipes at several ratios (WSVD Table 1 analog)")
     _add_model(ta)
@@ -503,6 +507,9 @@ def _compress_to(args, out: str):
     from .artifact import save
     from .compress import compress
 
+    if getattr(args, "stream", False):
+        return None, _compress_streamed(args, out)
+
     (rho1,) = _parse_rho1(args.rho1)
     bits = _bits(args)
     lm, captured, calib, (recipe,), provenance = _prepare(args, [args.recipe])
@@ -513,6 +520,35 @@ def _compress_to(args, out: str):
                     rho1_target=rho1 if recipe.factor else None, report=report, calibration=provenance,
                     environment=_environment())
     return lm, manifest
+
+
+def _compress_streamed(args, out: str) -> dict:
+    """``compress --stream``: the checkpoint directory --model compressed layer by layer (:mod:`wsvd_passes.stream`)."""
+    import transformers
+
+    from .data import text_source, token_windows
+    from .device import parse_dtype
+    from .recipes import get_recipe
+    from .stream import compress_checkpoint
+
+    (rho1,) = _parse_rho1(args.rho1)
+    if not Path(args.model).is_dir():
+        raise WsvdError(f"--stream reads a checkpoint directory; {args.model} is not one (save it with save_pretrained)")
+    if _bits(args).weight < 16 or _bits(args).activation < 16 or args.tune_beta or args.calib:
+        raise WsvdError("--stream compresses float recipes on text: drop --bits, --tune-beta and --calib")
+    if args.calib_windows < 1 or (args.grad_samples is not None and args.grad_samples < 1):
+        raise WsvdError("--calib-windows and --grad-samples must be at least 1")
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
+    except (OSError, ValueError) as e:
+        raise WsvdError(f"cannot read the tokenizer in {args.model}: {str(e).splitlines()[0]}") from None
+    text, provenance = text_source(args.calib_data, "calibration")
+    windows = token_windows(tokenizer, text, args.seq_len, args.calib_windows)
+    provenance.update(windows=len(windows), seq_len=args.seq_len)
+    return compress_checkpoint(args.model, windows, get_recipe(args.recipe), rho1, out, dtype=parse_dtype(args.dtype),
+                               grad_samples=args.grad_samples, offload_dir=args.offload_dir, calibration=provenance,
+                               environment=_environment(),
+                               progress=not args.quiet)
 
 
 class _MemoLogits:

@@ -9,7 +9,6 @@ applies them to a captured graph. Recipes (:mod:`wsvd_passes.recipes`) name the 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import torch
@@ -58,14 +57,9 @@ def calibrate(
     weights = {s.layer: {p: tensor_attr(captured.gm, getattr(s, f"{p}_proj").weight).detach() for p in PROJECTIONS}
                for s in sites}
     groups = {}
-    for r in (r for r in recipes if r.factor):
-        key = (r.granularity, r.scaling)
-        if key not in groups:
-            groups[key] = [g for s in sites for g in split_groups(
-                s.layer, weights[s.layer],
-                make_scaling(stats[s.layer].qkv, r.scaling, s.hidden_size, alpha=r.alpha, where=f"layer {s.layer}",
-                             device=stats[s.layer].qkv.gram.device),
-                r.granularity, s.head_dim)]
+    for s in sites:
+        for key, layer in layer_groups(s, weights[s.layer], stats[s.layer], recipes).items():
+            groups.setdefault(key, []).extend(layer)
     accumulators = {key: ImportanceAccumulator(groups[key], sites[0].head_dim)
                     for key in {(r.granularity, r.scaling) for r in recipes if r.factor and r.allocation == "importance"}}
     fisher, n, qat_targets = {}, 0, None
@@ -86,6 +80,19 @@ def calibrate(
         n = len(samples)
     scores = {key: acc.scores() for key, acc in accumulators.items()}
     return Calibration(sites, stats, groups, scores, fisher, n, qat_targets, windows)
+
+
+def layer_groups(site: AttentionSite, weights: dict[str, torch.Tensor], stats: SiteStats, recipes: list[Recipe]
+                 ) -> dict[tuple[str, str], list[Group]]:
+    """The SVD groups of one layer's q/k/v ``weights`` for every (granularity, scaling) of ``recipes``."""
+    groups = {}
+    for r in (r for r in recipes if r.factor):
+        key = (r.granularity, r.scaling)
+        if key not in groups:
+            scaling = make_scaling(stats.qkv, r.scaling, site.hidden_size, alpha=r.alpha, where=f"layer {site.layer}",
+                                   device=stats.qkv.gram.device)
+            groups[key] = split_groups(site.layer, weights, scaling, r.granularity, site.head_dim)
+    return groups
 
 
 @dataclasses.dataclass
@@ -112,18 +119,25 @@ class FactorReport:
                 "reconstruction": {str(k): v for k, v in self.reconstruction.items()}, "qat": self.qat}
 
 
-def factor_plan(calib: Calibration, recipe: Recipe, rho1: float | None) -> tuple[dict[int, LayerFactors], FactorReport]:
-    """Per-layer factors for ``recipe`` at parameter ratio ``rho1`` (None: full rank, exact)."""
+def allocate_ranks(groups: list[Group], scores: dict[tuple, torch.Tensor] | None, recipe: Recipe, rho1: float | None) -> Kept:
+    """The kept components of every group for ``recipe`` at ``rho1`` (None: all), allocated over all ``groups``."""
+    if rho1 is None:
+        return full_ranks(groups)
+    if recipe.allocation == "importance":
+        return importance_ranks(groups, scores, rho1)
+    return uniform_ranks(groups, rho1)
+
+
+def factor_plan(calib: Calibration, recipe: Recipe, rho1: float | None, *, kept: Kept | None = None
+                ) -> tuple[dict[int, LayerFactors], FactorReport]:
+    """Per-layer factors for ``recipe`` at parameter ratio ``rho1`` (None: full rank, exact); ``kept`` gives
+    ranks allocated beforehand over more groups than ``calib`` holds (streamed compression)."""
     key = (recipe.granularity, recipe.scaling)
     if key not in calib.groups:
         raise WsvdError(f"recipe {recipe.name} was not part of this calibration: pass it to calibrate()")
     groups = calib.groups[key]
-    if rho1 is None:
-        kept = full_ranks(groups)
-    elif recipe.allocation == "importance":
-        kept = importance_ranks(groups, calib.scores[key], rho1)
-    else:
-        kept = uniform_ranks(groups, rho1)
+    if kept is None:
+        kept = allocate_ranks(groups, calib.scores.get(key), recipe, rho1)
     plan, ranks, ft = {}, {}, {"loss_before": 0.0, "loss_after": 0.0} if recipe.finetune else None
     analysis = _Analysis()
     for site in calib.sites:
@@ -200,7 +214,7 @@ def compress(captured: CapturedGraph, calib: Calibration | None, recipe: Recipe,
     """A compressed copy of ``captured`` (the original is left untouched) and its factor report."""
     plan, report = factor_plan(calib, recipe, rho1) if recipe.factor else (None, None)
     passes = recipe_passes(recipe, bits, plan, calib.qat_targets if calib else None, progress=progress)
-    compressed = copy.deepcopy(captured)
+    compressed = captured.sharing_parameters()
     Pipeline(passes)(compressed)
     qat = next((p for p in passes if isinstance(p, LocalQAT)), None)
     if qat is not None:

@@ -1,0 +1,105 @@
+"""Streamed compression (one decoder layer at a time) against the whole-model compression."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import tiny, tiny_forward
+from wsvd_passes import artifact
+from wsvd_passes.cli import main
+from wsvd_passes.compress import calibrate, compress, factor_plan
+from wsvd_passes.errors import WsvdError
+from wsvd_passes.quantize import parse_bits
+from wsvd_passes.recipes import RECIPES
+from safetensors.torch import load_file
+
+from wsvd_passes.stream import Checkpoint, calibrate_streamed, compress_streamed
+
+MODEL = "tiny-llama-gqa"
+WINDOWS = torch.randint(0, 384, (4, 33), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    lm = tiny(MODEL)
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("recipe", ["wsvd-noq", "svd-llm"])
+def test_streamed_calibration_gives_the_whole_models_ranks_and_factors(checkpoint_dir, recipe, tmp_path):
+    r = RECIPES[recipe]
+    whole = calibrate(tiny_forward(MODEL), WINDOWS, [r], progress=False)
+    streamed = calibrate_streamed(Checkpoint(checkpoint_dir), WINDOWS, r, tmp_path, progress=False)
+    plan, report = factor_plan(whole, r, 0.6)
+    for key, s in whole.scores.get((r.granularity, r.scaling), {}).items():
+        torch.testing.assert_close(streamed.scores[key], s, rtol=1e-4, atol=1e-12)
+    for (layer, p), f in whole.fisher.items():  # the layer-wise backward gives the whole graph's gradients
+        assert f.abs().max() > 0
+        torch.testing.assert_close(streamed.store.get(f"fisher{layer:05d}")[p], f, rtol=1e-4, atol=1e-12)
+    sreport, shards = compress_streamed(Checkpoint(checkpoint_dir), streamed, r, 0.6, tmp_path / "out", progress=False)
+    assert sreport.ranks == report.ranks and len(plan) == len(shards) == 2
+    assert sreport.rho1 == pytest.approx(report.rho1) and sreport.rho2 == pytest.approx(report.rho2)
+    for layer, shard in enumerate(shards):
+        saved = load_file(shard)
+        for p in plan[layer].downs:
+            down = next(t for n, t in saved.items() if n.endswith(f".wsvd.{p}_down"))
+            torch.testing.assert_close(down, plan[layer].downs[p].to(down.dtype), rtol=1e-5, atol=1e-6)
+
+
+def test_compress_stream_writes_the_whole_models_artifact(checkpoint_dir, tmp_path):
+    out = tmp_path / "streamed"
+    argv = ["compress", "--model", str(checkpoint_dir), "--recipe", "wsvd-noq", "--rho1", "0.6", "--calib-windows", "4",
+            "--seq-len", "33", "--quiet", "--out", str(out)]
+    assert main(argv + ["--stream"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["streamed"] and not list(out.glob("layer*")) and not list(out.glob(".*tmp"))
+    loaded = artifact.load(out)  # the model fingerprint and every tensor name match the whole-model capture
+    base = tiny_forward(MODEL)
+    calib = calibrate(base, loaded_windows(checkpoint_dir), [RECIPES["wsvd-noq"]], progress=False)
+    compressed, report = compress(base, calib, RECIPES["wsvd-noq"], 0.6, parse_bits("w16"))
+    assert manifest["ranks"] == {str(k): v for k, v in report.ranks.items()}
+    ids = torch.randint(0, 384, (2, 21), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = compressed.gm(input_ids=ids)
+        torch.testing.assert_close(loaded.captured.gm(input_ids=ids), expected, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(base.gm(input_ids=ids), expected, atol=1e-3)
+
+
+def loaded_windows(checkpoint_dir):
+    """The calibration windows `compress --calib-windows 4 --seq-len 33` cuts from the default text."""
+    from wsvd_passes.data import text_source, token_windows
+
+    return token_windows(tiny(MODEL).tokenizer, text_source(None, "calibration")[0], 33, 4)
+
+
+def test_bad_checkpoints_and_recipes_are_one_line_errors(checkpoint_dir, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "missing"
+    shutil.copytree(checkpoint_dir, broken)
+    (broken / "model.safetensors").rename(broken / "model-00001-of-00002.safetensors")
+    keys = load_file(broken / "model-00001-of-00002.safetensors")
+    (broken / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        k: "model-00001-of-00002.safetensors" if "layers.1" not in k else "model-00002-of-00002.safetensors" for k in keys}}))
+    with pytest.raises(WsvdError, match="lacks the shard model-00002-of-00002"):
+        Checkpoint(broken)
+    mismatched = tmp_path / "mismatched"
+    shutil.copytree(checkpoint_dir, mismatched)
+    tensors = load_file(mismatched / "model.safetensors")
+    tensors["model.layers.1.self_attn.k_proj.weight"] = tensors["model.layers.1.self_attn.k_proj.weight"][:16]
+    save_file(tensors, mismatched / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(WsvdError, match=r"k_proj.weight is \(16, 96\), the config says \(32, 96\)"):
+        calibrate_streamed(Checkpoint(mismatched), WINDOWS, RECIPES["wsvd-noq"], tmp_path, progress=False)
+    with pytest.raises(WsvdError, match="rotates or quantises"):
+        calibrate_streamed(Checkpoint(checkpoint_dir), WINDOWS, RECIPES["wsvd"], tmp_path, progress=False)
+    assert main(["compress", "--model", MODEL, "--recipe", "wsvd-noq", "--rho1", "0.5", "--stream", "--out",
+                 str(tmp_path / "x")]) == 2
+    assert "error: --stream reads a checkpoint directory" in capsys.readouterr().err
