@@ -71,6 +71,39 @@ def test_compress_stream_writes_the_whole_models_artifact(checkpoint_dir, tmp_pa
         assert not torch.allclose(base.gm(input_ids=ids), expected, atol=1e-3)
 
 
+def test_a_killed_run_resumes_to_the_same_artifact(checkpoint_dir, tmp_path, monkeypatch, capsys):
+    from wsvd_passes import artifact as artifact_module
+
+    argv = ["compress", "--stream", "--model", str(checkpoint_dir), "--recipe", "wsvd-noq", "--rho1", "0.6",
+            "--calib-windows", "4", "--seq-len", "33", "--quiet"]
+    assert main(argv + ["--out", str(tmp_path / "whole")]) == 0
+    write_shard, written = artifact_module.write_shard, []
+
+    def killed_after_layer_0(directory, name, tensors, metadata=None):
+        if name == "layer00001":
+            raise KeyboardInterrupt  # the process dies while layer 1 is being written
+        written.append(name)
+        return write_shard(directory, name, tensors, metadata)
+
+    monkeypatch.setattr(artifact_module, "write_shard", killed_after_layer_0)
+    out = tmp_path / "resumed"
+    assert main(argv + ["--out", str(out)]) == 130  # interrupted
+    monkeypatch.setattr(artifact_module, "write_shard", write_shard)
+    assert "layer00000" in written and (out / "layer00000.safetensors").is_file()
+    assert main([a if a != "0.6" else "0.5" for a in argv] + ["--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --resume: " in err and "another rho1" in err
+    monkeypatch.setattr("wsvd_passes.stream.calibrate_streamed", None)  # resuming does not calibrate again
+    written.clear()
+    monkeypatch.setattr(artifact_module, "write_shard", lambda *a, **k: written.append(a[1]) or write_shard(*a, **k))
+    assert main(argv + ["--out", str(out), "--resume"]) == 0
+    assert "layer00000" not in written and "layer00001" in written  # layer 0 was kept
+    a, b = load_file(tmp_path / "whole" / "weights.safetensors"), load_file(out / "weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (tmp_path / "whole", out))
+    assert ma["ranks"] == mb["ranks"] and ma["reconstruction"] == mb["reconstruction"]
+
+
 def loaded_windows(checkpoint_dir):
     """The calibration windows `compress --calib-windows 4 --seq-len 33` cuts from the default text."""
     from wsvd_passes.data import text_source, token_windows
@@ -103,3 +136,26 @@ def test_bad_checkpoints_and_recipes_are_one_line_errors(checkpoint_dir, tmp_pat
     assert main(["compress", "--model", MODEL, "--recipe", "wsvd-noq", "--rho1", "0.5", "--stream", "--out",
                  str(tmp_path / "x")]) == 2
     assert "error: --stream reads a checkpoint directory" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_streamed_peak_memory_does_not_grow_with_depth(tmp_path):
+    # random bf16 checkpoints of width 1024 with 2 and 16 layers, each compressed in its own process:
+    # 14 more layers may cost at most 1.5 layers' bytes (bf16) of peak RSS
+    from wsvd_passes.random_checkpoint import write_random_checkpoint
+
+    peaks, layer_bytes = {}, None
+    for layers in (2, 16):
+        path = tmp_path / f"l{layers}"
+        total = write_random_checkpoint(path, hidden=1024, intermediate=2816, layers=layers, heads=16, kv_heads=4,
+                                        vocab=2048)
+        code = ("import resource, sys; from wsvd_passes.cli import main; "
+                f"rc = main(['compress', '--stream', '--model', {str(path)!r}, '--recipe', 'wsvd-noq', '--rho1', '0.5', "
+                f"'--calib-windows', '2', '--seq-len', '64', '--quiet', '--out', {str(tmp_path / f'out{layers}')!r}]); "
+                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        peaks[layers] = int(run.stdout.split()[-1]) * 1024
+        if layers == 2:
+            embed = 2 * 2048 * 1024 * 2  # embedding and LM head, bf16
+            layer_bytes = (total - embed - 1024 * 2) / 2
+    assert peaks[16] <= peaks[2] + 1.5 * layer_bytes, (peaks, layer_bytes)

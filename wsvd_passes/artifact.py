@@ -219,13 +219,14 @@ def _put_tensors(captured: CapturedGraph, tensors: dict[str, torch.Tensor], base
             owner.register_buffer(leaf, value)
 
 
-def write_shard(directory: str | Path, name: str, tensors: dict[str, torch.Tensor]) -> Path:
+def write_shard(directory: str | Path, name: str, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
     """Write ``DIR/name.safetensors`` under a temporary name and rename it: a kill leaves no half-written shard."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     final, staging = out / f"{name}.safetensors", out / f".{name}.safetensors.tmp"
     try:
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, staging, metadata={"format": FORMAT})
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, staging,
+                  metadata={"format": FORMAT, **(metadata or {})})
     except OSError as e:
         staging.unlink(missing_ok=True)
         raise WsvdError(f"cannot write {final} ({e.strerror}): free disk space or choose another --out") from None
@@ -233,7 +234,7 @@ def write_shard(directory: str | Path, name: str, tensors: dict[str, torch.Tenso
     return final
 
 
-def save_streamed(directory: str | Path, *, model: str, model_sha256: str, shards: list[Path], site: AttentionSite,
+def save_streamed(directory: str | Path, *, model: str, model_sha256: str, shards: list[Path], heads: dict,
                   recipe: Recipe, bits: Bits, rho1_target: float | None, report: FactorReport, calibration: dict,
                   environment: dict) -> dict:
     """The artifact of a streamed compression (:mod:`wsvd_passes.stream`): its layer shards merged into
@@ -249,9 +250,8 @@ def save_streamed(directory: str | Path, *, model: str, model_sha256: str, shard
         "model": model, "model_sha256": model_sha256, "graph": "forward",
         "recipe": dataclasses.asdict(recipe), "bits": f"w{bits.weight}a{bits.activation}", "rho1_target": rho1_target,
         **report.as_dict(),
-        "heads": {"n_heads": site.n_heads, "n_kv_heads": site.n_kv_heads, "head_dim": site.head_dim,
-                  "hidden_size": site.hidden_size},
-        "calibration": calibration, "environment": environment, "exported_program": "not saved (--stream)",
+        "heads": heads, "calibration": calibration, "environment": environment,
+        "exported_program": "not saved (--stream)",
         "tensors": len(tensors), "streamed": True,
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -80,7 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     co.add_argument("--stream", action="store_true", help="one decoder layer in memory at a time, read from the "
                     "checkpoint directory's safetensors (float low-rank recipes: wsvd-noq, svd-llm, ...)")
     co.add_argument("--offload-dir", help="with --stream: where per-layer activations, statistics and Fisher wait "
-                    "between passes (default: a temporary folder in --out)")
+                    "between passes (default: a folder in --out)")
+    co.add_argument("--resume", action="store_true", help="with --stream: continue a killed run of the same model, "
+                    "recipe and calibration from its last finished layer")
 
     ta = sub.add_parser("table", help="perplexity / KL / top-1 of recipes at several ratios (WSVD Table 1 analog)")
     _add_model(ta)
@@ -509,6 +511,8 @@ def _compress_to(args, out: str):
 
     if getattr(args, "stream", False):
         return None, _compress_streamed(args, out)
+    if getattr(args, "resume", False) or getattr(args, "offload_dir", None):
+        raise WsvdError("--resume and --offload-dir belong to streamed compression: add --stream")
 
     (rho1,) = _parse_rho1(args.rho1)
     bits = _bits(args)
@@ -546,7 +550,8 @@ def _compress_streamed(args, out: str) -> dict:
     windows = token_windows(tokenizer, text, args.seq_len, args.calib_windows)
     provenance.update(windows=len(windows), seq_len=args.seq_len)
     return compress_checkpoint(args.model, windows, get_recipe(args.recipe), rho1, out, dtype=parse_dtype(args.dtype),
-                               grad_samples=args.grad_samples, offload_dir=args.offload_dir, calibration=provenance,
+                               grad_samples=args.grad_samples, offload_dir=args.offload_dir, resume=args.resume,
+                               calibration=provenance,
                                environment=_environment(),
                                progress=not args.quiet)
 

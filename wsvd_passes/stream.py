@@ -42,7 +42,7 @@ from .lowrank import PROJECTIONS, Group
 from .pipeline import Pipeline
 from .rank_allocation import ImportanceAccumulator, above_break_even, achieved_rho1
 from .recipes import Recipe
-from .sites import find_sites
+from .sites import AttentionSite, find_sites
 
 
 class Checkpoint:
@@ -68,8 +68,10 @@ class Checkpoint:
         missing = [f for f in files if not (self.path / f).is_file()]
         if missing:
             raise WsvdError(f"{path} lacks the shard {missing[0]} named by its index: download the whole checkpoint")
-        self._files = {f: safe_open(self.path / f, "pt") for f in files}
-        self._where = where or {k: "model.safetensors" for k in self._files["model.safetensors"].keys()}
+        if where is None:
+            with safe_open(self.path / "model.safetensors", "pt") as f:
+                where = {k: "model.safetensors" for k in f.keys()}
+        self._where = where
         with torch.device("meta"):
             self.skeleton = transformers.AutoModelForCausalLM.from_config(self.config)
         self.names = list(self.skeleton.state_dict())  # with a tied head both names appear
@@ -83,7 +85,10 @@ class Checkpoint:
         if key not in self._where:
             raise WsvdError(f"{self.path}: the checkpoint has no tensor {key}: its shards are incomplete or belong to "
                             "another model")
-        value = self._files[self._where[key]].get_tensor(key).to(self.dtype)
+        from safetensors import safe_open
+
+        with safe_open(self.path / self._where[key], "pt") as f:  # mapped only while read: RSS stays one tensor
+            value = f.get_tensor(key).to(self.dtype)
         expected = self.skeleton.get_parameter(name).shape
         if value.shape != expected:
             raise WsvdError(f"{self.path}: {key} is {tuple(value.shape)}, the config says {tuple(expected)}: "
@@ -151,10 +156,10 @@ class LayerStore:
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
 
-    def put(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    def put(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
         from .artifact import write_shard
 
-        write_shard(self.directory, name, tensors)
+        write_shard(self.directory, name, tensors, metadata)
 
     def get(self, name: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
@@ -175,11 +180,38 @@ class StreamedCalibration:
     """What rank allocation needs of every layer (sites, scores, groups without their matrices); the rest
     (statistics, Fisher) is in ``store``, read back one layer at a time."""
 
-    sites: list
+    heads: dict  # n_heads, n_kv_heads, head_dim, hidden_size (sites are found again in each layer's graph)
+    layers: int
     groups: list[Group]  # all layers; weight/U/Vh on the meta device (shapes only), sigma kept
     scores: dict[tuple, torch.Tensor]
     samples: int
     store: LayerStore
+
+
+def save_calibration(calib: StreamedCalibration) -> None:
+    """Keep ``calib`` in its store (``calibration.safetensors``) for ``--resume``."""
+    tensors = {f"sigma.{j}": g.sigma for j, g in enumerate(calib.groups)}
+    tensors.update({f"score.{j}": calib.scores[g.key] for j, g in enumerate(calib.groups) if g.key in calib.scores})
+    groups = [{"key": list(g.key), "shapes": [list(getattr(g, f).shape) for f in ("weight", "U", "Vh")]}
+              for g in calib.groups]
+    calib.store.put("calibration", tensors, {"groups": json.dumps(groups), "heads": json.dumps(
+        calib.heads), "layers": str(calib.layers), "samples": str(calib.samples)})
+
+
+def load_calibration(store: LayerStore) -> StreamedCalibration | None:
+    """The calibration :func:`save_calibration` kept in ``store``, or None."""
+    path = store.directory / "calibration.safetensors"
+    if not path.is_file():
+        return None
+    meta, tensors = _metadata(path), store.get("calibration")
+    groups, scores = [], {}
+    for j, g in enumerate(json.loads(meta["groups"])):
+        weight, U, Vh = (torch.empty(shape, device="meta") for shape in g["shapes"])
+        groups.append(Group(layer=g["key"][0], name=g["key"][1], head=g["key"][2], weight=weight, scaling=None, U=U,
+                            sigma=tensors[f"sigma.{j}"], Vh=Vh))
+        if f"score.{j}" in tensors:
+            scores[groups[-1].key] = tensors[f"score.{j}"]
+    return StreamedCalibration(json.loads(meta["heads"]), int(meta["layers"]), groups, scores, int(meta["samples"]), store)
 
 
 def calibrate_streamed(checkpoint: Checkpoint, windows: torch.Tensor, recipe: Recipe, work_dir: str | Path, *,
@@ -195,23 +227,23 @@ def calibrate_streamed(checkpoint: Checkpoint, windows: torch.Tensor, recipe: Re
     key = (recipe.granularity, recipe.scaling)
     with torch.no_grad():
         hidden = torch.nn.functional.embedding(windows, checkpoint.tensor("model.embed_tokens.weight"))
-    sites, groups = [], []
+    groups, heads = [], None
     for i in tqdm(range(checkpoint.config.num_hidden_layers), desc="streamed statistics", unit="layer",
                   disable=not progress):
         captured = capture_layer(checkpoint, i)
-        site = _renumbered(find_sites(captured.gm)[0], i)
+        site = _layer_site(captured, i)
+        heads = heads or {k: getattr(site, k) for k in ("n_heads", "n_kv_heads", "head_dim", "hidden_size")}
         batches = [{"hidden_states": h, "labels": None} for h in hidden.split(batch_size)]
         stats = collect_input_stats(captured, batches, progress=False)[0]
         store.put_stats(i, stats)
         store.put(f"input{i:05d}", {"hidden": hidden})
         groups += [_shape_only(g) for g in layer_groups(site, _qkv_weights(captured, site), stats, [recipe])[key]]
-        sites.append(site)
         with torch.no_grad():
             hidden = torch.cat([captured.gm(hidden_states=h) for h in hidden.split(batch_size)])
-        del captured, stats
+        del captured, site, stats
     samples = windows if grad_samples is None else windows[:grad_samples]
-    scores = _streamed_gradients(checkpoint, samples, hidden, sites, recipe, store, progress)
-    return StreamedCalibration(sites, groups, scores, len(samples), store)
+    scores = _streamed_gradients(checkpoint, samples, hidden, recipe, store, progress)
+    return StreamedCalibration(heads, checkpoint.config.num_hidden_layers, groups, scores, len(samples), store)
 
 
 def _qkv_weights(captured: CapturedGraph, site) -> dict[str, torch.Tensor]:
@@ -224,12 +256,13 @@ def _shape_only(g: Group) -> Group:
     return dataclasses.replace(g, scaling=None, **meta)
 
 
-def _renumbered(site, index: int):
-    """The site of layer ``index`` of the model (its own graph calls it layer 0)."""
+def _layer_site(captured: CapturedGraph, index: int) -> AttentionSite:
+    """The one site of a layer graph, as layer ``index`` of the model (its own graph calls it layer 0)."""
+    (site,) = find_sites(captured.gm)
     return dataclasses.replace(site, layer=index)
 
 
-def _streamed_gradients(checkpoint: Checkpoint, windows: torch.Tensor, top: torch.Tensor, sites, recipe: Recipe,
+def _streamed_gradients(checkpoint: Checkpoint, windows: torch.Tensor, top: torch.Tensor, recipe: Recipe,
                         store: LayerStore, progress: bool) -> dict[tuple, torch.Tensor]:
     """Importance scores (returned) and Fisher E[g*g] of q/k/v (stored per layer) from per-window gradients by a
     layer-wise backward."""
@@ -244,18 +277,19 @@ def _streamed_gradients(checkpoint: Checkpoint, windows: torch.Tensor, top: torc
             upstream.append(torch.autograd.grad(loss, h)[0])
     del norm, head
     scores = {}
-    for i in tqdm(reversed(range(len(sites))), total=len(sites), desc="streamed gradients", unit="layer",
-                  disable=not progress):
+    layers = checkpoint.config.num_hidden_layers
+    for i in tqdm(reversed(range(layers)), total=layers, desc="streamed gradients", unit="layer", disable=not progress):
         captured = capture_layer(checkpoint, i)
+        site = _layer_site(captured, i)
         inputs = store.get(f"input{i:05d}")["hidden"]
-        names = {p: getattr(sites[i], f"{p}_proj").weight for p in PROJECTIONS}
+        names = {p: getattr(site, f"{p}_proj").weight for p in PROJECTIONS}
         params = dict(captured.gm.named_parameters())
         for name, param in params.items():
             param.requires_grad_(name in names.values())
         accumulator = None
         if recipe.allocation == "importance":  # the layer's groups again (the same SVDs), for their directions
-            groups = layer_groups(sites[i], _qkv_weights(captured, sites[i]), store.stats(i), [recipe])
-            accumulator = ImportanceAccumulator(groups[(recipe.granularity, recipe.scaling)], sites[i].head_dim)
+            groups = layer_groups(site, _qkv_weights(captured, site), store.stats(i), [recipe])
+            accumulator = ImportanceAccumulator(groups[(recipe.granularity, recipe.scaling)], site.head_dim)
         sums = {p: torch.zeros_like(params[names[p]], dtype=torch.float32) for p in PROJECTIONS}
         for n in range(len(windows)):
             x = inputs[n:n + 1].detach().requires_grad_(True)
@@ -271,22 +305,28 @@ def _streamed_gradients(checkpoint: Checkpoint, windows: torch.Tensor, top: torc
         if accumulator is not None:
             scores.update(accumulator.scores())
         store.put(f"fisher{i:05d}", {p: sums[p] / len(windows) for p in PROJECTIONS})
-        del captured, params, inputs, accumulator
+        del captured, site, params, inputs, accumulator
     return scores
 
 
 def compress_streamed(checkpoint: Checkpoint, calib: StreamedCalibration, recipe: Recipe, rho1: float,
                       out: str | Path, *, progress: bool = True) -> tuple[FactorReport, list[Path]]:
     """Ranks allocated over all layers, then each layer factorised (step 3 above) and its new tensors written
-    as its own shard of ``out``. Returns the factor report of the whole model and the shard paths."""
+    as its own shard of ``out`` with its report (a layer whose shard exists is not redone: ``--resume``).
+    Returns the factor report of the whole model and the shard paths."""
     from .artifact import write_shard
 
     key = (recipe.granularity, recipe.scaling)
     kept = allocate_ranks(calib.groups, calib.scores, recipe, rho1)
     shards, reports = [], []
-    for site in tqdm(calib.sites, desc="streamed factorisation", unit="layer", disable=not progress):
-        i = site.layer
+    for i in tqdm(range(calib.layers), desc="streamed factorisation", unit="layer", disable=not progress):
+        shard, spectra = Path(out) / f"layer{i:05d}.safetensors", f"spectra{i:05d}"
+        if shard.is_file() and (calib.store.directory / f"{spectra}.safetensors").is_file():
+            reports.append(_report_of(_metadata(shard)["report"], calib.store.get(spectra)))
+            shards.append(shard)
+            continue
         captured = capture_layer(checkpoint, i)
+        site = _layer_site(captured, i)
         stats = calib.store.stats(i)
         fisher = calib.store.get(f"fisher{i:05d}") if recipe.finetune else {}
         layer = Calibration([site], [stats], layer_groups(site, _qkv_weights(captured, site), stats, [recipe]),
@@ -296,9 +336,25 @@ def compress_streamed(checkpoint: Checkpoint, calib: StreamedCalibration, recipe
         base = captured.gm.state_dict()
         Pipeline([FactorizeQKV({0: plan[i]})])(captured)
         changed = {n: t for n, t in captured.gm.state_dict().items() if n not in base or not torch.equal(t, base[n])}
-        shards.append(write_shard(out, f"layer{i:05d}", changed))
-        del captured, base, layer, plan
+        calib.store.put(spectra, report.spectra)
+        shards.append(write_shard(out, shard.stem, changed, {"report": json.dumps(report.as_dict())}))
+        del captured, site, base, layer, plan
     return _merged(reports, calib.groups, kept), shards
+
+
+def _metadata(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return f.metadata()
+
+
+def _report_of(text: str, spectra: dict[str, torch.Tensor]) -> FactorReport:
+    """The :class:`FactorReport` of one layer back from ``as_dict`` JSON and its spectra."""
+    d = json.loads(text)
+    return FactorReport(d["rho1"], d["rho2"], {int(k): v for k, v in d["ranks"].items()}, d["rho1_per_layer"],
+                        d["rho2_per_layer"], [tuple(k) for k in d["above_break_even"]], d["finetune"],
+                        {int(k): v for k, v in d["reconstruction"].items()}, spectra, d["qat"])
 
 
 def _merged(reports: list[FactorReport], groups: list[Group], kept) -> FactorReport:
@@ -315,27 +371,48 @@ def _merged(reports: list[FactorReport], groups: list[Group], kept) -> FactorRep
 
 def compress_checkpoint(path: str | Path, windows: torch.Tensor, recipe: Recipe, rho1: float, out: str | Path, *,
                         dtype: torch.dtype = torch.float32, grad_samples: int | None = None,
-                        offload_dir: str | Path | None = None, calibration: dict, environment: dict,
-                        progress: bool = True) -> dict:
+                        offload_dir: str | Path | None = None, resume: bool = False, calibration: dict,
+                        environment: dict, progress: bool = True) -> dict:
     """Streamed compression of the checkpoint at ``path`` into the artifact directory ``out``; its manifest.
 
-    Per-layer inputs, statistics and Fisher go to ``offload_dir`` (default: ``out/.stream-work``, removed at the end).
+    Per-layer inputs, statistics and Fisher wait in ``offload_dir/.stream-work`` (default ``out``), removed at
+    the end. ``resume`` continues a run that was killed: the same model, recipe, rho1 and calibration windows
+    (checked), with its calibration and the layers already written kept.
     """
     import shutil
-    import tempfile
 
     from .artifact import save_streamed
     from .quantize import Bits
 
     checkpoint = Checkpoint(path, dtype)
-    Path(out).mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".stream-work-", dir=offload_dir or out))
-    try:
-        calib = calibrate_streamed(checkpoint, windows, recipe, work, grad_samples=grad_samples, progress=progress)
-        report, shards = compress_streamed(checkpoint, calib, recipe, rho1, out, progress=progress)
-    finally:
+    work = Path(offload_dir or out) / ".stream-work"
+    run = {"model": str(Path(path).resolve()), "config": checkpoint.config.to_dict(), "dtype": str(dtype),
+           "recipe": dataclasses.asdict(recipe), "rho1": rho1, "grad_samples": grad_samples,
+           "windows_sha256": hashlib.sha256(windows.contiguous().numpy().tobytes()).hexdigest()}
+    if resume:
+        if not (work / "run.json").is_file():
+            raise WsvdError(f"--resume: {work} holds no interrupted run: compress without --resume")
+        started = json.loads((work / "run.json").read_text())
+        changed = [k for k in run if json.dumps(run[k], sort_keys=True, default=str) !=
+                   json.dumps(started.get(k), sort_keys=True, default=str)]
+        if changed:
+            raise WsvdError(f"--resume: {out} was started with another {changed[0].replace('_', ' ')}: give the same "
+                            "model, recipe, --rho1 and calibration, or compress without --resume")
+    else:
         shutil.rmtree(work, ignore_errors=True)
+        for stale in Path(out).glob("layer*.safetensors"):
+            stale.unlink()
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "run.json").write_text(json.dumps(run, sort_keys=True, default=str))
+    store = LayerStore(work)
+    calib = load_calibration(store) if resume else None
+    if calib is None:
+        calib = calibrate_streamed(checkpoint, windows, recipe, work, grad_samples=grad_samples, progress=progress)
+        save_calibration(calib)
+    report, shards = compress_streamed(checkpoint, calib, recipe, rho1, out, progress=progress)
     calibration = {**calibration, "grad_samples": calib.samples}
-    return save_streamed(out, model=str(Path(path).resolve()), model_sha256=checkpoint.fingerprint(), shards=shards,
-                         site=calib.sites[0], recipe=recipe, bits=Bits(16, 16), rho1_target=rho1, report=report,
-                         calibration=calibration, environment=environment)
+    manifest = save_streamed(out, model=run["model"], model_sha256=checkpoint.fingerprint(), shards=shards,
+                             heads=calib.heads, recipe=recipe, bits=Bits(16, 16), rho1_target=rho1, report=report,
+                             calibration=calibration, environment=environment)
+    shutil.rmtree(work, ignore_errors=True)
+    return manifest
