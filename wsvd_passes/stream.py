@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import hashlib
 import json
 from pathlib import Path
@@ -241,6 +242,7 @@ def calibrate_streamed(checkpoint: Checkpoint, windows: torch.Tensor, recipe: Re
         with torch.no_grad():
             hidden = torch.cat([captured.gm(hidden_states=h) for h in hidden.split(batch_size)])
         del captured, site, stats
+        gc.collect()  # fx graphs are reference cycles: free this layer's weights now, not at some later gen-2 pass
     samples = windows if grad_samples is None else windows[:grad_samples]
     scores = _streamed_gradients(checkpoint, samples, hidden, recipe, store, progress)
     return StreamedCalibration(heads, checkpoint.config.num_hidden_layers, groups, scores, len(samples), store)
@@ -306,6 +308,7 @@ def _streamed_gradients(checkpoint: Checkpoint, windows: torch.Tensor, top: torc
             scores.update(accumulator.scores())
         store.put(f"fisher{i:05d}", {p: sums[p] / len(windows) for p in PROJECTIONS})
         del captured, site, params, inputs, accumulator
+        gc.collect()
     return scores
 
 
@@ -339,6 +342,7 @@ def compress_streamed(checkpoint: Checkpoint, calib: StreamedCalibration, recipe
         calib.store.put(spectra, report.spectra)
         shards.append(write_shard(out, shard.stem, changed, {"report": json.dumps(report.as_dict())}))
         del captured, site, base, layer, plan
+        gc.collect()
     return _merged(reports, calib.groups, kept), shards
 
 
