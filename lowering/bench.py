@@ -23,7 +23,6 @@ tolerance is reported and not timed.
 
 from __future__ import annotations
 
-import copy
 import platform
 import time
 from collections.abc import Callable
@@ -98,12 +97,6 @@ def _use_products(decoder: CapturedGraph, sites: list[AttentionSite], plan: dict
             for p in PROJECTIONS:
                 weight = tensor_attr(decoder.gm, getattr(site, f"{p}_proj").weight)
                 weight.copy_(f.ups[p].float() @ f.downs[p].float())
-
-
-def _sharing_parameters(decoder: CapturedGraph) -> CapturedGraph:
-    """A copy of ``decoder`` with its own buffers (caches) and the same parameter tensors (passes replace
-    parameters, never write into them)."""
-    return copy.deepcopy(decoder, memo={id(p): p for p in decoder.gm.parameters()})
 
 
 def prefix_sdpa_graph(dense: CapturedGraph, sites: list[AttentionSite]) -> GraphModule:
@@ -214,7 +207,7 @@ def bench_decode(*, device: str, quick: bool = False, layers: int | None = None,
     dense_sites = find_sites(dense.gm)
     plan, report = uniform_head_plan(dense, rank_ratio)
     _use_products(dense, dense_sites, plan)
-    latent = _sharing_parameters(dense)
+    latent = dense.sharing_parameters()
     rewrite = LatentKVCache(latent.config)
     Pipeline([FactorizeQKV(plan), rewrite])(latent)
     latent_sites = find_sites(latent.gm)

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import TINY, tiny, tiny_decode, tiny_forward
+from conftest import TINY, fresh_forward, tiny, tiny_decode, tiny_forward
 from wsvd_passes.generation import greedy_generate
 
 
@@ -57,3 +57,30 @@ def test_generation_beyond_cache_is_refused():
 
     with pytest.raises(WsvdError, match="exceed the static cache of 48 positions"):
         greedy_generate(tiny_decode("tiny-llama"), torch.zeros(1, 40, dtype=torch.long), 10)
+
+
+def test_compress_edits_a_copy_sharing_the_weights_it_leaves_alone():
+    # svd-llm factorises q/k/v on a copy that shares the base's parameters: the base graph and its logits
+    # are untouched, and the weights the recipe keeps (MLP, o_proj, embeddings) are not duplicated
+    from wsvd_passes.compress import calibrate, compress
+    from wsvd_passes.quantize import parse_bits
+    from wsvd_passes.recipes import RECIPES
+
+    base = fresh_forward("tiny-llama-gqa")
+    ids = torch.randint(0, 384, (2, 19), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = base.gm(input_ids=ids)
+    tensors = {name: (p, p.detach().clone()) for name, p in base.gm.named_parameters()}
+    calib = calibrate(base, torch.randint(0, 384, (3, 24), generator=torch.Generator().manual_seed(2)),
+                      [RECIPES["svd-llm"]], progress=False)
+    compressed, _ = compress(base, calib, RECIPES["svd-llm"], 0.6, parse_bits("w16"))
+    with torch.no_grad():
+        assert torch.equal(base.gm(input_ids=ids), before)
+        assert not torch.allclose(compressed.gm(input_ids=ids), before)
+    for name, (p, value) in tensors.items():
+        assert dict(base.gm.named_parameters())[name] is p and torch.equal(p, value), name
+    kept = dict(compressed.gm.named_parameters())
+    shared = [n for n, (p, _) in tensors.items() if n in kept and kept[n] is p]
+    assert shared and all(kept[n].data_ptr() == tensors[n][0].data_ptr() for n in shared)
+    assert "model.model.layers.0.mlp.up_proj.weight" in shared
+    assert "model.model.layers.0.self_attn.q_proj.weight" not in kept  # factorised: replaced, never written into

@@ -116,6 +116,43 @@ def test_clip_search_never_increases_the_error(seed, out, width, bits):
     assert (_sq_err(w, fake_quant_weight(w, bits, clip_ratio=ratio)) <= _sq_err(w, fake_quant_weight(w, bits))).all()
 
 
+def _assert_definitions_ratios(w, bits, grid=100, min_ratio=0.8):
+    """The search's ratios against the grid evaluated ratio by ratio with fake_quant_weight: the same ratio
+    on every row whose best ratio wins by more than float rounding (1e-5 relative), else a tied one."""
+    ratios = torch.linspace(1.0, min_ratio, grid, dtype=w.dtype)
+    errors = torch.stack([_sq_err(w, fake_quant_weight(w, bits, clip_ratio=torch.full((w.shape[0],), float(r), dtype=w.dtype)))
+                          for r in ratios])  # [grid, out]
+    best = errors.min(0).values
+    chosen = search_weight_clip(w, bits, grid=grid, min_ratio=min_ratio)
+    at_chosen = errors.gather(0, (ratios[:, None] == chosen).float().argmax(0, keepdim=True))[0]
+    assert (at_chosen <= best * (1 + 1e-5)).all()
+    clear = (errors <= best * (1 + 1e-5)).sum(0) == 1  # rows with one clear winner
+    assert torch.equal(chosen[clear], ratios[errors.argmin(0)][clear])
+    return clear
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("shape", [(37, 91), (300, 577), (5, 1)])
+def test_fused_clip_search_chooses_the_definitions_ratios(shape, bits):
+    # the compiled all-ratios-at-once search against the plain definition
+    torch.manual_seed(shape[0] * 10 + bits)
+    w = torch.randn(*shape) * torch.rand(shape[0], 1) * 3  # rows of different scales
+    w[0, 0] = 25.0  # an outlier row
+    assert _assert_definitions_ratios(w, bits).float().mean() > 0.9
+    _assert_definitions_ratios(w.double(), bits, grid=17)
+
+
+@pytest.mark.slow
+def test_fused_clip_search_on_smollm2_weights():
+    from wsvd_passes.models import load_model
+
+    model = load_model("smollm2-135m").model
+    for name in ("self_attn.q_proj", "mlp.down_proj", "mlp.gate_proj"):
+        w = model.get_submodule(f"model.layers.7.{name}").weight.detach()
+        for bits in (4, 8):
+            assert _assert_definitions_ratios(w, bits).float().mean() > 0.9, (name, bits)
+
+
 def test_clip_search_keeps_exact_rows_and_clips_outliers():
     # Row 0, all +-1 at 8 bits: ratio 1 is exact (codes +-127); any r < 1 clamps every value to +-r.
     # Row 1, N(0, 1) with one value of 12 at 4 bits: ratio 1 gives a step of 12/7 that rounds most values

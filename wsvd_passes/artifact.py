@@ -254,3 +254,49 @@ def _put_tensors(captured: CapturedGraph, tensors: dict[str, torch.Tensor], base
             owner.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=value.is_floating_point()))
         else:
             owner.register_buffer(leaf, value)
+
+
+def write_shard(directory: str | Path, name: str, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
+    """Write ``DIR/name.safetensors`` under a temporary name and rename it: a kill leaves no half-written shard."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    final, staging = out / f"{name}.safetensors", out / f".{name}.safetensors.tmp"
+    try:
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, staging,
+                  metadata={"format": FORMAT, **(metadata or {})})
+    except OSError as e:
+        staging.unlink(missing_ok=True)
+        raise WsvdError(f"cannot write {final} ({e.strerror}): free disk space or choose another --out") from None
+    staging.replace(final)
+    return final
+
+
+def save_streamed(directory: str | Path, *, model: str, model_sha256: str, shards: list[Path], heads: dict,
+                  recipe: Recipe, bits: Bits, rho1_target: float | None, report: FactorReport, calibration: dict,
+                  environment: dict, save_dtype: torch.dtype = torch.bfloat16) -> dict:
+    """The artifact of a streamed compression (:mod:`wsvd_passes.stream`): its layer shards merged into
+    ``weights.safetensors`` (then removed), the spectra and the manifest, as :func:`save` writes them.
+
+    Streamed recipes are float low-rank ones (no quantised weights, no fixed rotation buffers), so every
+    floating tensor of the shards is a factor and is stored in ``save_dtype``; integer rank tables as they are."""
+    out = Path(directory)
+    tensors = {}
+    for shard in shards:
+        tensors.update(load_file(shard))
+    stored, storage = pack(tensors, {}, {}, {k for k, v in tensors.items() if v.is_floating_point()}, save_dtype)
+    write_shard(out, "weights", stored)
+    write_shard(out, "spectra", {k: v.contiguous() for k, v in report.spectra.items()})
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "wsvd_version": library_version(),
+        "model": model, "model_sha256": model_sha256, "graph": "forward",
+        "recipe": dataclasses.asdict(recipe), "bits": f"w{bits.weight}a{bits.activation}", "rho1_target": rho1_target,
+        **report.as_dict(),
+        "heads": heads, "calibration": calibration, "environment": environment,
+        "exported_program": "not saved (--stream)",
+        "tensors": len(stored), "storage": storage, "bytes": (out / "weights.safetensors").stat().st_size,
+        "streamed": True,
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    for shard in shards:
+        shard.unlink()
+    return manifest

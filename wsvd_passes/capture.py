@@ -20,6 +20,7 @@ turns the edited module back into an ``ExportedProgram``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 from typing import Literal
@@ -54,6 +55,14 @@ class CapturedGraph:
     def device(self) -> torch.device:
         """Where the graph's inputs (and its parameters and caches) live."""
         return next(iter(self.example_kwargs.values())).device
+
+    def sharing_parameters(self) -> CapturedGraph:
+        """A copy to edit: its own graph and buffers (caches), the same parameter tensors.
+
+        Passes replace parameters and never write into them, so compressing the copy leaves this
+        graph intact without a second copy of the weights in memory.
+        """
+        return copy.deepcopy(self, memo={id(p): p for p in self.gm.parameters()})
 
     def reexport(self) -> torch.export.ExportedProgram:
         """Export the (possibly edited) graph module again, keeping the dynamic dims."""

@@ -84,6 +84,12 @@ def _parser() -> argparse.ArgumentParser:
     co.add_argument("--save-dtype", default="bfloat16",
                     help="storage type of the weights that are not quantised: bfloat16 (default), float16 or float32")
     co.add_argument("--save-pt2", action="store_true", help="also write model.pt2 (torch.export.save)")
+    co.add_argument("--stream", action="store_true", help="one decoder layer in memory at a time, read from the "
+                    "checkpoint directory's safetensors (float low-rank recipes: wsvd-noq, svd-llm, ...)")
+    co.add_argument("--offload-dir", help="with --stream: where per-layer activations, statistics and Fisher wait "
+                    "between passes (default: a folder in --out)")
+    co.add_argument("--resume", action="store_true", help="with --stream: continue a killed run of the same model, "
+                    "recipe and calibration from its last finished layer")
 
     ta = sub.add_parser("table", help="perplexity / KL / top-1 of recipes at several ratios (WSVD Table 1 analog)")
     _add_model(ta)
@@ -567,6 +573,12 @@ def _compress_to(args, out: str):
     from .compress import compress
     from .device import parse_dtype
 
+    save_dtype = parse_dtype(getattr(args, "save_dtype", "bfloat16"), "--save-dtype")  # bad input fails before work
+    if getattr(args, "stream", False):
+        return None, _compress_streamed(args, out, save_dtype)
+    if getattr(args, "resume", False) or getattr(args, "offload_dir", None):
+        raise WsvdError("--resume and --offload-dir belong to streamed compression: add --stream")
+
     ((rho1, rho2),) = _targets(args, single=True)
     bits = _bits(args)
     lm, captured, calib, (recipe,), provenance = _prepare(args, [args.recipe])
@@ -575,9 +587,42 @@ def _compress_to(args, out: str):
     name = str(Path(lm.name).resolve()) if Path(lm.name).is_dir() else lm.name  # a path that still works elsewhere
     manifest = save(out, model=name, base=captured, compressed=compressed, recipe=recipe, bits=bits,
                     rho1_target=rho1 if recipe.factor else None, report=report, calibration=provenance,
-                    environment=_environment(), save_dtype=parse_dtype(getattr(args, "save_dtype", "bfloat16"), "--save-dtype"),
-                    save_pt2=getattr(args, "save_pt2", False))
+                    environment=_environment(), save_dtype=save_dtype, save_pt2=getattr(args, "save_pt2", False))
     return lm, manifest
+
+
+def _compress_streamed(args, out: str, save_dtype: torch.dtype) -> dict:
+    """``compress --stream``: the checkpoint directory --model compressed layer by layer (:mod:`wsvd_passes.stream`)."""
+    import transformers
+
+    from .data import text_source, token_windows
+    from .device import parse_dtype
+    from .recipes import get_recipe
+    from .stream import compress_checkpoint
+
+    ((rho1, rho2),) = _targets(args, single=True)
+    if rho2 is not None or rho1 is None:
+        raise WsvdError("--stream allocates ranks under --rho1 only: drop --rho2 (cache budgets are whole-model for now)")
+    if getattr(args, "heal_steps", None):
+        raise WsvdError("--heal-steps: healing trains on the whole graph's logits; streamed healing is not built: "
+                        "drop --stream or --heal-steps")
+    if not Path(args.model).is_dir():
+        raise WsvdError(f"--stream reads a checkpoint directory; {args.model} is not one (save it with save_pretrained)")
+    if _bits(args).weight < 16 or _bits(args).activation < 16 or args.tune_beta or args.calib:
+        raise WsvdError("--stream compresses float recipes on text: drop --bits, --tune-beta and --calib")
+    if args.calib_windows < 1 or (args.grad_samples is not None and args.grad_samples < 1):
+        raise WsvdError("--calib-windows and --grad-samples must be at least 1")
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
+    except (OSError, ValueError) as e:
+        raise WsvdError(f"cannot read the tokenizer in {args.model}: {str(e).splitlines()[0]}") from None
+    text, provenance = text_source(args.calib_data, "calibration")
+    windows = token_windows(tokenizer, text, args.seq_len, args.calib_windows)
+    provenance.update(windows=len(windows), seq_len=args.seq_len)
+    return compress_checkpoint(args.model, windows, get_recipe(args.recipe), rho1, out, dtype=parse_dtype(args.dtype),
+                               grad_samples=args.grad_samples, offload_dir=args.offload_dir, resume=args.resume,
+                               calibration=provenance, environment=_environment(),
+                               save_dtype=save_dtype, progress=not args.quiet)
 
 
 def _tuned(args, captured, calib, recipe, rho1, bits, rho2=None):

@@ -9,7 +9,6 @@ applies them to a captured graph. Recipes (:mod:`wsvd_passes.recipes`) name the 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import torch
@@ -59,14 +58,9 @@ def calibrate(
     weights = {s.layer: {p: tensor_attr(captured.gm, getattr(s, f"{p}_proj").weight).detach() for p in PROJECTIONS}
                for s in sites}
     groups = {}
-    for r in (r for r in recipes if r.factor):
-        key = (r.granularity, r.scaling)
-        if key not in groups:
-            groups[key] = [g for s in sites for g in split_groups(
-                s.layer, weights[s.layer],
-                make_scaling(stats[s.layer].qkv, r.scaling, s.hidden_size, alpha=r.alpha, where=f"layer {s.layer}",
-                             device=stats[s.layer].qkv.gram.device),
-                r.granularity, s.head_dim)]
+    for s in sites:
+        for key, layer in layer_groups(s, weights[s.layer], stats[s.layer], recipes).items():
+            groups.setdefault(key, []).extend(layer)
     accumulators = {key: ImportanceAccumulator(groups[key], sites[0].head_dim)
                     for key in {(r.granularity, r.scaling) for r in recipes if r.factor and r.allocation == "importance"}}
     fisher, n, qat_targets = {}, 0, None
@@ -87,6 +81,19 @@ def calibrate(
         n = len(samples)
     scores = {key: acc.scores() for key, acc in accumulators.items()}
     return Calibration(sites, stats, groups, scores, fisher, n, qat_targets, windows)
+
+
+def layer_groups(site: AttentionSite, weights: dict[str, torch.Tensor], stats: SiteStats, recipes: list[Recipe]
+                 ) -> dict[tuple[str, str], list[Group]]:
+    """The SVD groups of one layer's q/k/v ``weights`` for every (granularity, scaling) of ``recipes``."""
+    groups = {}
+    for r in (r for r in recipes if r.factor):
+        key = (r.granularity, r.scaling)
+        if key not in groups:
+            scaling = make_scaling(stats.qkv, r.scaling, site.hidden_size, alpha=r.alpha, where=f"layer {site.layer}",
+                                   device=stats.qkv.gram.device)
+            groups[key] = split_groups(site.layer, weights, scaling, r.granularity, site.head_dim)
+    return groups
 
 
 @dataclasses.dataclass
@@ -116,21 +123,30 @@ class FactorReport:
                 "heal": self.heal}
 
 
-def factor_plan(calib: Calibration, recipe: Recipe, rho1: float | None, rho2: float | None = None
-                ) -> tuple[dict[int, LayerFactors], FactorReport]:
-    """Per-layer factors for ``recipe`` at parameter ratio ``rho1`` and/or cache ratio ``rho2``
-    (both None: full rank, exact; rho2 alone: rho1 = 1)."""
+def allocate_ranks(groups: list[Group], scores: dict[tuple, torch.Tensor] | None, recipe: Recipe, rho1: float | None,
+                   rho2: float | None = None, cache_dense: int | None = None) -> Kept:
+    """The kept components of every group for ``recipe`` at parameter ratio ``rho1`` and/or cache ratio ``rho2``
+    (both None: all; rho2 alone: rho1 = 1), allocated over all ``groups``; ``cache_dense`` is the dense K+V cache
+    width summed over the layers (needed with ``rho2``)."""
+    if rho1 is None and rho2 is None:
+        return full_ranks(groups)
+    if recipe.allocation == "importance":
+        return importance_ranks(groups, scores, rho1, rho2=rho2, cache_dense=cache_dense)
+    return uniform_ranks(groups, rho1, rho2=rho2)
+
+
+def factor_plan(calib: Calibration, recipe: Recipe, rho1: float | None, rho2: float | None = None, *,
+                kept: Kept | None = None) -> tuple[dict[int, LayerFactors], FactorReport]:
+    """Per-layer factors for ``recipe`` at parameter ratio ``rho1`` and/or cache ratio ``rho2`` (both None: full
+    rank, exact); ``kept`` gives ranks allocated beforehand over more groups than ``calib`` holds (streamed
+    compression)."""
     key = (recipe.granularity, recipe.scaling)
     if key not in calib.groups:
         raise WsvdError(f"recipe {recipe.name} was not part of this calibration: pass it to calibrate()")
     groups = calib.groups[key]
-    if rho1 is None and rho2 is None:
-        kept = full_ranks(groups)
-    elif recipe.allocation == "importance":
+    if kept is None:
         cache_dense = sum(2 * s.n_kv_heads * s.head_dim for s in calib.sites)
-        kept = importance_ranks(groups, calib.scores[key], rho1, rho2=rho2, cache_dense=cache_dense)
-    else:
-        kept = uniform_ranks(groups, rho1, rho2=rho2)
+        kept = allocate_ranks(groups, calib.scores.get(key), recipe, rho1, rho2, cache_dense)
     plan, ranks, ft = {}, {}, {"loss_before": 0.0, "loss_after": 0.0} if recipe.finetune else None
     analysis = _Analysis()
     for site in calib.sites:
@@ -221,7 +237,7 @@ def compress(captured: CapturedGraph, calib: Calibration | None, recipe: Recipe,
     plan, report = factor_plan(calib, recipe, rho1, rho2) if recipe.factor else (None, None)
     passes = recipe_passes(recipe, bits, plan, calib.qat_targets if calib else None, progress=progress,
                            heal_data=(captured, calib.windows) if calib else None)
-    compressed = copy.deepcopy(captured)
+    compressed = captured.sharing_parameters()
     Pipeline(passes)(compressed)
     qat = next((p for p in passes if isinstance(p, LocalQAT)), None)
     if qat is not None:

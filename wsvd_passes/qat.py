@@ -21,7 +21,6 @@ a projection train as one batch; the zero padding of lower-rank heads stays zero
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import torch
@@ -56,7 +55,7 @@ def rotated_targets(captured: CapturedGraph, samples: list[torch.Tensor], *, pro
     Returns ``(layer, "q"|"k"|"v") -> QATTarget``; the same seeded rotations are applied to the
     factored graph later, so targets and factors share one basis.
     """
-    rotated = copy.deepcopy(captured)
+    rotated = captured.sharing_parameters()
     Pipeline(rotation_passes())(rotated)
     sites = find_sites(rotated.gm)
     if any(getattr(s, f"{p}_proj").factored for s in sites for p in PROJECTIONS):

@@ -1,0 +1,167 @@
+"""Streamed compression (one decoder layer at a time) against the whole-model compression."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import tiny, tiny_forward
+from wsvd_passes import artifact
+from wsvd_passes.cli import main
+from wsvd_passes.compress import calibrate, compress, factor_plan
+from wsvd_passes.errors import WsvdError
+from wsvd_passes.quantize import parse_bits
+from wsvd_passes.recipes import RECIPES
+from safetensors.torch import load_file
+
+from wsvd_passes.stream import Checkpoint, calibrate_streamed, compress_streamed
+
+MODEL = "tiny-llama-gqa"
+WINDOWS = torch.randint(0, 384, (4, 33), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    lm = tiny(MODEL)
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("recipe", ["wsvd-noq", "svd-llm"])
+def test_streamed_calibration_gives_the_whole_models_ranks_and_factors(checkpoint_dir, recipe, tmp_path):
+    r = RECIPES[recipe]
+    whole = calibrate(tiny_forward(MODEL), WINDOWS, [r], progress=False)
+    streamed = calibrate_streamed(Checkpoint(checkpoint_dir), WINDOWS, r, tmp_path, progress=False)
+    plan, report = factor_plan(whole, r, 0.6)
+    for key, s in whole.scores.get((r.granularity, r.scaling), {}).items():
+        torch.testing.assert_close(streamed.scores[key], s, rtol=1e-4, atol=1e-12)
+    for (layer, p), f in whole.fisher.items():  # the layer-wise backward gives the whole graph's gradients
+        assert f.abs().max() > 0
+        torch.testing.assert_close(streamed.store.get(f"fisher{layer:05d}")[p], f, rtol=1e-4, atol=1e-12)
+    sreport, shards = compress_streamed(Checkpoint(checkpoint_dir), streamed, r, 0.6, tmp_path / "out", progress=False)
+    assert sreport.ranks == report.ranks and len(plan) == len(shards) == 2
+    assert sreport.rho1 == pytest.approx(report.rho1) and sreport.rho2 == pytest.approx(report.rho2)
+    for layer, shard in enumerate(shards):
+        saved = load_file(shard)
+        for p in plan[layer].downs:
+            down = next(t for n, t in saved.items() if n.endswith(f".wsvd.{p}_down"))
+            torch.testing.assert_close(down, plan[layer].downs[p].to(down.dtype), rtol=1e-5, atol=1e-6)
+
+
+def test_compress_stream_writes_the_whole_models_artifact(checkpoint_dir, tmp_path):
+    out = tmp_path / "streamed"
+    argv = ["compress", "--model", str(checkpoint_dir), "--recipe", "wsvd-noq", "--rho1", "0.6", "--calib-windows", "4",
+            "--seq-len", "33", "--quiet", "--out", str(out), "--save-dtype", "float32"]  # compared with float32 maths
+    assert main(argv + ["--stream"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["streamed"] and not list(out.glob("layer*")) and not list(out.glob(".*tmp"))
+    loaded = artifact.load(out)  # the model fingerprint and every tensor name match the whole-model capture
+    base = tiny_forward(MODEL)
+    calib = calibrate(base, loaded_windows(checkpoint_dir), [RECIPES["wsvd-noq"]], progress=False)
+    compressed, report = compress(base, calib, RECIPES["wsvd-noq"], 0.6, parse_bits("w16"))
+    assert manifest["ranks"] == {str(k): v for k, v in report.ranks.items()}
+    ids = torch.randint(0, 384, (2, 21), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = compressed.gm(input_ids=ids)
+        torch.testing.assert_close(loaded.captured.gm(input_ids=ids), expected, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(base.gm(input_ids=ids), expected, atol=1e-3)
+
+
+def test_a_killed_run_resumes_to_the_same_artifact(checkpoint_dir, tmp_path, monkeypatch, capsys):
+    from wsvd_passes import artifact as artifact_module
+
+    argv = ["compress", "--stream", "--model", str(checkpoint_dir), "--recipe", "wsvd-noq", "--rho1", "0.6",
+            "--calib-windows", "4", "--seq-len", "33", "--quiet"]
+    assert main(argv + ["--out", str(tmp_path / "whole")]) == 0
+    write_shard, written = artifact_module.write_shard, []
+
+    def killed_after_layer_0(directory, name, tensors, metadata=None):
+        if name == "layer00001":
+            raise KeyboardInterrupt  # the process dies while layer 1 is being written
+        written.append(name)
+        return write_shard(directory, name, tensors, metadata)
+
+    monkeypatch.setattr(artifact_module, "write_shard", killed_after_layer_0)
+    out = tmp_path / "resumed"
+    assert main(argv + ["--out", str(out)]) == 130  # interrupted
+    monkeypatch.setattr(artifact_module, "write_shard", write_shard)
+    assert "layer00000" in written and (out / "layer00000.safetensors").is_file()
+    assert main([a if a != "0.6" else "0.5" for a in argv] + ["--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --resume: " in err and "another rho1" in err
+    monkeypatch.setattr("wsvd_passes.stream.calibrate_streamed", None)  # resuming does not calibrate again
+    written.clear()
+    monkeypatch.setattr(artifact_module, "write_shard", lambda *a, **k: written.append(a[1]) or write_shard(*a, **k))
+    assert main(argv + ["--out", str(out), "--resume"]) == 0
+    assert "layer00000" not in written and "layer00001" in written  # layer 0 was kept
+    a, b = load_file(tmp_path / "whole" / "weights.safetensors"), load_file(out / "weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (tmp_path / "whole", out))
+    assert ma["ranks"] == mb["ranks"] and ma["reconstruction"] == mb["reconstruction"]
+
+
+def loaded_windows(checkpoint_dir):
+    """The calibration windows `compress --calib-windows 4 --seq-len 33` cuts from the default text."""
+    from wsvd_passes.data import text_source, token_windows
+
+    return token_windows(tiny(MODEL).tokenizer, text_source(None, "calibration")[0], 33, 4)
+
+
+def test_bad_checkpoints_and_recipes_are_one_line_errors(checkpoint_dir, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "missing"
+    shutil.copytree(checkpoint_dir, broken)
+    (broken / "model.safetensors").rename(broken / "model-00001-of-00002.safetensors")
+    keys = load_file(broken / "model-00001-of-00002.safetensors")
+    (broken / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        k: "model-00001-of-00002.safetensors" if "layers.1" not in k else "model-00002-of-00002.safetensors" for k in keys}}))
+    with pytest.raises(WsvdError, match="lacks the shard model-00002-of-00002"):
+        Checkpoint(broken)
+    mismatched = tmp_path / "mismatched"
+    shutil.copytree(checkpoint_dir, mismatched)
+    tensors = load_file(mismatched / "model.safetensors")
+    tensors["model.layers.1.self_attn.k_proj.weight"] = tensors["model.layers.1.self_attn.k_proj.weight"][:16]
+    save_file(tensors, mismatched / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(WsvdError, match=r"k_proj.weight is \(16, 96\), the config says \(32, 96\)"):
+        calibrate_streamed(Checkpoint(mismatched), WINDOWS, RECIPES["wsvd-noq"], tmp_path, progress=False)
+    with pytest.raises(WsvdError, match="rotates or quantises"):
+        calibrate_streamed(Checkpoint(checkpoint_dir), WINDOWS, RECIPES["wsvd"], tmp_path, progress=False)
+    assert main(["compress", "--model", MODEL, "--recipe", "wsvd-noq", "--rho1", "0.5", "--stream", "--out",
+                 str(tmp_path / "x")]) == 2
+    assert "error: --stream reads a checkpoint directory" in capsys.readouterr().err
+    for extra, message in [(["--recipe", "wsvd-heal-noq", "--rho1", "0.5"], "streamed healing is not built"),
+                           (["--recipe", "wsvd-noq", "--rho2", "0.5"], "--stream allocates ranks under --rho1 only")]:
+        assert main(["compress", "--stream", "--model", str(checkpoint_dir), "--calib-windows", "2", "--seq-len", "17",
+                     "--quiet", "--out", str(tmp_path / "y"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_streamed_peak_memory_does_not_grow_with_depth(tmp_path):
+    # random bf16 checkpoints of width 1024 with 2 and 16 layers, each compressed in its own process:
+    # 14 more layers may cost at most 1.5 layers' bytes (bf16) of peak RSS
+    from wsvd_passes.random_checkpoint import write_random_checkpoint
+
+    peaks, layer_bytes = {}, None
+    for layers in (2, 16):
+        path = tmp_path / f"l{layers}"
+        total = write_random_checkpoint(path, hidden=1024, intermediate=2816, layers=layers, heads=16, kv_heads=4,
+                                        vocab=2048)
+        code = ("import resource, sys; from wsvd_passes.cli import main; "
+                f"rc = main(['compress', '--stream', '--model', {str(path)!r}, '--recipe', 'wsvd-noq', '--rho1', '0.5', "
+                f"'--calib-windows', '2', '--seq-len', '64', '--quiet', '--out', {str(tmp_path / f'out{layers}')!r}]); "
+                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        peaks[layers] = int(run.stdout.split()[-1]) * 1024
+        if layers == 2:
+            embed = 2 * 2048 * 1024 * 2  # embedding and LM head, bf16
+            layer_bytes = (total - embed - 1024 * 2) / 2
+    assert peaks[16] <= peaks[2] + 1.5 * layer_bytes, (peaks, layer_bytes)

@@ -1,0 +1,425 @@
+"""Streamed compression: one decoder layer in memory at a time (``wsvd compress --stream``).
+
+The model is built on the meta device; a decoder layer's weights are read from the checkpoint's
+safetensors (memory-mapped, :class:`Checkpoint`) only while that layer is processed, then freed.
+Each layer is exported as its own graph ``gm(hidden_states [B, S, E]) -> [B, S, E]`` (causal
+mask and RoPE computed inside, parameter names as in the whole-model capture), so
+:func:`~wsvd_passes.sites.find_sites` and the passes run on it unchanged: one site, layer 0
+of its graph. For n calibration windows of S tokens and L layers:
+
+1. forward, bottom up: h_0 = embed(ids); for layer i the Gram statistics of its q/k/v input and
+   o_proj input, its SVD groups, and h_{i+1} = layer_i(h_i). The inputs h_i [n, S, E] stay on
+   the CPU (or in ``offload_dir``) for step 2.
+2. backward, top down, one window at a time: the next-token loss and g_L = dL/dh_L through the
+   final norm and LM head; then for each layer its forward recomputed from h_i under autograd
+   gives the window's gradients of q/k/v (rank importance, Fisher) and g_i = dL/dh_i.
+3. ranks allocated globally under rho1 (:func:`~wsvd_passes.compress.factor_plan`, unchanged);
+   then per layer :class:`~wsvd_passes.factorize.FactorizeQKV` and its new tensors written as a
+   shard (:func:`~wsvd_passes.artifact.write_shard`).
+
+The result equals the whole-model compression up to float rounding (same ranks and factors).
+Recipes that rotate (S1 is global) or quantise are not streamed yet.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .calibration import InputStats, SiteStats, collect_input_stats, next_token_loss
+from .capture import CapturedGraph, _unlift
+from .compress import Calibration, FactorReport, allocate_ranks, factor_plan, layer_groups
+from .errors import WsvdError
+from .factorize import FactorizeQKV
+from .graph_utils import tensor_attr
+from .lowrank import PROJECTIONS, Group
+from .pipeline import Pipeline
+from .rank_allocation import ImportanceAccumulator, above_break_even, achieved_rho1
+from .recipes import Recipe
+from .sites import AttentionSite, find_sites
+
+
+class Checkpoint:
+    """A Hugging Face checkpoint directory read tensor by tensor from its safetensors (memory-mapped)."""
+
+    def __init__(self, path: str | Path, dtype: torch.dtype = torch.float32):
+        import transformers
+        from safetensors import safe_open
+
+        self.path, self.dtype = Path(path), dtype
+        if not (self.path / "config.json").is_file():
+            raise WsvdError(f"--stream reads a local checkpoint: {path} has no config.json (give a directory)")
+        self.config = transformers.AutoConfig.from_pretrained(self.path)
+        self.config._attn_implementation = "sdpa"
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            where = json.loads(index.read_text())["weight_map"]
+        elif (self.path / "model.safetensors").is_file():
+            where = None
+        else:
+            raise WsvdError(f"{path} has no model.safetensors(.index.json): --stream reads safetensors checkpoints")
+        files = sorted(set(where.values())) if where else ["model.safetensors"]
+        missing = [f for f in files if not (self.path / f).is_file()]
+        if missing:
+            raise WsvdError(f"{path} lacks the shard {missing[0]} named by its index: download the whole checkpoint")
+        if where is None:
+            with safe_open(self.path / "model.safetensors", "pt") as f:
+                where = {k: "model.safetensors" for k in f.keys()}
+        self._where = where
+        with torch.device("meta"):
+            self.skeleton = transformers.AutoModelForCausalLM.from_config(self.config)
+        self.names = list(self.skeleton.state_dict())  # with a tied head both names appear
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The checkpoint tensor ``name`` (a tied LM head reads the embedding) in the model dtype, checked
+        against the model's shape."""
+        key = name
+        if key not in self._where and key == "lm_head.weight" and getattr(self.config, "tie_word_embeddings", False):
+            key = "model.embed_tokens.weight"
+        if key not in self._where:
+            raise WsvdError(f"{self.path}: the checkpoint has no tensor {key}: its shards are incomplete or belong to "
+                            "another model")
+        from safetensors import safe_open
+
+        with safe_open(self.path / self._where[key], "pt") as f:  # mapped only while read: RSS stays one tensor
+            value = f.get_tensor(key).to(self.dtype)
+        expected = self.skeleton.get_parameter(name).shape
+        if value.shape != expected:
+            raise WsvdError(f"{self.path}: {key} is {tuple(value.shape)}, the config says {tuple(expected)}: "
+                            "the shards do not match config.json")
+        return value
+
+    def module(self, path: str) -> torch.nn.Module:
+        """A real (CPU) copy of the skeleton's submodule ``path`` with its checkpoint weights."""
+        module = copy.deepcopy(self.skeleton.get_submodule(path))
+        prefix = f"{path}." if path else ""
+        state = {n: self.tensor(prefix + n) for n, _ in module.named_parameters()}
+        module.load_state_dict(state, assign=True, strict=True)
+        return module.eval()
+
+    def fingerprint(self) -> str:
+        """:func:`~wsvd_passes.artifact.fingerprint` of the whole-model capture, one tensor at a time."""
+        digest = hashlib.sha256()
+        for name in sorted(self.names):
+            digest.update(f"model.{name}".encode())
+            digest.update(self.tensor(name).contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+
+class _LayerStack(torch.nn.Module):
+    """``model.model.layers.{i}`` and the rotary embedding, so the graph names tensors as the whole capture does."""
+
+
+class LayerForward(torch.nn.Module):
+    """One decoder layer as ``hidden_states [B, S, E] -> [B, S, E]`` with the model's causal mask and RoPE."""
+
+    def __init__(self, checkpoint: Checkpoint, index: int):
+        super().__init__()
+        self.index, self.config = index, checkpoint.config
+        self.model = _LayerStack()
+        self.model.model = _LayerStack()
+        self.model.model.layers = _LayerStack()
+        self.model.model.layers.add_module(str(index), checkpoint.module(f"model.layers.{index}"))
+        self.model.model.rotary_emb = type(checkpoint.skeleton.model.rotary_emb)(config=checkpoint.config)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        from transformers.masking_utils import create_causal_mask
+
+        positions = torch.arange(hidden_states.shape[1], device=hidden_states.device).unsqueeze(0)
+        mask = create_causal_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=None, cache=None,
+                                  position_ids=positions)
+        layer = getattr(self.model.model.layers, str(self.index))
+        return layer(hidden_states, attention_mask=mask, position_ids=positions,
+                     position_embeddings=self.model.model.rotary_emb(hidden_states, position_ids=positions))
+
+
+def capture_layer(checkpoint: Checkpoint, index: int) -> CapturedGraph:
+    """Export decoder layer ``index`` with dynamic batch and sequence length (its weights loaded now)."""
+    module = LayerForward(checkpoint, index)
+    example = torch.zeros(2, 17, checkpoint.config.hidden_size, dtype=checkpoint.dtype)
+    max_len = int(getattr(checkpoint.config, "max_position_embeddings", 4096))
+    dynamic = {"hidden_states": {0: torch.export.Dim("batch", max=1024), 1: torch.export.Dim("seq", min=2, max=max_len)}}
+    with torch.no_grad():
+        ep = torch.export.export(module, (), kwargs={"hidden_states": example}, dynamic_shapes=dynamic, strict=False)
+    return CapturedGraph(_unlift(ep), "forward", {"hidden_states": example}, dynamic, checkpoint.config)
+
+
+class LayerStore:
+    """Per-layer tensors kept on disk between the passes: one safetensors file per (layer, what) in ``directory``."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+
+    def put(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+        from .artifact import write_shard
+
+        write_shard(self.directory, name, tensors, metadata)
+
+    def get(self, name: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(self.directory / f"{name}.safetensors")
+
+    def put_stats(self, layer: int, stats: SiteStats) -> None:
+        self.put(f"stats{layer:05d}", {f"{role}.{f}": torch.as_tensor(getattr(getattr(stats, role), f))
+                                       for role in ("qkv", "o") for f in ("gram", "absmean", "tokens")})
+
+    def stats(self, layer: int) -> SiteStats:
+        t = self.get(f"stats{layer:05d}")
+        return SiteStats(*(InputStats(t[f"{r}.gram"], t[f"{r}.absmean"], int(t[f"{r}.tokens"])) for r in ("qkv", "o")))
+
+
+@dataclasses.dataclass
+class StreamedCalibration:
+    """What rank allocation needs of every layer (sites, scores, groups without their matrices); the rest
+    (statistics, Fisher) is in ``store``, read back one layer at a time."""
+
+    heads: dict  # n_heads, n_kv_heads, head_dim, hidden_size (sites are found again in each layer's graph)
+    layers: int
+    groups: list[Group]  # all layers; weight/U/Vh on the meta device (shapes only), sigma kept
+    scores: dict[tuple, torch.Tensor]
+    samples: int
+    store: LayerStore
+
+
+def save_calibration(calib: StreamedCalibration) -> None:
+    """Keep ``calib`` in its store (``calibration.safetensors``) for ``--resume``."""
+    tensors = {f"sigma.{j}": g.sigma for j, g in enumerate(calib.groups)}
+    tensors.update({f"score.{j}": calib.scores[g.key] for j, g in enumerate(calib.groups) if g.key in calib.scores})
+    groups = [{"key": list(g.key), "shapes": [list(getattr(g, f).shape) for f in ("weight", "U", "Vh")]}
+              for g in calib.groups]
+    calib.store.put("calibration", tensors, {"groups": json.dumps(groups), "heads": json.dumps(
+        calib.heads), "layers": str(calib.layers), "samples": str(calib.samples)})
+
+
+def load_calibration(store: LayerStore) -> StreamedCalibration | None:
+    """The calibration :func:`save_calibration` kept in ``store``, or None."""
+    path = store.directory / "calibration.safetensors"
+    if not path.is_file():
+        return None
+    meta, tensors = _metadata(path), store.get("calibration")
+    groups, scores = [], {}
+    for j, g in enumerate(json.loads(meta["groups"])):
+        weight, U, Vh = (torch.empty(shape, device="meta") for shape in g["shapes"])
+        groups.append(Group(layer=g["key"][0], name=g["key"][1], head=g["key"][2], weight=weight, scaling=None, U=U,
+                            sigma=tensors[f"sigma.{j}"], Vh=Vh))
+        if f"score.{j}" in tensors:
+            scores[groups[-1].key] = tensors[f"score.{j}"]
+    return StreamedCalibration(json.loads(meta["heads"]), int(meta["layers"]), groups, scores, int(meta["samples"]), store)
+
+
+def calibrate_streamed(checkpoint: Checkpoint, windows: torch.Tensor, recipe: Recipe, work_dir: str | Path, *,
+                       grad_samples: int | None = None, batch_size: int = 8, progress: bool = True
+                       ) -> StreamedCalibration:
+    """What :func:`~wsvd_passes.compress.calibrate` measures, layer by layer (steps 1 and 2 above)."""
+    if len(windows) < 2:
+        raise WsvdError(f"{len(windows)} calibration window(s) are too few: give at least 2 (the paper uses 256)")
+    if not recipe.factor or recipe.rotate or recipe.quantize:
+        raise WsvdError(f"recipe {recipe.name} rotates or quantises: --stream runs the float low-rank recipes "
+                        "(wsvd-noq, svd-llm, ...); compress without --stream")
+    if recipe.heal_steps:
+        raise WsvdError(f"recipe {recipe.name} heals on the whole graph's logits; streamed healing is not built: "
+                        "compress without --stream")
+    store = LayerStore(work_dir)
+    key = (recipe.granularity, recipe.scaling)
+    with torch.no_grad():
+        hidden = torch.nn.functional.embedding(windows, checkpoint.tensor("model.embed_tokens.weight"))
+    groups, heads = [], None
+    for i in tqdm(range(checkpoint.config.num_hidden_layers), desc="streamed statistics", unit="layer",
+                  disable=not progress):
+        captured = capture_layer(checkpoint, i)
+        site = _layer_site(captured, i)
+        heads = heads or {k: getattr(site, k) for k in ("n_heads", "n_kv_heads", "head_dim", "hidden_size")}
+        batches = [{"hidden_states": h, "labels": None} for h in hidden.split(batch_size)]
+        stats = collect_input_stats(captured, batches, progress=False)[0]
+        store.put_stats(i, stats)
+        store.put(f"input{i:05d}", {"hidden": hidden})
+        groups += [_shape_only(g) for g in layer_groups(site, _qkv_weights(captured, site), stats, [recipe])[key]]
+        with torch.no_grad():
+            hidden = torch.cat([captured.gm(hidden_states=h) for h in hidden.split(batch_size)])
+        del captured, site, stats
+        gc.collect()  # fx graphs are reference cycles: free this layer's weights now, not at some later gen-2 pass
+    samples = windows if grad_samples is None else windows[:grad_samples]
+    scores = _streamed_gradients(checkpoint, samples, hidden, recipe, store, progress)
+    return StreamedCalibration(heads, checkpoint.config.num_hidden_layers, groups, scores, len(samples), store)
+
+
+def _qkv_weights(captured: CapturedGraph, site) -> dict[str, torch.Tensor]:
+    return {p: tensor_attr(captured.gm, getattr(site, f"{p}_proj").weight).detach() for p in PROJECTIONS}
+
+
+def _shape_only(g: Group) -> Group:
+    """``g`` without its matrices: what rank allocation reads (key, shape, sigma)."""
+    meta = {f: torch.empty(getattr(g, f).shape, device="meta") for f in ("weight", "U", "Vh")}
+    return dataclasses.replace(g, scaling=None, **meta)
+
+
+def _layer_site(captured: CapturedGraph, index: int) -> AttentionSite:
+    """The one site of a layer graph, as layer ``index`` of the model (its own graph calls it layer 0)."""
+    (site,) = find_sites(captured.gm)
+    return dataclasses.replace(site, layer=index)
+
+
+def _streamed_gradients(checkpoint: Checkpoint, windows: torch.Tensor, top: torch.Tensor, recipe: Recipe,
+                        store: LayerStore, progress: bool) -> dict[tuple, torch.Tensor]:
+    """Importance scores (returned) and Fisher E[g*g] of q/k/v (stored per layer) from per-window gradients by a
+    layer-wise backward."""
+    if recipe.allocation != "importance" and not recipe.finetune:
+        return {}
+    norm, head = checkpoint.module("model.norm"), checkpoint.tensor("lm_head.weight")
+    upstream = []  # dL/dh at the current layer boundary, per window [1, S, E]
+    for n in range(len(windows)):
+        h = top[n:n + 1].detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = next_token_loss(torch.nn.functional.linear(norm(h), head), windows[n:n + 1])
+            upstream.append(torch.autograd.grad(loss, h)[0])
+    del norm, head
+    scores = {}
+    layers = checkpoint.config.num_hidden_layers
+    for i in tqdm(reversed(range(layers)), total=layers, desc="streamed gradients", unit="layer", disable=not progress):
+        captured = capture_layer(checkpoint, i)
+        site = _layer_site(captured, i)
+        inputs = store.get(f"input{i:05d}")["hidden"]
+        names = {p: getattr(site, f"{p}_proj").weight for p in PROJECTIONS}
+        params = dict(captured.gm.named_parameters())
+        for name, param in params.items():
+            param.requires_grad_(name in names.values())
+        accumulator = None
+        if recipe.allocation == "importance":  # the layer's groups again (the same SVDs), for their directions
+            groups = layer_groups(site, _qkv_weights(captured, site), store.stats(i), [recipe])
+            accumulator = ImportanceAccumulator(groups[(recipe.granularity, recipe.scaling)], site.head_dim)
+        sums = {p: torch.zeros_like(params[names[p]], dtype=torch.float32) for p in PROJECTIONS}
+        for n in range(len(windows)):
+            x = inputs[n:n + 1].detach().requires_grad_(True)
+            with torch.enable_grad():
+                grads = torch.autograd.grad(captured.gm(hidden_states=x), [x] + [params[names[p]] for p in PROJECTIONS],
+                                            upstream[n])
+            upstream[n] = grads[0]
+            by_proj = {(i, p): g for p, g in zip(PROJECTIONS, grads[1:])}
+            if accumulator is not None:
+                accumulator(by_proj)
+            for p in PROJECTIONS:
+                sums[p] += by_proj[(i, p)].float().square()
+        if accumulator is not None:
+            scores.update(accumulator.scores())
+        store.put(f"fisher{i:05d}", {p: sums[p] / len(windows) for p in PROJECTIONS})
+        del captured, site, params, inputs, accumulator
+        gc.collect()
+    return scores
+
+
+def compress_streamed(checkpoint: Checkpoint, calib: StreamedCalibration, recipe: Recipe, rho1: float,
+                      out: str | Path, *, progress: bool = True) -> tuple[FactorReport, list[Path]]:
+    """Ranks allocated over all layers, then each layer factorised (step 3 above) and its new tensors written
+    as its own shard of ``out`` with its report (a layer whose shard exists is not redone: ``--resume``).
+    Returns the factor report of the whole model and the shard paths."""
+    from .artifact import write_shard
+
+    key = (recipe.granularity, recipe.scaling)
+    kept = allocate_ranks(calib.groups, calib.scores, recipe, rho1)
+    shards, reports = [], []
+    for i in tqdm(range(calib.layers), desc="streamed factorisation", unit="layer", disable=not progress):
+        shard, spectra = Path(out) / f"layer{i:05d}.safetensors", f"spectra{i:05d}"
+        if shard.is_file() and (calib.store.directory / f"{spectra}.safetensors").is_file():
+            reports.append(_report_of(_metadata(shard)["report"], calib.store.get(spectra)))
+            shards.append(shard)
+            continue
+        captured = capture_layer(checkpoint, i)
+        site = _layer_site(captured, i)
+        stats = calib.store.stats(i)
+        fisher = calib.store.get(f"fisher{i:05d}") if recipe.finetune else {}
+        layer = Calibration([site], [stats], layer_groups(site, _qkv_weights(captured, site), stats, [recipe]),
+                            {key: calib.scores}, {(i, p): f for p, f in fisher.items()}, calib.samples)
+        plan, report = factor_plan(layer, recipe, rho1, kept=kept)
+        reports.append(report)
+        base = captured.gm.state_dict()
+        Pipeline([FactorizeQKV({0: plan[i]})])(captured)
+        changed = {n: t for n, t in captured.gm.state_dict().items() if n not in base or not torch.equal(t, base[n])}
+        calib.store.put(spectra, report.spectra)
+        shards.append(write_shard(out, shard.stem, changed, {"report": json.dumps(report.as_dict())}))
+        del captured, site, base, layer, plan
+        gc.collect()
+    return _merged(reports, calib.groups, kept), shards
+
+
+def _metadata(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return f.metadata()
+
+
+def _report_of(text: str, spectra: dict[str, torch.Tensor]) -> FactorReport:
+    """The :class:`FactorReport` of one layer back from ``as_dict`` JSON and its spectra."""
+    d = json.loads(text)
+    return FactorReport(d["rho1"], d["rho2"], {int(k): v for k, v in d["ranks"].items()}, d["rho1_per_layer"],
+                        d["rho2_per_layer"], [tuple(k) for k in d["above_break_even"]], d["finetune"],
+                        {int(k): v for k, v in d["reconstruction"].items()}, spectra, d["qat"])
+
+
+def _merged(reports: list[FactorReport], groups: list[Group], kept) -> FactorReport:
+    """One report of all layers from the per-layer ones (rho1 over all groups, rho2 the mean over layers)."""
+    rho2 = [r for report in reports for r in report.rho2_per_layer]
+    ft = None
+    if reports[0].finetune is not None:
+        ft = {k: sum(r.finetune[k] for r in reports) for k in reports[0].finetune}
+    return FactorReport(
+        achieved_rho1(groups, kept), sum(rho2) / len(rho2), {k: v for r in reports for k, v in r.ranks.items()},
+        [x for r in reports for x in r.rho1_per_layer], rho2, above_break_even(groups, kept), ft,
+        {k: v for r in reports for k, v in r.reconstruction.items()}, {k: v for r in reports for k, v in r.spectra.items()})
+
+
+def compress_checkpoint(path: str | Path, windows: torch.Tensor, recipe: Recipe, rho1: float, out: str | Path, *,
+                        dtype: torch.dtype = torch.float32, grad_samples: int | None = None,
+                        offload_dir: str | Path | None = None, resume: bool = False, calibration: dict,
+                        environment: dict, save_dtype: torch.dtype = torch.bfloat16, progress: bool = True) -> dict:
+    """Streamed compression of the checkpoint at ``path`` into the artifact directory ``out``; its manifest.
+
+    Per-layer inputs, statistics and Fisher wait in ``offload_dir/.stream-work`` (default ``out``), removed at
+    the end. ``resume`` continues a run that was killed: the same model, recipe, rho1 and calibration windows
+    (checked), with its calibration and the layers already written kept.
+    """
+    import shutil
+
+    from .artifact import save_streamed
+    from .quantize import Bits
+
+    checkpoint = Checkpoint(path, dtype)
+    work = Path(offload_dir or out) / ".stream-work"
+    run = {"model": str(Path(path).resolve()), "config": checkpoint.config.to_dict(), "dtype": str(dtype),
+           "recipe": dataclasses.asdict(recipe), "rho1": rho1, "grad_samples": grad_samples,
+           "windows_sha256": hashlib.sha256(windows.contiguous().numpy().tobytes()).hexdigest()}
+    if resume:
+        if not (work / "run.json").is_file():
+            raise WsvdError(f"--resume: {work} holds no interrupted run: compress without --resume")
+        started = json.loads((work / "run.json").read_text())
+        changed = [k for k in run if json.dumps(run[k], sort_keys=True, default=str) !=
+                   json.dumps(started.get(k), sort_keys=True, default=str)]
+        if changed:
+            raise WsvdError(f"--resume: {out} was started with another {changed[0].replace('_', ' ')}: give the same "
+                            "model, recipe, --rho1 and calibration, or compress without --resume")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+        for stale in Path(out).glob("layer*.safetensors"):
+            stale.unlink()
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "run.json").write_text(json.dumps(run, sort_keys=True, default=str))
+    store = LayerStore(work)
+    calib = load_calibration(store) if resume else None
+    if calib is None:
+        calib = calibrate_streamed(checkpoint, windows, recipe, work, grad_samples=grad_samples, progress=progress)
+        save_calibration(calib)
+    report, shards = compress_streamed(checkpoint, calib, recipe, rho1, out, progress=progress)
+    calibration = {**calibration, "grad_samples": calib.samples}
+    manifest = save_streamed(out, model=run["model"], model_sha256=checkpoint.fingerprint(), shards=shards,
+                             heads=calib.heads, recipe=recipe, bits=Bits(16, 16), rho1_target=rho1, report=report,
+                             calibration=calibration, environment=environment, save_dtype=save_dtype)
+    shutil.rmtree(work, ignore_errors=True)
+    return manifest
