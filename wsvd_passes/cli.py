@@ -60,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--mc", help="multiple-choice image questions (JSONL: image, question, options, answer) for a VLM")
     ev.add_argument("--artifact", help="score the compressed model of this `wsvd compress --out` directory beside the "
                     "uncompressed one (ppl, KL, top-1; written to DIR/evaluation.json), or with --mc its accuracy")
+    ev.add_argument("--runtime", choices=["fake", "int8"], default="fake",
+                    help="with an artifact: fake (default) simulates quantisation in float; int8 runs the W8A8 "
+                    "linears as int8 x int8 -> int32 matmuls (torch._int_mm); other bit widths stay simulated")
     ev.add_argument("--generate", type=int, default=0, metavar="N",
                     help="with --mc: also predict by greedy generation of up to N tokens")
     ev.add_argument("--max-items", type=int, default=None, help="with --mc: score N items drawn with --seed")
@@ -118,6 +121,9 @@ def _parser() -> argparse.ArgumentParser:
     ge.add_argument("--rho1", default="0.5")
     ge.add_argument("--bits", default="w16a16", help="with --recipe: w8a8, w4a4, w8a4, w4a8 or w16a16")
     ge.add_argument("--artifact", help="decode the compressed model of this `wsvd compress --out` directory")
+    ge.add_argument("--runtime", choices=["fake", "int8"], default="fake",
+                    help="with an artifact: fake (default) simulates quantisation in float; int8 runs the W8A8 "
+                    "linears as int8 x int8 -> int32 matmuls (torch._int_mm); other bit widths stay simulated")
     ge.add_argument("--no-lower", action="store_true", help="keep the un-lowered latent attention (plain aten ops)")
     ge.add_argument("--no-compile", action="store_true", help="run the decode step eagerly (no torch.compile)")
     ge.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -215,6 +221,7 @@ def _load_artifact(args, **kwargs):
 
 
 def cmd_eval(args) -> dict:
+    from .artifact import read_manifest
     from .capture import capture_forward
     from .data import text_source, token_windows
     from .evaluation import evaluate
@@ -223,12 +230,14 @@ def cmd_eval(args) -> dict:
         return _eval_multiple_choice(args)
     if args.max_windows is not None and args.max_windows < 1:
         raise WsvdError(f"--max-windows {args.max_windows} must be at least 1")
+    _check_runtime(args, args.artifact and read_manifest(args.artifact))
     if args.artifact:
         art = _load_artifact(args)
         lm, compressed = art.model, art.captured
     else:
         lm, compressed = _load(args, args.model), None
     _require_text_model(lm, "eval --mc data.jsonl")
+    runtime = _int8_runtime(args, compressed)
     text, provenance = text_source(args.data, "evaluation")
     windows = token_windows(lm.tokenizer, text, args.seq_len, args.max_windows)
     captured = capture_forward(lm.model)
@@ -245,10 +254,35 @@ def cmd_eval(args) -> dict:
           + (f"{result.ref_ppl:>10.3f}{result.kl:>9.4f}{result.top1:>8.4f}" if compressed else ""))
     out = {"model": lm.name, "artifact": args.artifact, "data": provenance, "seq_len": args.seq_len,
            "windows": len(windows), **result.as_dict(), "seconds": round(seconds, 2), "environment": _environment(),
-           "device": str(captured.device), "dtype": args.dtype}
+           "device": str(captured.device), "dtype": args.dtype, "runtime": runtime or args.runtime}
+    if runtime:
+        print(f"[runtime: {runtime}]")
     if args.artifact:  # `wsvd report DIR` shows it
         (Path(args.artifact) / "evaluation.json").write_text(json.dumps(out, indent=2) + "\n")
     return out
+
+
+def _check_runtime(args, manifest: dict | None) -> None:
+    """--runtime int8 needs a compressed model with W8A8 linears (checked before any work)."""
+    if getattr(args, "runtime", "fake") != "int8":
+        return
+    if not manifest:
+        raise WsvdError("--runtime int8 runs a compressed model's W8A8 linears in integers: give --artifact DIR "
+                        "(or, for generate, --recipe NAME --bits w8a8)")
+    if manifest["bits"] != "w8a8":
+        raise WsvdError(f"--runtime int8: {manifest['recipe']['name']} {manifest['bits']} has no W8A8 linears (int8 "
+                        "execution covers 8-bit weights with 8-bit activations; other widths stay simulated): "
+                        "drop --runtime int8")
+
+
+def _int8_runtime(args, graph) -> str:
+    """--runtime int8: the graph's W8A8 linears rewritten to ``wsvd::int8_linear`` in place; what ran how."""
+    if getattr(args, "runtime", "fake") != "int8":
+        return ""
+    from lowering.int8 import lower_int8
+
+    counts = lower_int8(graph)
+    return f", {counts['int8']} W8A8 linears in int8 (torch._int_mm), {counts['simulated']} simulated"
 
 
 def _require_text_model(lm, instead: str) -> None:
@@ -298,10 +332,14 @@ def cmd_generate(args) -> dict:
         raise WsvdError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
     if args.artifact and args.recipe:
         raise WsvdError("give --artifact DIR or --recipe NAME, not both")
+    if args.recipe:
+        bits = _bits(args)
+        _check_runtime(args, {"recipe": {"name": args.recipe}, "bits": f"w{bits.weight}a{bits.activation}"})
     if args.artifact:
         from .artifact import load, read_manifest
 
         manifest = read_manifest(args.artifact)
+        _check_runtime(args, manifest)
         lm = _load(args, args.model or manifest["model"])
     elif args.recipe:  # the whole recipe, as compress runs it, replayed on the decode graph as an artifact is
         from .artifact import load
@@ -311,6 +349,7 @@ def cmd_generate(args) -> dict:
         lm, manifest = _compress_to(args, scratch.name)
         args.artifact = scratch.name
     else:
+        _check_runtime(args, None)
         lm = _load(args, args.model)
     _require_text_model(lm, "eval --mc data.jsonl --generate N")
     prompt = lm.tokenizer(args.prompt, return_tensors="pt").input_ids
@@ -333,6 +372,7 @@ def cmd_generate(args) -> dict:
 
             lowering.lower(decoder)
             path += ", lowered to wsvd::latent_attention"
+    path += _int8_runtime(args, decoder)
     caches = cache_buffers(decoder).values()
     path += f", KV cache {sum(b.numel() * b.element_size() for b in caches) / 2**20:.2f} MiB" + (
         " (int8 latents)" if any(b.dtype == torch.int8 for b in caches) else "")
