@@ -131,7 +131,7 @@ def test_equal_tensors_are_stored_once():
 def test_damaged_packed_artifacts_give_one_line(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    directory, _, manifest = _save(tmp_path, "wsvd", "w4a4")
+    directory, _, manifest = _save(tmp_path, "quarot", "w4a4")  # packed 4-bit weights, quick to replay
     path = directory / "weights.safetensors"
     good = path.read_bytes()
     path.write_bytes(good[: len(good) // 2])

@@ -8,6 +8,7 @@ from PIL import Image
 from safetensors.numpy import save_file
 
 from wsvd_passes.cli import main
+from wsvd_passes.artifact import FORMAT_VERSION
 from wsvd_passes.errors import WsvdError
 from wsvd_passes.report import write_report
 
@@ -130,7 +131,8 @@ def test_cli_prints_report_path(tmp_path, capsys):
     (lambda d: None, "is not a directory"),
     (lambda d: _artifact(d, _manifest(format="something-else")),
      "is not a wsvd-artifact manifest (format 'something-else')"),
-    (lambda d: _artifact(d, _manifest(format_version=2)), "format_version 2, newer than the 1 this wsvd-passes reads"),
+    (lambda d: _artifact(d, _manifest(format_version=FORMAT_VERSION + 1)),
+     f"format_version {FORMAT_VERSION + 1}, newer than the {FORMAT_VERSION} this wsvd-passes reads"),
     (lambda d: _artifact(d, _manifest(ranks={"0": {"q": ["x"]}})), "'ranks' is malformed"),
     (lambda d: _artifact(d, _manifest(reconstruction={"0": {"q": {"after": "big"}}})), "'reconstruction' is malformed"),
     (lambda d: _artifact(d, _manifest(heads=...)), "has ranks but no heads"),

@@ -32,7 +32,8 @@ from wsvd_passes.vlm import VLM_NAMES, decoder_inputs
 DATA = Path(__file__).parent / "data" / "mc_synthetic" / "data.jsonl"
 CACHED = ["tiny-llava", "tiny-llava-next", "tiny-smolvlm"]  # 1-D RoPE: static-cache decode graph
 # Every recipe, with few fine-tuning / QAT steps (the optimisers are tested elsewhere).
-TEST_RECIPES = {name: dataclasses.replace(r, finetune_steps=3, qat_steps=2) for name, r in RECIPES.items()}
+TEST_RECIPES = {name: dataclasses.replace(r, finetune_steps=3, qat_steps=2, heal_steps=min(r.heal_steps, 2))
+                for name, r in RECIPES.items()}
 
 
 @functools.cache

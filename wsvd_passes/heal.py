@@ -152,6 +152,8 @@ class Heal(GraphPass):
         self.reference, self.windows = reference, windows
         self.steps, self.lr, self.weight_bits, self.s2, self.s2_lr = steps, lr, weight_bits, s2, s2_lr
         self.batch_size, self.eval_every, self.patience, self.clip_every = batch_size, eval_every, patience, clip_every
+        if not isinstance(windows, torch.Tensor):
+            self.batch_size = 1  # image-text samples differ in length: one per step
         self.score_windows, self.seed, self.progress = score_windows, seed, progress
         n_val = max(1, min(len(windows) - 1, round(len(windows) * val_fraction)))
         self.train, self.val = windows[: len(windows) - n_val], windows[len(windows) - n_val:]
@@ -237,8 +239,6 @@ class Heal(GraphPass):
         idx = order[step * self.batch_size:(step + 1) * self.batch_size]
         if isinstance(self.train, torch.Tensor):
             return self.train[torch.tensor(idx)]
-        if len(idx) != 1:
-            raise WsvdError("image-text calibration samples are healed one by one: use batch size 1")
         return self.train[idx[0]]
 
     def _clips(self, latents: list[_Latent]) -> dict[str, torch.Tensor]:

@@ -19,10 +19,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from .artifact import FORMAT, FORMAT_VERSION
 from .errors import WsvdError
 
-FORMAT = "wsvd-artifact"
-FORMAT_VERSION = 1
 _FIX = "point wsvd report at a directory written by wsvd compress --out"
 _SPECTRUM_KEY = re.compile(r"layer(\d+)\.(\w+?)(?:\.head(\d+))?\.(before|after)")
 _HEAD_KEYS = ("n_heads", "n_kv_heads", "head_dim", "hidden_size")
