@@ -36,6 +36,7 @@ def pack(tensors: dict[str, torch.Tensor], quantized: dict[str, tuple[int, str]]
 
     stored, layout = {}, {"dtype": str(dtype).removeprefix("torch."), "quantized": {}, "aliases": {}, "cast": []}
     seen: dict[str, str] = {}
+    scale_targets = {s for _, s in quantized.values()}
     for name, t in tensors.items():
         if name in quantized:
             bits, scale_target = quantized[name]
@@ -50,7 +51,7 @@ def pack(tensors: dict[str, torch.Tensor], quantized: dict[str, tuple[int, str]]
                 layout["quantized"][name] = {"bits": bits, "format": PACK_QUANTIZED, "scale": scale_target}
             stored[f"{name}.weight_scale"] = scale[:, None].contiguous()
             continue
-        if name in {s for _, s in quantized.values()}:
+        if name in scale_targets:
             continue  # stored with its weight
         value = t.to(dtype) if name in parameters and t.is_floating_point() else t
         if value is not t:
