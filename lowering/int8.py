@@ -28,10 +28,9 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 import lowering.ops  # noqa: F401  (registers torch.ops.wsvd.int8_linear)
 from wsvd_passes.capture import CapturedGraph
-from wsvd_passes.errors import WsvdError
 from wsvd_passes.graph_utils import add_tensor_attr, copy_meta, get_attr_node, infer_val, remove_attr_if_unused, tensor_attr
 from wsvd_passes.pipeline import Pipeline
-from wsvd_passes.quant_spec import QUANT_META, quant_spec, quantized_linears
+from wsvd_passes.quant_spec import QUANT_META, quant_spec, quantized_linears, weight_codes
 from wsvd_passes.quantize import fake_quant_activation
 
 INT8_SPEC = (8, 8, None)  # (weight bits, activation bits, activation group) that run in integers
@@ -53,12 +52,8 @@ class Int8Linears(PassBase):
                 self.counts["simulated"] += 1
                 continue
             weight = node.args[1].target
-            W, scale = tensor_attr(gm, weight), tensor_attr(gm, spec.scale)
-            codes = torch.round(W.detach().float() / scale.float()[:, None])
-            if codes.abs().max() > 127:
-                raise WsvdError(f"{weight} is not on the grid of its recorded scale {spec.scale}: the graph was "
-                                "edited after FakeQuantize; compress again")
-            add_tensor_attr(gm, f"{weight}_int8", codes.to(torch.int8), parameter=False)
+            codes = weight_codes(tensor_attr(gm, weight), tensor_attr(gm, spec.scale), 8, weight)
+            add_tensor_attr(gm, f"{weight}_int8", codes, parameter=False)
             bias = node.args[2] if len(node.args) > 2 else None
             with gm.graph.inserting_before(node):
                 args = (x.args[0], get_attr_node(gm, f"{weight}_int8", node), get_attr_node(gm, spec.scale, node), bias)

@@ -179,3 +179,15 @@ def test_tied_embeddings_reload_on_the_decode_graph(tmp_path):
         for _ in range(6):
             tokens = torch.cat([tokens, compressed.gm(input_ids=tokens)[:, -1:].argmax(-1)], dim=1)
     assert torch.equal(greedy_generate(decoder, IDS[:1, :5], 6), tokens)
+
+
+def test_a_weight_off_its_recorded_grid_is_refused_in_one_line():
+    from wsvd_passes.packing import pack
+    from wsvd_passes.quantize import quantize_weight
+
+    codes, scale = quantize_weight(torch.randn(6, 9), 8)
+    pack({"w": codes * scale[:, None], "w_scale": scale}, {"w": (8, "w_scale")}, {"w_scale": scale}, {"w"},
+         torch.bfloat16)  # on the grid: fine
+    with pytest.raises(WsvdError, match="w is not on the 8-bit grid of its recorded scale"):
+        pack({"w": codes * scale[:, None], "w_scale": scale}, {"w": (8, "w_scale")}, {"w_scale": scale / 2}, {"w"},
+             torch.bfloat16)  # edited after FakeQuantize: the codes would wrap around in int8

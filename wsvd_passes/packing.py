@@ -25,6 +25,7 @@ import torch
 from torch.fx import GraphModule
 
 from .errors import WsvdError
+from .quant_spec import weight_codes
 
 INT_QUANTIZED, PACK_QUANTIZED = "int-quantized", "pack-quantized"
 
@@ -41,7 +42,7 @@ def pack(tensors: dict[str, torch.Tensor], quantized: dict[str, tuple[int, str]]
         if name in quantized:
             bits, scale_target = quantized[name]
             scale = scales[scale_target].float()
-            codes = torch.round(t.float() / scale[:, None]).to(torch.int8)
+            codes = weight_codes(t, scale, bits, name)
             if bits == 8:
                 stored[f"{name}.weight"] = codes
                 layout["quantized"][name] = {"bits": bits, "format": INT_QUANTIZED, "scale": scale_target}

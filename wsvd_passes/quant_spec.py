@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 from torch.fx import GraphModule, Node
+
+from .errors import WsvdError
 
 QUANT_META = "wsvd_quant"
 
@@ -48,3 +51,13 @@ def quantized_weights(gm: GraphModule) -> dict[str, tuple[int, str]]:
         if spec.weight_bits <= 8:
             out[node.args[1].target] = (spec.weight_bits, spec.scale)
     return out
+
+
+def weight_codes(weight: torch.Tensor, scale: torch.Tensor, bits: int, name: str) -> torch.Tensor:
+    """The int8 codes ``round(W / scale)`` [out, in] of a recorded quantised weight ``name``; one error line
+    when W is not on its scale's grid (|codes| > 2^(bits-1) - 1: the graph was edited after FakeQuantize)."""
+    codes = torch.round(weight.detach().float() / scale.detach().float()[:, None])
+    if codes.numel() and float(codes.abs().max()) > 2 ** (bits - 1) - 1:
+        raise WsvdError(f"{name} is not on the {bits}-bit grid of its recorded scale: the graph was edited after "
+                        "FakeQuantize; compress again")
+    return codes.to(torch.int8)
