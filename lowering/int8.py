@@ -1,4 +1,6 @@
-"""Real int8 execution: W8A8 linears -> ``wsvd::int8_linear`` (``torch._int_mm``, int8 x int8 -> int32).
+"""Real int8 execution: W8A8 linears -> ``wsvd::int8_linear`` (``torch._int_mm``, int8 x int8 -> int32);
+8-bit tables (``--bits ..e8``) -> ``wsvd::int8_embedding`` and, for the LM head, ``wsvd::int8_weight_only_linear``
+(``torch._weight_int8pack_mm``).
 
 Matched from the recorded quantisation state, not by shape: a linear whose
 :class:`~wsvd_passes.quant_spec.QuantSpec` says 8-bit weights and 8-bit per-token activations,
@@ -13,7 +15,8 @@ becomes
 which quantises x per token exactly as the fake quantiser does and multiplies the codes in integers, so
 the two agree up to float32 rounding (the int32 sum is exact; the fake path sums float products). The
 float weight is dropped, the int8 codes are a buffer beside it (``<weight>_int8``), and the spec moves to
-the new node. Everything else stays simulated and is counted: linears with another bit width
+the new node. An 8-bit embedding table becomes an int8 lookup times its row scales (exact) and an 8-bit LM
+head a weight-only int8 matmul on float activations. Everything else stays simulated and is counted: linears with another bit width
 (W4A4, W8A4: no integer kernel here), and per-head grouped activations (the latent up-projections,
 one scale per head and token). Works on full-sequence, decode, latent and lowered graphs; run it
 last: the int8 node is not an ``aten.linear``, so attention sites are no longer found afterwards (it is a
@@ -30,44 +33,55 @@ import lowering.ops  # noqa: F401  (registers torch.ops.wsvd.int8_linear)
 from wsvd_passes.capture import CapturedGraph
 from wsvd_passes.graph_utils import add_tensor_attr, copy_meta, get_attr_node, infer_val, remove_attr_if_unused, tensor_attr
 from wsvd_passes.pipeline import Pipeline
-from wsvd_passes.quant_spec import QUANT_META, quant_spec, quantized_linears, weight_codes
+from wsvd_passes.quant_spec import QUANT_META, quant_spec, weight_codes, weight_target
 from wsvd_passes.quantize import fake_quant_activation
 
-INT8_SPEC = (8, 8, None)  # (weight bits, activation bits, activation group) that run in integers
+aten = torch.ops.aten
 
 
 class Int8Linears(PassBase):
-    """Replace every W8A8 per-token linear by ``wsvd::int8_linear``; ``counts`` says how many and what stayed."""
+    """Run every 8-bit weight in integers; ``counts`` says how many of each kind and how many stayed simulated."""
 
     def __init__(self):
-        self.counts = {"int8": 0, "simulated": 0}
+        self.counts = {"int8": 0, "int8_weight_only": 0, "int8_embedding": 0, "simulated": 0}
 
     def call(self, gm: GraphModule) -> PassResult:
-        for node in quantized_linears(gm):
+        for node in [n for n in gm.graph.nodes if n.op == "call_function" and quant_spec(n) is not None]:
             spec = quant_spec(node)
-            x = node.args[0]
+            weight = weight_target(node)
+            x = node.args[1] if node.target is aten.embedding.default else node.args[0]
             fake = (x.op == "call_function" and x.target is fake_quant_activation and x.args[1] == 8
                     and x.kwargs.get("group") is None)
-            if (spec.weight_bits, spec.activation_bits, spec.activation_group) != INT8_SPEC or not fake:
+            bias = node.args[2] if node.target is aten.linear.default and len(node.args) > 2 else None
+            if spec.weight_bits != 8:
+                kind = None
+            elif node.target is aten.embedding.default:
+                kind, op, inputs = "int8_embedding", torch.ops.wsvd.int8_embedding.default, (x,)
+            elif (spec.activation_bits, spec.activation_group) == (8, None) and fake:
+                kind, op, inputs = "int8", torch.ops.wsvd.int8_linear.default, (x.args[0],)
+            elif spec.activation_bits >= 16:
+                kind, op, inputs = "int8_weight_only", torch.ops.wsvd.int8_weight_only_linear.default, (x,)
+            else:
+                kind = None
+            if kind is None:
                 self.counts["simulated"] += 1
                 continue
-            weight = node.args[1].target
             codes = weight_codes(tensor_attr(gm, weight), tensor_attr(gm, spec.scale), 8, weight)
             add_tensor_attr(gm, f"{weight}_int8", codes, parameter=False)
-            bias = node.args[2] if len(node.args) > 2 else None
             with gm.graph.inserting_before(node):
-                args = (x.args[0], get_attr_node(gm, f"{weight}_int8", node), get_attr_node(gm, spec.scale, node), bias)
-                new = infer_val(gm, copy_meta(gm.graph.call_function(torch.ops.wsvd.int8_linear.default, args), node))
+                tables = (get_attr_node(gm, f"{weight}_int8", node), get_attr_node(gm, spec.scale, node))
+                args = tables + inputs if kind == "int8_embedding" else inputs + tables + (bias,)
+                new = infer_val(gm, copy_meta(gm.graph.call_function(op, args), node))
             new.meta[QUANT_META] = spec
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
-            if not x.users:
+            if kind == "int8" and not x.users:
                 gm.graph.erase_node(x)
             remove_attr_if_unused(gm, weight)
-            self.counts["int8"] += 1
+            self.counts[kind] += 1
         gm.graph.lint()
         gm.recompile()
-        return PassResult(gm, self.counts["int8"] > 0)
+        return PassResult(gm, self.counts["int8"] + self.counts["int8_weight_only"] + self.counts["int8_embedding"] > 0)
 
 
 def lower_int8(captured: CapturedGraph) -> dict[str, int]:

@@ -74,6 +74,10 @@ def test_load_errors_name_the_problem(tmp_path):
     (directory / "manifest.json").write_text(json.dumps(newer))
     with pytest.raises(WsvdError, match=f"format version {artifact.FORMAT_VERSION + 1} .* upgrade wsvd-passes"):
         artifact.load(directory)
+    older_rotated = dict(manifest, format_version=2, recipe=dict(manifest["recipe"], rotate=True))
+    (directory / "manifest.json").write_text(json.dumps(older_rotated))
+    with pytest.raises(WsvdError, match="rotated model in artifact format 2.* compress it again"):
+        artifact.load(directory)
     (directory / "manifest.json").write_text(json.dumps(dict(manifest, model="tiny-llama")))
     with pytest.raises(WsvdError, match="not the ones"):
         artifact.load(directory)
@@ -158,7 +162,10 @@ def test_damaged_packed_artifacts_give_one_line(tmp_path):
 
 
 
-def test_tied_embeddings_reload_on_the_decode_graph(tmp_path):
+@pytest.mark.parametrize("bits", ["w8a8", "w8a8e8"])
+def test_tied_embeddings_are_stored_once_and_reload_on_the_decode_graph(tmp_path, bits):
+    """A rotated tied head keeps reading the (rotated, optionally int8) embedding table: one copy in the file."""
+    from safetensors import safe_open
     from transformers import LlamaForCausalLM
 
     config = tiny(MODEL).model.config.to_dict() | {"tie_word_embeddings": True}
@@ -170,9 +177,15 @@ def test_tied_embeddings_reload_on_the_decode_graph(tmp_path):
     from wsvd_passes.models import load_model
 
     base = capture_forward(load_model(str(checkpoint)).model)
-    compressed, _ = compress(base, None, RECIPES["quarot"], None, parse_bits("w8a8"))  # rotates the tied head
-    artifact.save(tmp_path / "art", model=str(checkpoint), base=base, compressed=compressed, recipe=RECIPES["quarot"],
-                  bits=parse_bits("w8a8"), rho1_target=None, report=None, calibration={}, environment={})
+    compressed, _ = compress(base, None, RECIPES["quarot"], None, parse_bits(bits))  # rotates the tied head
+    manifest = artifact.save(tmp_path / "art", model=str(checkpoint), base=base, compressed=compressed,
+                             recipe=RECIPES["quarot"], bits=parse_bits(bits), rho1_target=None, report=None,
+                             calibration={}, environment={})
+    vocab, hidden = model.config.vocab_size, model.config.hidden_size
+    with safe_open(tmp_path / "art" / "weights.safetensors", "pt") as f:
+        tables = [f.get_tensor(k) for k in f.keys() if tuple(f.get_slice(k).get_shape()) == (vocab, hidden)]
+    assert len(tables) == 1 and tables[0].dtype == (torch.int8 if bits.endswith("e8") else torch.bfloat16)
+    assert any("lm_head" in alias for alias in manifest["storage"]["aliases"])
     decoder = artifact.load(tmp_path / "art", decode=True, max_cache_len=24).captured
     tokens = IDS[:1, :5]
     with torch.no_grad():

@@ -23,9 +23,9 @@ from wsvd_passes.recipes import RECIPES
 MODEL = "tiny-llama-gqa"
 WINDOWS = torch.randint(0, 384, (4, 33), generator=torch.Generator().manual_seed(3))
 IDS = torch.randint(3, 300, (1, 16), generator=torch.Generator().manual_seed(5))
-QUANTISED = ["w16a16", "w8a8", "w4a4", "w8a4"]
+QUANTISED = ["w16a16", "w8a8", "w4a4", "w8a4", "w4a4e8"]
 # The default run covers every recipe kind and bit setting; `pytest -m slow` the rest of the matrix.
-FAST = {("qsvd", "w8a8"), ("qsvd", "w4a4"), ("wsvd-noqat", "w8a4"), ("wsvd", "w8a8"), ("wsvd", "w4a4")}
+FAST = {("qsvd", "w8a8"), ("qsvd", "w4a4"), ("wsvd-noqat", "w8a4"), ("wsvd", "w8a8"), ("wsvd", "w4a4e8")}
 CASES = ([("svd-llm", "w16a16"), ("qsvd-noq", "w16a16"), ("wsvd-noq", "w16a16"), ("quarot", "w8a8")]
          + [pytest.param(r, b, marks=() if (r, b) in FAST else pytest.mark.slow)
             for r in ("qsvd", "wsvd-noqat", "wsvd") for b in QUANTISED] + [pytest.param("quarot", "w4a4", marks=pytest.mark.slow)])

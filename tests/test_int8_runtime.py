@@ -49,15 +49,33 @@ def test_int8_linear_matches_a_float64_reference(shape, bias):
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
 
 
-@pytest.mark.parametrize("recipe, simulated", [("quarot", 0), ("qsvd", 0), ("wsvd", 6)])
-def test_w8a8_linears_run_in_integers_and_give_the_evaluated_logits(recipe, simulated):
-    compressed, _ = _compressed(recipe)
+@pytest.mark.parametrize("shape", [(1, 5), (3, 7, 33)])
+def test_int8_weight_only_linear_and_embedding_match_a_float64_reference(shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(*shape, generator=g)
+    codes, scale = quantize_weight(torch.randn(19, shape[-1], generator=g), 8)
+    b = torch.randn(19, generator=g)
+    want = x.double() @ (codes.double() * scale.double()[:, None]).T + b.double()
+    got = torch.ops.wsvd.int8_weight_only_linear(x, codes, scale, b)
+    assert got.shape == want.shape and got.dtype == x.dtype
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
+    ids = torch.randint(0, 19, shape[:-1], generator=g)
+    assert torch.equal(torch.ops.wsvd.int8_embedding(codes, scale, ids),
+                       torch.nn.functional.embedding(ids, codes.float() * scale[:, None]))
+
+
+@pytest.mark.parametrize("recipe, bits, simulated", [("quarot", "w8a8", 0), ("qsvd", "w8a8", 0), ("wsvd", "w8a8", 6),
+                                                     ("quarot", "w8a8e8", 0)])
+def test_w8a8_linears_run_in_integers_and_give_the_evaluated_logits(recipe, bits, simulated):
+    compressed, _ = _compressed(recipe, bits)
     with torch.no_grad():
         want = compressed.gm(input_ids=IDS)
     graph = copy.deepcopy(compressed)
     counts = lower_int8(graph)
     # wsvd: the per-head latent up-projections quantise one scale per head and token: they stay simulated
-    assert counts == {"int8": 14 if recipe != "qsvd" else 16, "simulated": simulated}
+    tables = int(bits.endswith("e8"))  # the 8-bit embedding lookup and LM head (untied here)
+    assert counts == {"int8": 14 if recipe != "qsvd" else 16, "int8_weight_only": tables, "int8_embedding": tables,
+                      "simulated": simulated}
     ops = [n for n in graph.gm.graph.nodes if n.target is torch.ops.wsvd.int8_linear.default]
     assert len(ops) == counts["int8"] and all(graph.gm.get_buffer(n.args[1].target).dtype == torch.int8 for n in ops)
     assert not any(n.args[1].target in dict(graph.gm.named_parameters()) for n in ops)  # float weights dropped
@@ -97,3 +115,31 @@ def test_runtime_int8_on_the_command_line(tmp_path, capsys):
     assert main(["eval", "--artifact", str(w4), "--max-windows", "1", "--runtime", "int8"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --runtime int8") and "w4a4" in err and err.count("\n") == 1
+
+
+def test_bench_model_measures_every_variant_in_one_run(tmp_path, capsys):
+    """`wsvd bench model`: dense fp32/bf16, fake-quant and int8 decode of an artifact (untimed-quality check: the int8
+    step agrees with the fake-quant one to float32 rounding), with held bytes and ratios, as JSON."""
+    compressed, report = _compressed("wsvd", "w8a8e8")
+    r, bits = RECIPES["wsvd"], parse_bits("w8a8e8")
+    art = tmp_path / "art"
+    artifact.save(art, model=MODEL, base=tiny_forward(MODEL), compressed=compressed, recipe=r, bits=bits,
+                  rho1_target=0.6, report=report, calibration={}, environment={})
+    out = tmp_path / "bench.json"
+    assert main(["bench", "model", "--artifact", str(art), "--batch", "2", "--cache-len", "12", "--steps", "2",
+                 "--no-compile", "--quiet", "--json", str(out)]) == 0
+    import json
+
+    result = json.loads(out.read_text())
+    assert result["artifact_bytes"] == (art / "weights.safetensors").stat().st_size
+    assert [(row["batch"], row["cache_len"]) for row in result["runs"]] == [(2, 12)]
+    for row in result["runs"]:
+        v = row["variants"]
+        assert list(v) == ["dense-fp32", "dense-bf16", "fake-quant", "int8"]
+        assert all(e["tokens_per_s"] > 0 and e["memory"]["kv_cache"] > 0 for e in v.values())
+        assert v["int8"]["check"]["passed"] and v["dense-bf16"]["check"]["passed"]
+        assert v["int8"]["memory"]["weights"] < v["fake-quant"]["memory"]["weights"]  # int8 codes, not float32
+        assert v["dense-bf16"]["memory"]["kv_cache"] * 2 == v["dense-fp32"]["memory"]["kv_cache"]
+    assert "x the fp16 model" in capsys.readouterr().out
+    assert main(["bench", "model", "--batch", "1"]) == 2
+    assert "give --artifact DIR" in capsys.readouterr().err

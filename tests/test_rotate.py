@@ -98,3 +98,23 @@ def test_smollm2_rotated_logits_match(smollm2, smollm2_forward):
         a, b = rotated.gm(input_ids=ids), smollm2_forward.gm(input_ids=ids)
     assert (a - b).abs().max() < 1e-3 * b.abs().max()
     assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_tied_lm_head_stays_tied_to_the_rotated_embedding(tied):
+    from wsvd_passes.graph_utils import tensor_attr
+    from wsvd_passes.rotate import TIED_GAMMA
+
+    model = _double_llama(4, 2, 8, False, seed=0 if tied else 1)
+    reference, rotated = capture_forward(model), capture_forward(model)
+    Pipeline([RotateResidual(seed=5)])(rotated)
+    gm = rotated.gm
+    embedding = find_residual_stream(gm).embedding
+    head = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    head = head[0] if isinstance(head, (tuple, list)) else head
+    table, head_weight = tensor_attr(gm, embedding.args[0].target), tensor_attr(gm, head.args[1].target)
+    gammas = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target.endswith(TIED_GAMMA)]
+    assert torch.equal(table, head_weight) == tied  # equal tensors: the packed artifact stores them once
+    assert len(gammas) == int(tied)
+    inputs = [{"input_ids": torch.randint(0, 64, (2, 9))}]
+    same_function(gm, reference.gm, inputs, atol=1e-6)

@@ -52,7 +52,9 @@ from .recipes import Recipe
 from .sites import AttentionSite, find_sites
 
 FORMAT = "wsvd-artifact"
-FORMAT_VERSION = 2  # 2: packed weights (manifest["storage"]); 1: float tensors as they are
+FORMAT_VERSION = 3  # 3: a rotated tied LM head reads the rotated embedding (rotate.TIED_GAMMA);
+# 2: packed weights (manifest["storage"]); 1: float tensors as they are
+FIRST_TIED_ROTATION = 3  # rotating recipes written before this version replay into a different graph
 
 
 def library_version() -> str:
@@ -114,7 +116,7 @@ def save(directory: str | Path, *, model: str, base: CapturedGraph, compressed: 
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "wsvd_version": library_version(),
         "model": model, "model_sha256": fingerprint(base), "graph": base.kind,
-        "recipe": dataclasses.asdict(recipe), "bits": f"w{bits.weight}a{bits.activation}", "rho1_target": rho1_target,
+        "recipe": dataclasses.asdict(recipe), "bits": bits.name, "rho1_target": rho1_target,
         **(report.as_dict() if report is not None else {"rho1": 1.0, "rho2": 1.0}),
         "heads": {"n_heads": site.n_heads, "n_kv_heads": site.n_kv_heads, "head_dim": site.head_dim,
                   "hidden_size": site.hidden_size},
@@ -142,10 +144,13 @@ def read_manifest(directory: str | Path) -> dict:
         raise WsvdError(f"{path} has artifact format version {got!r} (written by wsvd-passes "
                         f"{manifest.get('wsvd_version')}); this wsvd-passes {library_version()} reads up to "
                         f"{FORMAT_VERSION}: upgrade wsvd-passes or compress again")
+    if got < FIRST_TIED_ROTATION and manifest.get("recipe", {}).get("rotate"):
+        raise WsvdError(f"{path} is a rotated model in artifact format {got}, from before a tied LM head stayed tied "
+                        f"under rotation (format {FIRST_TIED_ROTATION}): compress it again")
     return manifest
 
 
-def load(directory: str | Path, *, decode: bool = False, max_cache_len: int = 256,
+def load(directory: str | Path, *, decode: bool = False, max_cache_len: int = 256, batch_size: int = 1,
          model: str | LoadedModel | None = None) -> Artifact:
     """Rebuild the compressed model of ``directory`` (full-sequence graph, or the decode graph).
 
@@ -160,7 +165,8 @@ def load(directory: str | Path, *, decode: bool = False, max_cache_len: int = 25
     if fingerprint(capture_forward(lm.model)) != manifest.get("model_sha256"):
         raise WsvdError(f"the weights of {lm.name} are not the ones {directory} was compressed "
                         "from: pass the original checkpoint with --model")
-    captured = capture_decode(lm.model, max_cache_len=max_cache_len) if decode else capture_forward(lm.model)
+    captured = (capture_decode(lm.model, batch_size=batch_size, max_cache_len=max_cache_len) if decode
+                else capture_forward(lm.model))
     recipe, bits = _recipe(manifest), parse_bits(manifest["bits"])
     sites = find_sites(captured.gm)
     plan = placeholder_plan(sites, manifest, recipe.granularity) if recipe.factor else None
@@ -289,7 +295,7 @@ def save_streamed(directory: str | Path, *, model: str, model_sha256: str, shard
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "wsvd_version": library_version(),
         "model": model, "model_sha256": model_sha256, "graph": "forward",
-        "recipe": dataclasses.asdict(recipe), "bits": f"w{bits.weight}a{bits.activation}", "rho1_target": rho1_target,
+        "recipe": dataclasses.asdict(recipe), "bits": bits.name, "rho1_target": rho1_target,
         **report.as_dict(),
         "heads": heads, "calibration": calibration, "environment": environment,
         "exported_program": "not saved (--stream)",

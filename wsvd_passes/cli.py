@@ -7,6 +7,7 @@
     wsvd table --model NAME --recipes R1,R2 --rho1 0.9,0.5 [--rho2 0.5] --json OUT
     wsvd generate --model NAME|PATH --prompt TEXT [--recipe wsvd-noq --rho1 X] [--no-lower] [--no-compile]
     wsvd bench kernel|decode [--device cuda|cpu] [--quick] [--layers N] [--json OUT]
+    wsvd bench model --artifact DIR [--batch 1,8] [--cache-len 512,2048] [--json OUT]
     wsvd report DIR [--out OUT_DIR]                           markdown report with plots of a compress --out DIR
     wsvd export vllm ARTIFACT OUT                             a directory vLLM serves (with the wsvd plugin)
 
@@ -62,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
                     "uncompressed one (ppl, KL, top-1; written to DIR/evaluation.json), or with --mc its accuracy")
     ev.add_argument("--runtime", choices=["fake", "int8"], default="fake",
                     help="with an artifact: fake (default) simulates quantisation in float; int8 runs the W8A8 "
-                    "linears as int8 x int8 -> int32 matmuls (torch._int_mm); other bit widths stay simulated")
+                    "linears as int8 x int8 -> int32 matmuls (torch._int_mm) and e8 tables as int8; other bit "
+                    "widths stay simulated")
     ev.add_argument("--generate", type=int, default=0, metavar="N",
                     help="with --mc: also predict by greedy generation of up to N tokens")
     ev.add_argument("--max-items", type=int, default=None, help="with --mc: score N items drawn with --seed")
@@ -79,7 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     co.add_argument("--rho2", help="kept fraction of the K+V cache, in (0, 1] (alone, or with --rho1: both budgets)")
     co.add_argument("--out", required=True, help="output directory")
     _add_calibration(co)
-    co.add_argument("--bits", default="w16a16", help="w8a8, w4a4, w8a4, w4a8 or w16a16 for quantising recipes")
+    co.add_argument("--bits", default="w16a16", help="w8a8, w4a4, w8a4, w4a8 or w16a16 for quantising recipes; append e8 or e4 "
+                    "to also quantise the embedding and LM head (weight-only, per row), e.g. w8a8e8")
     co.add_argument("--tune-beta", action="store_true",
                     help="tune QSVD's beta (Sigma split) of quantising factor recipes on 8 calibration windows")
     _add_heal(co)
@@ -123,7 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     ge.add_argument("--artifact", help="decode the compressed model of this `wsvd compress --out` directory")
     ge.add_argument("--runtime", choices=["fake", "int8"], default="fake",
                     help="with an artifact: fake (default) simulates quantisation in float; int8 runs the W8A8 "
-                    "linears as int8 x int8 -> int32 matmuls (torch._int_mm); other bit widths stay simulated")
+                    "linears as int8 x int8 -> int32 matmuls (torch._int_mm) and e8 tables as int8; other bit "
+                    "widths stay simulated")
     ge.add_argument("--no-lower", action="store_true", help="keep the un-lowered latent attention (plain aten ops)")
     ge.add_argument("--no-compile", action="store_true", help="run the decode step eagerly (no torch.compile)")
     ge.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -133,7 +137,8 @@ def _parser() -> argparse.ArgumentParser:
     ge.add_argument("--json", dest="json_out", help="also write the result to this JSON file")
 
     be = sub.add_parser("bench", help="benchmarks: the fused kernel vs SDPA, or end-to-end decode tokens/s")
-    be.add_argument("kind", choices=["kernel", "decode"])
+    be.add_argument("kind", choices=["kernel", "decode", "model"])
+    be.add_argument("--artifact", help="model: the artifact whose decode cost is measured against its own dense model")
     be.add_argument("--device", default=None, help="cuda (default when available) or cpu (smoke test only)")
     be.add_argument("--dtype", default=None, help="decode: bfloat16 (default on CUDA), float16 or float32 (default on "
                     "the CPU)")
@@ -148,9 +153,10 @@ def _parser() -> argparse.ArgumentParser:
                     "steps compiled with mode='reduce-overhead'")
     be.add_argument("--layers", type=int, default=None, help="decode: decoder layers of the model (default: "
                     "32 for the Llama-2-7B shape, 2 with --quick)")
-    be.add_argument("--batch", type=int, default=1, help="decode: batch size")
-    be.add_argument("--cache-len", type=int, default=4096, help="decode: static cache length")
-    be.add_argument("--steps", type=int, default=32, help="decode: timed decode steps")
+    be.add_argument("--batch", help="decode: batch size (default 1); model: comma-separated (default 1,8)")
+    be.add_argument("--cache-len", help="decode: static cache length (default 4096); model: comma-separated "
+                    "(default 512,2048)")
+    be.add_argument("--steps", type=int, default=None, help="timed decode steps (default: decode 32, model 16)")
     be.add_argument("--rank-ratio", type=float, default=0.5, help="decode: per-head rank / head dim")
     be.add_argument("--no-compile", action="store_true", help="decode: time the eager graph")
     be.add_argument("--quiet", action="store_true")
@@ -269,10 +275,13 @@ def _check_runtime(args, manifest: dict | None) -> None:
     if not manifest:
         raise WsvdError("--runtime int8 runs a compressed model's W8A8 linears in integers: give --artifact DIR "
                         "(or, for generate, --recipe NAME --bits w8a8)")
-    if manifest["bits"] != "w8a8":
-        raise WsvdError(f"--runtime int8: {manifest['recipe']['name']} {manifest['bits']} has no W8A8 linears (int8 "
-                        "execution covers 8-bit weights with 8-bit activations; other widths stay simulated): "
-                        "drop --runtime int8")
+    from .quantize import parse_bits
+
+    bits = parse_bits(manifest["bits"])
+    if (bits.weight, bits.activation) != (8, 8) and bits.embedding != 8:
+        raise WsvdError(f"--runtime int8: {manifest['recipe']['name']} {manifest['bits']} has no W8A8 linears or "
+                        "8-bit embedding (int8 execution covers 8-bit weights with 8-bit activations, and e8 tables; "
+                        "other widths stay simulated): drop --runtime int8")
 
 
 def _int8_runtime(args, graph) -> str:
@@ -282,7 +291,9 @@ def _int8_runtime(args, graph) -> str:
     from lowering.int8 import lower_int8
 
     counts = lower_int8(graph)
-    return f", {counts['int8']} W8A8 linears in int8 (torch._int_mm), {counts['simulated']} simulated"
+    tables = (f", {counts['int8_embedding']} int8 embedding table(s), {counts['int8_weight_only']} weight-only int8 "
+              "LM head (torch._weight_int8pack_mm)" if counts["int8_embedding"] + counts["int8_weight_only"] else "")
+    return f", {counts['int8']} W8A8 linears in int8 (torch._int_mm){tables}, {counts['simulated']} simulated"
 
 
 def _require_text_model(lm, instead: str) -> None:
@@ -334,7 +345,7 @@ def cmd_generate(args) -> dict:
         raise WsvdError("give --artifact DIR or --recipe NAME, not both")
     if args.recipe:
         bits = _bits(args)
-        _check_runtime(args, {"recipe": {"name": args.recipe}, "bits": f"w{bits.weight}a{bits.activation}"})
+        _check_runtime(args, {"recipe": {"name": args.recipe}, "bits": bits.name})
     if args.artifact:
         from .artifact import load, read_manifest
 
@@ -452,8 +463,14 @@ def cmd_bench(args) -> dict:
     dtype = parse_dtype(args.dtype) if args.dtype else None
     if args.kind == "kernel":
         return _bench_kernel(args, device)
+    if args.kind == "model":
+        return _bench_model(args, device)
     from lowering.bench import bench_decode, print_decode
 
+    args.batch, args.cache_len = _positive_ints(args.batch or "1", "--batch"), _positive_ints(args.cache_len or "4096", "--cache-len")
+    if len(args.batch) > 1 or len(args.cache_len) > 1:
+        raise WsvdError("bench decode takes one --batch and one --cache-len (lists are for bench model)")
+    args.batch, args.cache_len, args.steps = args.batch[0], args.cache_len[0], args.steps or 32
     if not 0 < args.rank_ratio <= 1:
         raise WsvdError(f"--rank-ratio {args.rank_ratio} is outside (0, 1]")
     if args.steps < 1 or args.cache_len <= args.steps:
@@ -466,6 +483,40 @@ def cmd_bench(args) -> dict:
                           cache_len=args.cache_len, steps=args.steps, rank_ratio=args.rank_ratio,
                           compile=not args.no_compile, cuda_graphs=args.cuda_graphs, dtype=dtype)
     print_decode(result)
+    return result
+
+
+def _positive_ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise WsvdError(f"{flag} {text!r}: give positive integers, comma-separated (e.g. 1,8)")
+    return values
+
+
+def _bench_model(args, device: str) -> dict:
+    from lowering.bench_model import bench_model, print_model
+
+    if not args.artifact:
+        raise WsvdError("bench model measures an artifact: give --artifact DIR (written by wsvd compress --out)")
+    if device != "cpu":
+        raise WsvdError("bench model runs on the CPU (the int8 runtime's kernels are CPU ones): use --device cpu")
+    batches = _positive_ints(args.batch or "1,8", "--batch")
+    cache_lens = _positive_ints(args.cache_len or "512,2048", "--cache-len")
+    steps = args.steps or 16
+    if steps < 1 or min(cache_lens) <= steps + 3:
+        raise WsvdError(f"--cache-len ({min(cache_lens)}) must exceed --steps ({steps}) + 3 warm-up steps")
+    from .artifact import read_manifest
+
+    read_manifest(args.artifact)  # one error line for a directory that is not an artifact
+    try:
+        result = bench_model(args.artifact, batches=batches, cache_lens=cache_lens, steps=steps,
+                             compile=not args.no_compile, progress=not args.quiet)
+    except ValueError as e:
+        raise WsvdError(str(e)) from None
+    print_model(result)
     return result
 
 
@@ -701,7 +752,7 @@ def cmd_table(args) -> list[dict]:
     quantising = [r for r in recipes if r.quantize]
     runs = [(r, b) for r in recipes if not r.quantize for b in settings[:1]] + [(r, b) for b in settings for r in quantising]
     for recipe, bits in runs:
-        spec = f"w{bits.weight}a{bits.activation}" if recipe.quantize else "w16a16"
+        spec = bits.name if recipe.quantize else "w16a16"
         for rho1, rho2_target in points if recipe.factor else [(1.0, None)]:
             start = time.perf_counter()
             tuned, beta_losses = _tuned(args, captured, calib, recipe, rho1, bits, rho2_target)

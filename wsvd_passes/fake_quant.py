@@ -1,9 +1,9 @@
 """Fake-quant pass: quantise-dequantise the weights and input activations of linear layers.
 
-Every ``aten.linear`` is quantised except the LM head (its output is the logits), the online
-Hadamard transforms (fixed rotations, not weights) and the input rotation of a VLM's
-``inputs_embeds`` (the embeddings of text models are never quantised either; QuaRot keeps
-them in full precision). For each:
+Every ``aten.linear`` is quantised except the LM head (its output is the logits) and the fixed
+linears the rotation passes insert (:func:`~wsvd_passes.rotate.fixed_rotation`: online Hadamards,
+a VLM's ``inputs_embeds`` rotation, a tied head's gamma); by default the embeddings stay in full
+precision, as in QuaRot. For each:
 
 - weight W [out, in]: per-output-channel symmetric RTN at ``bits.weight`` bits with a
   per-row clipping search (:func:`~wsvd_passes.quantize.search_weight_clip`); W is replaced
@@ -15,8 +15,13 @@ them in full precision). For each:
   recorded :class:`~wsvd_passes.factor_spec.FactorSpec`), the granularity the decode kernel
   uses; a joint latent is quantised per token.
 
-Each quantised linear records a :class:`~wsvd_passes.quant_spec.QuantSpec` in its meta.
-``bits >= 16`` leaves that side untouched, so W16A16 is the identity.
+With ``bits.embedding < 16`` (``--bits w8a8e8``) the token-embedding table and the LM head weight are
+quantised weight-only, per row, the same way (their inputs stay in float): the lookup returns rows of
+``codes * scale``. A tied head reads a table equal to the embedding's (see
+:class:`~wsvd_passes.rotate.RotateResidual`), so both quantise to the same codes and are stored once.
+
+Each quantised linear (and embedding lookup) records a :class:`~wsvd_passes.quant_spec.QuantSpec` in its
+meta. ``bits >= 16`` leaves that side untouched, so W16A16 is the identity.
 """
 
 from __future__ import annotations
@@ -30,8 +35,7 @@ from .graph_utils import add_tensor_attr, copy_meta, infer_val, tensor_attr
 from .pipeline import GraphPass
 from .quant_spec import QUANT_META, QuantSpec
 from .quantize import Bits, fake_quant_activation, quantize_weight, search_weight_clip
-from .residual import INPUT_ROTATION
-from .rotate import replace_tensor_arg
+from .rotate import fixed_rotation, replace_tensor_arg
 from .sites import AttentionSite
 
 aten = torch.ops.aten
@@ -44,25 +48,23 @@ class FakeQuantize(GraphPass):
         self.progress = progress
 
     def transform(self, gm: GraphModule, sites: list[AttentionSite]) -> bool:
-        if self.bits.weight >= 16 and self.bits.activation >= 16:
+        if min(self.bits.weight, self.bits.activation, self.bits.embedding) >= 16:
             return False
         output = next(n for n in gm.graph.nodes if n.op == "output")
         logits = {a for a in output.all_input_nodes}
+        if self.bits.embedding < 16:
+            tables = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is aten.embedding.default]
+            for node in tables + [n for n in logits if n.op == "call_function" and n.target is aten.linear.default]:
+                scale = self._quantize_weight(gm, node, self.bits.embedding)
+                node.meta[QUANT_META] = QuantSpec(self.bits.embedding, 16, None, scale)
         groups = _latent_groups(sites)
         linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is aten.linear.default]
         for node in tqdm(linears, desc="fake-quant (clip search)", unit="linear", leave=False,
                          disable=not (self.progress and self.clip_search and self.bits.weight < 16)):
             weight = node.args[1]
-            if node in logits or weight.op != "get_attr" or _fixed_rotation(weight.target):
+            if node in logits or weight.op != "get_attr" or fixed_rotation(weight.target):
                 continue
-            scale = None
-            if self.bits.weight < 16:
-                W = tensor_attr(gm, weight.target).detach().float()
-                clip = search_weight_clip(W, self.bits.weight) if self.clip_search else None
-                codes, row_scale = quantize_weight(W, self.bits.weight, clip_ratio=clip)
-                replace_tensor_arg(gm, node, 1, codes.to(row_scale.dtype) * row_scale[:, None], f"w{self.bits.weight}")
-                scale = f"{node.args[1].target}_scale"
-                add_tensor_attr(gm, scale, row_scale, parameter=False)
+            scale = self._quantize_weight(gm, node, self.bits.weight) if self.bits.weight < 16 else None
             group = groups.get(node)
             if self.bits.activation < 16:
                 x = node.args[0]
@@ -72,10 +74,16 @@ class FakeQuantize(GraphPass):
             node.meta[QUANT_META] = QuantSpec(self.bits.weight, self.bits.activation, group, scale)
         return True
 
-
-def _fixed_rotation(target: str) -> bool:
-    """Rotations the rotation passes insert as linears: not weights of the model."""
-    return target.endswith("online_hadamard") or target == INPUT_ROTATION
+    def _quantize_weight(self, gm: GraphModule, node: Node, bits: int) -> str:
+        """Replace the weight (a linear's, an embedding's table) by ``codes * scale``; the scale's target."""
+        index = 0 if node.target is aten.embedding.default else 1
+        W = tensor_attr(gm, node.args[index].target).detach().float()
+        clip = search_weight_clip(W, bits) if self.clip_search else None
+        codes, row_scale = quantize_weight(W, bits, clip_ratio=clip)
+        replace_tensor_arg(gm, node, index, codes.to(row_scale.dtype) * row_scale[:, None], f"w{bits}")
+        scale = f"{node.args[index].target}_scale"
+        add_tensor_attr(gm, scale, row_scale, parameter=False)
+        return scale
 
 
 def _latent_groups(sites: list[AttentionSite]) -> dict[Node, int]:

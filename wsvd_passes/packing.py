@@ -13,8 +13,8 @@ compressed-tensors' ``pack_to_int32`` / ``unpack_from_int32`` do the bit packing
 eight per int32, offset by 8). The codes are exact: ``round(W / scale)`` with |codes| <= 2^(b-1) - 1,
 so unpacking gives back the graph's values bit for bit. Other floating tensors are stored in
 ``dtype`` (bfloat16 by default); integer tensors and buffers (rank tables, fixed Hadamard
-rotations) as they are. Equal tensors (a tied embedding / LM head) are stored once; the
-layout maps every other name to the stored one.
+rotations) as they are. Equal tensors (a tied embedding / LM head, quantised or not) are stored
+once; the layout maps every other name (and its scale) to the stored one.
 """
 
 from __future__ import annotations
@@ -43,6 +43,12 @@ def pack(tensors: dict[str, torch.Tensor], quantized: dict[str, tuple[int, str]]
             bits, scale_target = quantized[name]
             scale = scales[scale_target].float()
             codes = weight_codes(t, scale, bits, name)
+            key = f"{bits}:{_digest(codes)}:{_digest(scale)}"
+            if key in seen:  # a tied LM head quantised like its embedding table
+                first = seen[key]
+                layout["aliases"].update({name: first, scale_target: quantized[first][1]})
+                continue
+            seen[key] = name
             if bits == 8:
                 stored[f"{name}.weight"] = codes
                 layout["quantized"][name] = {"bits": bits, "format": INT_QUANTIZED, "scale": scale_target}
@@ -99,7 +105,7 @@ def unpack(stored: dict[str, torch.Tensor], layout: dict, where: str) -> dict[st
             if base not in layout["quantized"]:
                 out[name] = value
         for name, target in layout["aliases"].items():
-            out[name] = _get(stored, target, where).clone()  # its own tensor, as in the graph
+            out[name] = _get(out, target, where).clone()  # its own tensor, as in the graph
     except (KeyError, TypeError, ValueError) as e:
         raise WsvdError(f"{where}: the packed layout is malformed ({type(e).__name__}: {e}): compress again") from None
     return out

@@ -1,7 +1,8 @@
 """What :class:`~wsvd_passes.fake_quant.FakeQuantize` quantised, recorded on the graph.
 
 State carried in node meta, as torch.ao's pt2e ``prepare``/``convert`` do: each quantised
-``aten.linear`` node gets a :class:`QuantSpec` in ``node.meta["wsvd_quant"]``. Its weight
+``aten.linear`` node (and each ``aten.embedding`` lookup of a quantised table, ``--bits ..e8``)
+gets a :class:`QuantSpec` in ``node.meta["wsvd_quant"]``. Its weight
 get_attr holds the dequantised values ``codes * scale`` (what evaluation computes with) and
 the per-row scale is a buffer beside it (``<weight>_scale`` [out], float32), so the integer
 codes are recovered exactly as ``round(W / scale)`` (|codes| <= 2^(bits-1) - 1). Later passes
@@ -23,6 +24,7 @@ from torch.fx import GraphModule, Node
 from .errors import WsvdError
 
 QUANT_META = "wsvd_quant"
+aten = torch.ops.aten
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,16 +42,22 @@ def quant_spec(node: Node) -> QuantSpec | None:
 
 def quantized_linears(gm: GraphModule) -> list[Node]:
     """The linear nodes that carry a :class:`QuantSpec`, in graph order."""
-    return [n for n in gm.graph.nodes if n.op == "call_function" and QUANT_META in n.meta]
+    return [n for n in gm.graph.nodes if n.op == "call_function" and QUANT_META in n.meta
+            and n.target is not aten.embedding.default]
+
+
+def weight_target(node: Node) -> str:
+    """The get_attr target of a quantised node's weight (an embedding's table, a linear's weight)."""
+    return node.args[0 if node.target is aten.embedding.default else 1].target
 
 
 def quantized_weights(gm: GraphModule) -> dict[str, tuple[int, str]]:
     """Quantised weight target -> (bits, scale target), for the weights quantised to 8 bits or fewer."""
     out = {}
-    for node in quantized_linears(gm):
-        spec = quant_spec(node)
-        if spec.weight_bits <= 8:
-            out[node.args[1].target] = (spec.weight_bits, spec.scale)
+    for node in gm.graph.nodes:
+        spec = quant_spec(node) if node.op == "call_function" else None
+        if spec is not None and spec.weight_bits <= 8:
+            out[weight_target(node)] = (spec.weight_bits, spec.scale)
     return out
 
 

@@ -36,10 +36,17 @@ from .errors import WsvdError
 
 @dataclasses.dataclass(frozen=True)
 class Bits:
-    """Bit widths of linear-layer weights and input activations; 16 means not quantised."""
+    """Bit widths of linear-layer weights and input activations, and of the token-embedding table and
+    LM head (weight-only, per row; one table when they are tied); 16 means not quantised."""
 
     weight: int
     activation: int
+    embedding: int = 16
+
+    @property
+    def name(self) -> str:
+        """``w8a8``, or ``w8a8e8`` with a quantised embedding (what :func:`parse_bits` reads back)."""
+        return f"w{self.weight}a{self.activation}" + (f"e{self.embedding}" if self.embedding < 16 else "")
 
 
 BIT_SETTINGS = {
@@ -50,13 +57,17 @@ BIT_SETTINGS = {
     "w16a16": Bits(16, 16),
     "w16": Bits(16, 16),
 }
+EMBEDDING_BITS = (8, 4)  # the suffixes e8, e4
 
 
 def parse_bits(text: str) -> Bits:
-    """``"w8a4"`` -> Bits(weight=8, activation=4); ``"w16"`` turns quantisation off."""
-    if text not in BIT_SETTINGS:
-        raise WsvdError(f"unknown bit setting {text!r}: use one of {', '.join(BIT_SETTINGS)}")
-    return BIT_SETTINGS[text]
+    """``"w8a4"`` -> Bits(weight=8, activation=4); ``"w8a8e8"`` also quantises the embedding and LM head
+    to 8 bits; ``"w16"`` turns quantisation off."""
+    base, _, embedding = text.partition("e")
+    if base not in BIT_SETTINGS or (embedding and embedding not in {str(b) for b in EMBEDDING_BITS}):
+        raise WsvdError(f"unknown bit setting {text!r}: use one of {', '.join(BIT_SETTINGS)}, optionally followed "
+                        f"by e8 or e4 to quantise the embedding and LM head (e.g. w8a8e8)")
+    return dataclasses.replace(BIT_SETTINGS[base], embedding=int(embedding) if embedding else 16)
 
 
 def ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

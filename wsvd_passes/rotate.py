@@ -4,6 +4,11 @@
   the residual stream by a seeded random-sign Hadamard S1 [E, E] (h -> h S1):
   embeddings ``E' = E S1``; readers ``W' = W diag(gamma) S1``; writers ``W' = S1^T W``,
   ``b' = b S1``. RMSNorm without gamma commutes with S1, so the function is unchanged.
+  A tied LM head (its weight equals the embedding table E) stays tied: instead of
+  ``E diag(gamma) S1`` it reads ``E S1`` (the rotated table, stored once) after a fixed linear
+  ``x -> x G`` with ``G = S1^T diag(gamma) S1`` [E, E] (buffer ``<head>.tied_gamma``), since
+  ``(x G)(E S1)^T = x S1^T diag(gamma) E^T``: one E x E matmul per token instead of a second
+  V x E table.
 - :class:`RotateValueHeads`: per-head Hadamard H [D, D] on V's output side, matched in
   o_proj: ``W_v,h' = H^T W_v,h`` (or ``U_v,h' = H^T U_v,h`` for factored V), ``b_v,h' = b_v,h H``,
   ``W_o[:, i]' = W_o[:, i] H``.
@@ -27,6 +32,12 @@ from .residual import INPUT_ROTATION, find_residual_stream
 from .sites import AttentionSite, _is
 
 aten = torch.ops.aten
+TIED_GAMMA = "tied_gamma"  # <LM head owner>.tied_gamma: S1^T diag(gamma) S1 in front of a tied LM head
+
+
+def fixed_rotation(target: str) -> bool:
+    """The fixed linears the rotation passes insert (not weights of the model; never quantised)."""
+    return target.endswith(("online_hadamard", TIED_GAMMA)) or target == INPUT_ROTATION
 
 
 def replace_tensor_arg(gm: GraphModule, user: Node, index: int, value: torch.Tensor, suffix: str) -> None:
@@ -68,15 +79,21 @@ class RotateResidual(GraphPass):
         stream = find_residual_stream(gm)
         E = stream.embedding.meta["val"].shape[-1]
         S1 = random_hadamard(E, self.seed).to(stream.embedding.meta["val"].device)
+        table = None
         if _is(stream.embedding, aten.embedding.default):
-            replace_tensor_arg(gm, stream.embedding, 0, _weight(gm, stream.embedding, 0) @ S1, "rot")
+            table = _weight(gm, stream.embedding, 0)
+            replace_tensor_arg(gm, stream.embedding, 0, table @ S1, "rot")
         else:
             _rotate_input(gm, stream.embedding, S1)
         for norm in stream.norms:
             gamma = (tensor_attr(gm, norm.gamma).detach().double() if norm.gamma
                      else torch.ones(E, dtype=torch.float64, device=S1.device))
             for reader in norm.readers:
-                replace_tensor_arg(gm, reader, 1, _weight(gm, reader) * gamma[None, :] @ S1, "rot")
+                W = _weight(gm, reader)
+                if table is not None and W.shape == table.shape and torch.equal(W, table):
+                    _keep_tied(gm, reader, table @ S1, S1.T @ torch.diag(gamma) @ S1)
+                else:
+                    replace_tensor_arg(gm, reader, 1, W * gamma[None, :] @ S1, "rot")
             if norm.gamma:
                 norm.out.replace_all_uses_with(norm.normalised)
                 gm.graph.erase_node(norm.out)
@@ -86,6 +103,19 @@ class RotateResidual(GraphPass):
             if len(writer.args) > 2 and writer.args[2] is not None:
                 replace_tensor_arg(gm, writer, 2, _weight(gm, writer, 2) @ S1, "rot")
         return True
+
+
+def _keep_tied(gm: GraphModule, head: Node, table: torch.Tensor, G: torch.Tensor) -> None:
+    """``head(x)`` -> ``head'(x G)`` with head' reading the rotated embedding table (equal values, stored once)."""
+    replace_tensor_arg(gm, head, 1, table, "rot")
+    target = f"{head.args[1].target.rpartition('.')[0]}.{TIED_GAMMA}"
+    weight = tensor_attr(gm, head.args[1].target)
+    add_tensor_attr(gm, target, G.to(weight.device, weight.dtype).contiguous(), parameter=False)  # symmetric: G^T = G
+    x = head.args[0]
+    with gm.graph.inserting_before(head):
+        mixed = infer_val(gm, copy_meta(gm.graph.call_function(
+            aten.linear.default, (x, get_attr_node(gm, target, head))), head))
+    head.replace_input_with(x, mixed)
 
 
 def _rotate_input(gm: GraphModule, x: Node, S1: torch.Tensor) -> None:

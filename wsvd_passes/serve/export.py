@@ -17,7 +17,8 @@ readers) through :func:`~wsvd_passes.residual.find_residual_stream`, activation 
       joint        {attn}.qkv_down.weight [r, E]        {attn}.{p}_up.weight [n_p D, r]
                    {attn}.{p}_up.bias [n_p D] (Qwen2);  model.layers.{i}.mlp.down_hadamard.weight [I, I] (rotated
                    recipes: the online Hadamard before down_proj); RMSNorm weights of ones when the gammas are fused;
-                   ``lm_head.weight`` only when it differs from the embedding (tied embeddings are stored once);
+                   ``lm_head.weight`` only when it differs from the embedding (tied embeddings are stored once; a
+                   rotated tied head ``x G (E S1)^T`` is served untied as ``E S1 G``);
 
 - the tokenizer files and chat template (``save_pretrained``).
 
@@ -40,6 +41,7 @@ from ..factor_spec import factor_spec
 from ..graph_utils import tensor_attr
 from ..quantize import fake_quant_activation
 from ..residual import find_residual_stream
+from ..rotate import TIED_GAMMA
 from ..sites import AttentionSite, _is, find_sites, module_path
 from .format import ARCHITECTURES, FORMAT, FORMAT_VERSION
 
@@ -105,7 +107,7 @@ def read_graph(gm: GraphModule) -> tuple[dict[str, torch.Tensor], dict]:
     for node in gm.graph.nodes:
         if _is(node, aten.embedding.default):
             tensors[_name(module_path(node)) + ".weight"] = _get(gm, node.args[0])
-        if not _is(node, aten.linear.default) or node in attention_nodes:
+        if not _is(node, aten.linear.default) or node in attention_nodes or node.args[1].target.endswith(TIED_GAMMA):
             continue
         path = "lm_head" if node in logits else _name(module_path(node))
         if node.args[1].target.endswith("online_hadamard"):
@@ -115,6 +117,10 @@ def read_graph(gm: GraphModule) -> tuple[dict[str, torch.Tensor], dict]:
         elif node not in logits:
             _record_quant(quant, path, node, None)
         _put_linear(gm, node, path, tensors)
+        head_input = node.args[0]
+        if node in logits and _is(head_input, aten.linear.default) and head_input.args[1].target.endswith(TIED_GAMMA):
+            # x G (E S1)^T = x (E S1 G)^T (G symmetric): vLLM's head reads the product, untied
+            tensors["lm_head.weight"] = (tensors["lm_head.weight"].double() @ _get(gm, head_input.args[1]).double()).float()
     for norm in find_residual_stream(gm).norms:
         gamma = _get(gm, norm.gamma) if norm.gamma else torch.ones(sites[0].hidden_size)
         tensors[_name(module_path(norm.scaled)) + ".weight"] = gamma

@@ -1,0 +1,181 @@
+"""``wsvd bench model --artifact DIR``: what a compressed artifact costs and gains at decode, against its own
+uncompressed model, measured in one run.
+
+Variants of one decode step (each ``torch.compile``d unless ``compile=False``), per batch B and cache length L:
+
+- ``dense-fp32``, ``dense-bf16``: the base model's static-cache decode graph as captured (Hugging Face's step);
+- ``fake-quant``: the artifact's decode graph with its latent KV cache, lowered to ``wsvd::latent_attention``,
+  quantisers simulated in float32 (what ``wsvd eval`` scores);
+- ``int8``: the same graph after :func:`~lowering.int8.lower_int8` (W8A8 linears as ``torch._int_mm``, 8-bit
+  tables as int8); latents quantised to 8 bits or fewer are cached as int8 codes + scales by the lowering in
+  both compressed variants. Only quantising recipes at W8A8 (or e8) have an int8 variant.
+
+Before timing, each compressed variant's logits at one step are compared with ``fake-quant``'s own (``int8``
+must agree to float32 rounding: relative Frobenius error <= ``INT8_TOLERANCE``) and ``dense-bf16`` with
+``dense-fp32``; a failed check is reported and the variant is not timed.
+
+Timing: every cache buffer is filled with random values of its dtype (timings do not depend on the content),
+then ``steps`` decode steps at positions ``L - steps .. L - 1`` after three warm-up steps;
+tokens/s = B * steps / seconds. Memory: the bytes of the tensors each variant holds (parameters and buffers,
+shared storage counted once), split into weights and KV cache (``cache_buffers``); not the process RSS, which
+also counts the compiler and allocator.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import platform
+import time
+
+import torch
+
+from wsvd_passes.artifact import load, read_manifest
+from wsvd_passes.capture import CapturedGraph, capture_decode
+from wsvd_passes.generation import cache_buffers
+from wsvd_passes.latent_kv import LatentKVCache
+from wsvd_passes.models import cast_parameters, load_model
+from wsvd_passes.pipeline import Pipeline
+from wsvd_passes.quantize import parse_bits
+
+from .bench import versions
+from .compile import compile_step, lower
+from .int8 import lower_int8
+
+INT8_TOLERANCE = 1e-4  # float32 rounding of the scaled integer sums (measured: about 1e-6)
+BF16_TOLERANCE = 5e-2  # bf16 weights and caches against float32 (measured on SmolLM2: about 1e-2)
+VARIANTS = ("dense-fp32", "dense-bf16", "fake-quant", "int8")
+
+
+def held_bytes(decoder: CapturedGraph) -> dict[str, int]:
+    """Bytes of the weights and of the KV cache a decode graph holds (each storage once)."""
+    caches = {id(t) for t in cache_buffers(decoder).values()}
+    seen, out = set(), {"weights": 0, "kv_cache": 0}
+    for t in [*decoder.gm.parameters(), *decoder.gm.buffers()]:
+        key = (t.untyped_storage().data_ptr(), t.dtype)
+        if key in seen:
+            continue
+        seen.add(key)
+        out["kv_cache" if id(t) in caches else "weights"] += t.untyped_storage().nbytes()
+    return out
+
+
+def _fill(decoder: CapturedGraph, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in cache_buffers(decoder).values():
+            if t.is_floating_point():
+                t.copy_(torch.randn(t.shape, generator=g).to(t.dtype))
+            else:
+                t.copy_(torch.randint(-127, 128, t.shape, generator=g).to(t.dtype))
+
+
+def _variant(kind: str, lm, artifact: str, batch: int, cache_len: int) -> CapturedGraph:
+    if kind.startswith("dense"):
+        model = lm.model if kind == "dense-fp32" else cast_parameters(copy.deepcopy(lm.model), torch.bfloat16)
+        return capture_decode(model, batch_size=batch, max_cache_len=cache_len)
+    decoder = load(artifact, decode=True, batch_size=batch, max_cache_len=cache_len, model=lm).captured
+    Pipeline([LatentKVCache(decoder.config)])(decoder)
+    lower(decoder)
+    if kind == "int8":
+        lower_int8(decoder)
+    return decoder
+
+
+def _steps(step, batch: int, cache_len: int, steps: int, vocab: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (steps + 3, batch, 1), generator=g)
+    positions = [cache_len - steps - 3 + i for i in range(steps + 3)]  # 3 warm-up steps, then the timed ones
+    return [(lambda i=i: step(input_ids=ids[i], cache_position=torch.tensor([positions[i]]))) for i in range(steps + 3)]
+
+
+def _logits(out) -> torch.Tensor:
+    return (out[0] if isinstance(out, (tuple, list)) else out).float()
+
+
+def bench_model(artifact: str, *, batches=(1, 8), cache_lens=(512, 2048), steps: int = 16, compile: bool = True,
+                seed: int = 0, progress: bool = True) -> dict:
+    """Measure every variant at every (batch, cache length); see the module docstring."""
+    manifest = read_manifest(artifact)
+    bits = parse_bits(manifest["bits"])
+    kinds = [k for k in VARIANTS if k != "int8" or manifest["recipe"]["quantize"] and
+             ((bits.weight, bits.activation) == (8, 8) or bits.embedding == 8)]
+    if not manifest["recipe"]["factor"]:
+        raise ValueError(f"{artifact}: recipe {manifest['recipe']['name']} has no low-rank factors, so no latent cache: "
+                         "bench model measures factored recipes")
+    lm = load_model(manifest["model"])
+    vocab = lm.model.config.vocab_size
+    fp16_bytes = 2 * sum(p.numel() for p in {id(p): p for p in lm.model.parameters()}.values())
+    runs = []
+    for cache_len in cache_lens:
+        for batch in batches:
+            row = {"batch": batch, "cache_len": cache_len, "variants": {}}
+            reference = {}
+            for kind in kinds:
+                decoder = _variant(kind, lm, artifact, batch, cache_len)
+                _fill(decoder, seed)
+                step = compile_step(decoder) if compile else decoder.gm
+                calls = _steps(step, batch, cache_len, steps, vocab, seed)
+                with torch.no_grad():
+                    first = _logits(calls[0]())  # compiles; the same cache content for every variant's check
+                _fill(decoder, seed)
+                entry = {"memory": held_bytes(decoder)}
+                against = {"dense-bf16": "dense-fp32", "int8": "fake-quant"}.get(kind)
+                if against in reference:
+                    rel = float((first - reference[against]).norm() / reference[against].norm())
+                    tol = BF16_TOLERANCE if kind == "dense-bf16" else INT8_TOLERANCE
+                    entry["check"] = {"against": against, "rel_err": rel, "tolerance": tol, "passed": rel <= tol}
+                reference[kind] = first
+                if entry.get("check", {}).get("passed", True):
+                    with torch.no_grad():
+                        for call in calls[:3]:
+                            call()
+                        begin = time.perf_counter()
+                        for call in calls[3:]:
+                            call()
+                        seconds = time.perf_counter() - begin
+                    entry.update(seconds=seconds, tokens_per_s=batch * steps / seconds)
+                row["variants"][kind] = entry
+                if progress:
+                    print(f"  B{batch} L{cache_len} {kind:<11} " + (f"{entry['tokens_per_s']:8.1f} tok/s"
+                          if "tokens_per_s" in entry else "check FAILED: not timed"), flush=True)
+                del decoder, step, calls
+                torch._dynamo.reset()  # drop the compiled graph (and the weights it holds)
+            base = row["variants"]["dense-fp32"]
+            for kind, entry in row["variants"].items():
+                held = sum(entry["memory"].values())
+                entry["memory_vs_dense_fp32"] = held / sum(base["memory"].values())
+                if "tokens_per_s" in entry and "tokens_per_s" in base:
+                    entry["speed_vs_dense_fp32"] = entry["tokens_per_s"] / base["tokens_per_s"]
+            runs.append(row)
+    return {"artifact": str(artifact), "model": manifest["model"], "recipe": manifest["recipe"]["name"],
+            "bits": manifest["bits"], "rho1": manifest.get("rho1"), "rho2": manifest.get("rho2"),
+            "artifact_bytes": manifest["bytes"], "fp16_model_bytes": fp16_bytes,
+            "artifact_vs_fp16": manifest["bytes"] / fp16_bytes, "steps": steps, "compiled": compile,
+            "machine": _machine(),
+            "versions": versions(), "runs": runs}
+
+
+def _machine() -> dict:
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                 platform.machine()) if os.path.exists("/proc/cpuinfo") else platform.machine()
+    return {"device": "cpu", "cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+
+
+def print_model(result: dict) -> None:
+    v = result["versions"]
+    print(f"{result['model']} {result['recipe']} {result['bits']} rho1 {result['rho1']:.2f} rho2 {result['rho2']:.2f}; "
+          f"{result['machine']['cpu']}, {result['machine']['torch_threads']} threads; torch {v['torch']}, transformers {v['transformers']}; "
+          f"compiled={result['compiled']}, {result['steps']} steps")
+    print(f"artifact {result['artifact_bytes'] / 1e6:.1f} MB = {result['artifact_vs_fp16']:.3f} x the fp16 model "
+          f"({result['fp16_model_bytes'] / 1e6:.1f} MB)")
+    print(f"{'batch':>5} {'cache':>6} {'variant':<11} {'tok/s':>9} {'x fp32':>7} {'weights MB':>11} {'KV MB':>8} "
+          f"{'x fp32 mem':>10}  check")
+    for row in result["runs"]:
+        for kind, e in row["variants"].items():
+            speed = f"{e['tokens_per_s']:9.1f} {e['speed_vs_dense_fp32']:7.2f}" if "tokens_per_s" in e else f"{'-':>9} {'-':>7}"
+            check = e.get("check")
+            verdict = (f"{'ok' if check['passed'] else 'FAILED'} (rel {check['rel_err']:.1e} vs {check['against']})"
+                       if check else "")
+            print(f"{row['batch']:>5} {row['cache_len']:>6} {kind:<11} {speed} {e['memory']['weights'] / 1e6:11.1f} "
+                  f"{e['memory']['kv_cache'] / 1e6:8.1f} {e['memory_vs_dense_fp32']:10.3f}  {verdict}")
