@@ -1,6 +1,5 @@
-"""Real int8 execution: W8A8 linears -> ``wsvd::int8_linear`` (``torch._int_mm``, int8 x int8 -> int32);
-8-bit tables (``--bits ..e8``) -> ``wsvd::int8_embedding`` and, for the LM head, ``wsvd::int8_weight_only_linear``
-(``torch._weight_int8pack_mm``).
+"""Real int8 execution: W8A8 linears -> ``wsvd::int8_linear`` (``torch._int_mm``, int8 x int8 -> int32), the
+e8 LM head included; an 8-bit embedding table (``--bits ..e8``) -> ``wsvd::int8_embedding``.
 
 Matched from the recorded quantisation state, not by shape: a linear whose
 :class:`~wsvd_passes.quant_spec.QuantSpec` says 8-bit weights and 8-bit per-token activations,
@@ -15,8 +14,7 @@ becomes
 which quantises x per token exactly as the fake quantiser does and multiplies the codes in integers, so
 the two agree up to float32 rounding (the int32 sum is exact; the fake path sums float products). The
 float weight is dropped, the int8 codes are a buffer beside it (``<weight>_int8``), and the spec moves to
-the new node. An 8-bit embedding table becomes an int8 lookup times its row scales (exact) and an 8-bit LM
-head a weight-only int8 matmul on float activations. Everything else stays simulated and is counted: linears with another bit width
+the new node. An 8-bit embedding table becomes an int8 lookup times its row scales (exact). Everything else stays simulated and is counted: linears with another bit width
 (W4A4, W8A4: no integer kernel here), and per-head grouped activations (the latent up-projections,
 one scale per head and token). Works on full-sequence, decode, latent and lowered graphs; run it
 last: the int8 node is not an ``aten.linear``, so attention sites are no longer found afterwards (it is a
@@ -43,7 +41,7 @@ class Int8Linears(PassBase):
     """Run every 8-bit weight in integers; ``counts`` says how many of each kind and how many stayed simulated."""
 
     def __init__(self):
-        self.counts = {"int8": 0, "int8_weight_only": 0, "int8_embedding": 0, "simulated": 0}
+        self.counts = {"int8": 0, "int8_embedding": 0, "simulated": 0}
 
     def call(self, gm: GraphModule) -> PassResult:
         for node in [n for n in gm.graph.nodes if n.op == "call_function" and quant_spec(n) is not None]:
@@ -59,8 +57,6 @@ class Int8Linears(PassBase):
                 kind, op, inputs = "int8_embedding", torch.ops.wsvd.int8_embedding.default, (x,)
             elif (spec.activation_bits, spec.activation_group) == (8, None) and fake:
                 kind, op, inputs = "int8", torch.ops.wsvd.int8_linear.default, (x.args[0],)
-            elif spec.activation_bits >= 16:
-                kind, op, inputs = "int8_weight_only", torch.ops.wsvd.int8_weight_only_linear.default, (x,)
             else:
                 kind = None
             if kind is None:
@@ -81,7 +77,7 @@ class Int8Linears(PassBase):
             self.counts[kind] += 1
         gm.graph.lint()
         gm.recompile()
-        return PassResult(gm, self.counts["int8"] + self.counts["int8_weight_only"] + self.counts["int8_embedding"] > 0)
+        return PassResult(gm, self.counts["int8"] + self.counts["int8_embedding"] > 0)
 
 
 def lower_int8(captured: CapturedGraph) -> dict[str, int]:

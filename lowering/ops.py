@@ -1,5 +1,5 @@
 """Our ``torch.library`` custom ops: ``wsvd::latent_attention``, and the int8 runtime's ``wsvd::int8_linear``
-(W8A8), ``wsvd::int8_weight_only_linear`` and ``wsvd::int8_embedding`` (8-bit tables, ``--bits ..e8``).
+(W8A8) and ``wsvd::int8_embedding`` (8-bit tables, ``--bits ..e8``).
 
     latent_attention(q [B, n_q, D], ck [B, n_kv, L, r_k], bk [n_kv, r_k, D], cv [B, n_kv, L, r_v],
                      lengths int64 [B], cos [L_rope, D/2], sin [L_rope, D/2], scale, attention_scaling,
@@ -98,27 +98,6 @@ def _int_mm(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 @int8_linear.register_fake
 def _int8_linear_fake(x, weight, weight_scale, bias=None):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-@torch.library.custom_op("wsvd::int8_weight_only_linear", mutates_args=())
-def int8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                            bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Weight-only int8 linear (an 8-bit LM head, ``--bits ..e8``): x [..., in] float stays in float, the weight is
-    int8 codes [out, in] with per-row scale [out]. CPU: ``torch._weight_int8pack_mm`` (dequantises in the kernel);
-    elsewhere ``x @ (codes * scale)^T``. Equals ``linear(x, codes * weight_scale, bias)`` up to float rounding."""
-    flat = x.reshape(-1, x.shape[-1])
-    if flat.is_cuda:
-        out = flat @ (weight.to(flat.dtype) * weight_scale.to(flat.dtype)[:, None]).t()
-    else:
-        out = torch._weight_int8pack_mm(flat, weight, weight_scale.to(flat.dtype))
-    if bias is not None:
-        out = out + bias.to(out.dtype)
-    return out.reshape(*x.shape[:-1], weight.shape[0])
-
-
-@int8_weight_only_linear.register_fake
-def _int8_weight_only_linear_fake(x, weight, weight_scale, bias=None):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 

@@ -49,17 +49,9 @@ def test_int8_linear_matches_a_float64_reference(shape, bias):
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
 
 
-@pytest.mark.parametrize("shape", [(1, 5), (3, 7, 33)])
-def test_int8_weight_only_linear_and_embedding_match_a_float64_reference(shape):
-    g = torch.Generator().manual_seed(sum(shape))
-    x = torch.randn(*shape, generator=g)
-    codes, scale = quantize_weight(torch.randn(19, shape[-1], generator=g), 8)
-    b = torch.randn(19, generator=g)
-    want = x.double() @ (codes.double() * scale.double()[:, None]).T + b.double()
-    got = torch.ops.wsvd.int8_weight_only_linear(x, codes, scale, b)
-    assert got.shape == want.shape and got.dtype == x.dtype
-    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
-    ids = torch.randint(0, 19, shape[:-1], generator=g)
+def test_int8_embedding_is_the_dequantised_lookup():
+    codes, scale = quantize_weight(torch.randn(19, 33, generator=torch.Generator().manual_seed(1)), 8)
+    ids = torch.randint(0, 19, (3, 7))
     assert torch.equal(torch.ops.wsvd.int8_embedding(codes, scale, ids),
                        torch.nn.functional.embedding(ids, codes.float() * scale[:, None]))
 
@@ -73,9 +65,8 @@ def test_w8a8_linears_run_in_integers_and_give_the_evaluated_logits(recipe, bits
     graph = copy.deepcopy(compressed)
     counts = lower_int8(graph)
     # wsvd: the per-head latent up-projections quantise one scale per head and token: they stay simulated
-    tables = int(bits.endswith("e8"))  # the 8-bit embedding lookup and LM head (untied here)
-    assert counts == {"int8": 14 if recipe != "qsvd" else 16, "int8_weight_only": tables, "int8_embedding": tables,
-                      "simulated": simulated}
+    e8 = int(bits.endswith("e8"))  # the 8-bit embedding lookup, and the LM head as one more W8A8 linear
+    assert counts == {"int8": (14 if recipe != "qsvd" else 16) + e8, "int8_embedding": e8, "simulated": simulated}
     ops = [n for n in graph.gm.graph.nodes if n.target is torch.ops.wsvd.int8_linear.default]
     assert len(ops) == counts["int8"] and all(graph.gm.get_buffer(n.args[1].target).dtype == torch.int8 for n in ops)
     assert not any(n.args[1].target in dict(graph.gm.named_parameters()) for n in ops)  # float weights dropped

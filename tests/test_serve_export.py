@@ -14,6 +14,7 @@ from serve_reference import served_logits
 from wsvd_passes import artifact
 from wsvd_passes.cli import main
 from wsvd_passes.compress import calibrate, compress
+from wsvd_passes.errors import WsvdError
 from wsvd_passes.quantize import parse_bits
 from wsvd_passes.recipes import RECIPES
 from wsvd_passes.serve.export import export_vllm
@@ -62,7 +63,9 @@ def test_exported_directory_computes_the_artifacts_function(tmp_path, model, rec
     assert (tmp_path / "out" / "tokenizer_config.json").is_file()
 
 
-def test_tied_embeddings_are_stored_once(tmp_path):
+@pytest.mark.parametrize("recipe,bits", [("svd-llm", "w16a16"), ("wsvd-noqat", "w8a8")])
+def test_tied_embeddings_are_stored_once(tmp_path, recipe, bits):
+    """Unrotated, the head is the embedding (tied); rotated, it is served untied as E S1 G (rotate.TIED_GAMMA)."""
     from transformers import LlamaForCausalLM
 
     from wsvd_passes.capture import capture_forward
@@ -70,16 +73,26 @@ def test_tied_embeddings_are_stored_once(tmp_path):
 
     config = tiny("tiny-llama-gqa").model.config.to_dict() | {"tie_word_embeddings": True}
     checkpoint = tmp_path / "tied"
-    LlamaForCausalLM(type(tiny("tiny-llama-gqa").model.config).from_dict(config)).save_pretrained(checkpoint)
+    model = LlamaForCausalLM(type(tiny("tiny-llama-gqa").model.config).from_dict(config))
+    with torch.no_grad():  # a final-norm gamma of ones would make G the identity
+        model.model.norm.weight.uniform_(0.5, 1.5)
+    model.save_pretrained(checkpoint)
     tiny("tiny-llama-gqa").tokenizer.save_pretrained(checkpoint)
     base = capture_forward(load_model(str(checkpoint)).model)
-    compressed = make_artifact(tmp_path / "art", str(checkpoint), "svd-llm", base=base)
+    compressed = make_artifact(tmp_path / "art", str(checkpoint), recipe, bits, base=base)
     export_vllm(tmp_path / "art", tmp_path / "out")
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is True
-    assert "lm_head.weight" not in load_file(tmp_path / "out" / "model.safetensors")
+    tied = recipe == "svd-llm"
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is tied
+    assert ("lm_head.weight" in load_file(tmp_path / "out" / "model.safetensors")) is not tied
     with torch.no_grad():
         expected = compressed.gm(input_ids=IDS[None])[0].double()
-    assert (served_logits(tmp_path / "out", IDS) - expected).abs().max() <= 1e-4 * expected.abs().max()
+    got = served_logits(tmp_path / "out", IDS, torch.float64 if tied else torch.float32)
+    assert (got.double() - expected).abs().max() <= 1e-4 * expected.abs().max()
+    if not tied:  # an artifact with a quantised embedding / LM head is refused in one line
+        manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+        (tmp_path / "art" / "manifest.json").write_text(json.dumps(manifest | {"bits": "w8a8e8"}))
+        with pytest.raises(WsvdError, match="quantises the embedding and LM head .* without the e suffix"):
+            export_vllm(tmp_path / "art", tmp_path / "out2")
 
 
 def test_unsupported_recipe_is_one_error_line(tmp_path, capsys):

@@ -291,8 +291,7 @@ def _int8_runtime(args, graph) -> str:
     from lowering.int8 import lower_int8
 
     counts = lower_int8(graph)
-    tables = (f", {counts['int8_embedding']} int8 embedding table(s), {counts['int8_weight_only']} weight-only int8 "
-              "LM head (torch._weight_int8pack_mm)" if counts["int8_embedding"] + counts["int8_weight_only"] else "")
+    tables = f", {counts['int8_embedding']} int8 embedding table(s)" if counts["int8_embedding"] else ""
     return f", {counts['int8']} W8A8 linears in int8 (torch._int_mm){tables}, {counts['simulated']} simulated"
 
 

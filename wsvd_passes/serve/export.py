@@ -59,6 +59,11 @@ def export_vllm(artifact: str | Path, out: str | Path) -> dict:
     if not recipe.get("factor", True):
         raise WsvdError(f"recipe {recipe['name']} has no low-rank factors: wsvd export vllm serves the factored "
                         "recipes (svd, asvd, svd-llm, qsvd-noq, wsvd-noft, wsvd-noq, qsvd, wsvd-noqat, wsvd)")
+    from ..quantize import parse_bits
+
+    if parse_bits(manifest["bits"]).embedding < 16:
+        raise WsvdError(f"{artifact} quantises the embedding and LM head ({manifest['bits']}), which the vLLM plugin "
+                        "serves in float: export an artifact compressed without the e suffix (e.g. --bits w8a8)")
     art = load(artifact)
     config = art.model.config
     family = getattr(config, "model_type", None)
