@@ -1,5 +1,4 @@
-"""Our ``torch.library`` custom ops: ``wsvd::latent_attention``, and the int8 runtime's ``wsvd::int8_linear``
-(W8A8) and ``wsvd::int8_embedding`` (8-bit tables, ``--bits ..e8``).
+"""Our ``torch.library`` custom op: ``wsvd::latent_attention``.
 
     latent_attention(q [B, n_q, D], ck [B, n_kv, L, r_k], bk [n_kv, r_k, D], cv [B, n_kv, L, r_v],
                      lengths int64 [B], cos [L_rope, D/2], sin [L_rope, D/2], scale, attention_scaling,
@@ -24,7 +23,6 @@ import torch
 
 from kernels.latent_attention import MAX_RANK, latent_decode_attention_triton
 from kernels.reference import latent_decode_attention_torch
-from wsvd_passes.quantize import quantize_activation
 
 _warned: set[str] = set()
 
@@ -66,48 +64,3 @@ def _latent_attention_cuda(q, ck, bk, cv, lengths, cos, sin, scale, attention_sc
 @latent_attention.register_fake
 def _latent_attention_fake(q, ck, bk, cv, lengths, cos, sin, scale, attention_scaling, ck_scale=None, cv_scale=None):
     return q.new_empty((q.shape[0], q.shape[1], cv.shape[-1]), dtype=torch.float32)
-
-
-@torch.library.custom_op("wsvd::int8_linear", mutates_args=())
-def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """W8A8 linear in integers: x [..., in] float is quantised per token (:func:`quantize_activation`, 8 bits),
-    ``int8 codes x int8 weight [out, in] -> int32`` (``torch._int_mm``), then times the token scale and the
-    weight's row scale ``weight_scale`` [out] (float32), plus ``bias``; [..., out] in x's dtype. Equals
-    ``linear(fake_quant_activation(x, 8), codes_w * weight_scale, bias)`` up to float32 rounding (the integer
-    sum is exact)."""
-    codes, scale = quantize_activation(x, 8)
-    acc = _int_mm(codes.reshape(-1, codes.shape[-1]), weight)
-    out = acc.float() * scale.reshape(-1, 1) * weight_scale.float()
-    if bias is not None:
-        out = out + bias.float()
-    return out.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
-
-
-def _int_mm(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """int32 a [m, k] @ weight [n, k]^T. CUDA's ``torch._int_mm`` needs m > 16 and k, n multiples of 8: the
-    operands are zero-padded there (exact) and the result sliced."""
-    if not a.is_cuda:
-        return torch._int_mm(a, weight.t())
-    m, k, n = a.shape[0], a.shape[1], weight.shape[0]
-    up8 = lambda v: -(-v // 8) * 8  # noqa: E731
-    a = torch.nn.functional.pad(a, (0, up8(k) - k, 0, max(32, up8(m)) - m))
-    weight = torch.nn.functional.pad(weight, (0, up8(k) - k, 0, up8(n) - n))
-    return torch._int_mm(a, weight.t())[:m, :n]
-
-
-@int8_linear.register_fake
-def _int8_linear_fake(x, weight, weight_scale, bias=None):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-@torch.library.custom_op("wsvd::int8_embedding", mutates_args=())
-def int8_embedding(weight: torch.Tensor, weight_scale: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Lookup in an int8 table: rows ``codes[ids] * weight_scale[ids]`` (codes [V, E] int8, scale [V]) -> [..., E] in
-    the scale's dtype; equals ``embedding(codes * weight_scale, ids)`` exactly."""
-    return torch.nn.functional.embedding(ids, weight).to(weight_scale.dtype) * weight_scale[ids][..., None]
-
-
-@int8_embedding.register_fake
-def _int8_embedding_fake(weight, weight_scale, ids):
-    return weight_scale.new_empty((*ids.shape, weight.shape[1]))

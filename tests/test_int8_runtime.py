@@ -1,4 +1,4 @@
-"""Real int8 execution (lowering/int8.py, wsvd::int8_linear): the op against a float64 reference on awkward
+"""Real int8 execution (lowering/int8.py): int8_linear against a float64 reference on awkward
 sizes, the rewrite on compressed graphs (full sequence, and the lowered latent decode graph of a reloaded
 artifact, compiled) against the fake-quant graph that evaluation scores, what stays simulated, bad input."""
 
@@ -10,7 +10,7 @@ import torch
 
 import lowering
 from conftest import tiny, tiny_forward
-from lowering.int8 import lower_int8
+from lowering.int8 import int8_embedding, int8_linear, lower_int8
 from test_deployed_invariant import IDS, STORAGE, WINDOWS
 from test_latent_kv import steps
 from wsvd_passes import artifact
@@ -42,17 +42,24 @@ def test_int8_linear_matches_a_float64_reference(shape, bias):
     x = torch.randn(*shape, generator=g) * torch.linspace(0.1, 3, shape[-1])  # uneven channel ranges
     codes, scale = quantize_weight(torch.randn(19, shape[-1], generator=g), 8)
     b = torch.randn(19, generator=g) if bias else None
-    got = torch.ops.wsvd.int8_linear(x, codes, scale, b)
+    got = int8_linear(x, codes, scale, b)
     qx = fake_quant_activation(x.double(), 8)  # the quantiser's values, in float64
     want = qx @ (codes.double() * scale.double()[:, None]).T + (b.double() if bias else 0)
     assert got.shape == (*shape[:-1], 19) and got.dtype == x.dtype
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
 
 
+def test_compiled_int8_linear_equals_eager_at_one_token():
+    """Regression: quantising a [1, 1, in] input before the reshape compiled to wrong sums (torch 2.13 inductor)."""
+    g = torch.Generator().manual_seed(2)
+    x, (codes, scale) = torch.randn(1, 1, 96, generator=g), quantize_weight(torch.randn(160, 96, generator=g), 8)
+    assert torch.equal(torch.compile(int8_linear)(x, codes, scale), int8_linear(x, codes, scale))
+
+
 def test_int8_embedding_is_the_dequantised_lookup():
     codes, scale = quantize_weight(torch.randn(19, 33, generator=torch.Generator().manual_seed(1)), 8)
     ids = torch.randint(0, 19, (3, 7))
-    assert torch.equal(torch.ops.wsvd.int8_embedding(codes, scale, ids),
+    assert torch.equal(int8_embedding(codes, scale, ids),
                        torch.nn.functional.embedding(ids, codes.float() * scale[:, None]))
 
 
@@ -67,7 +74,7 @@ def test_w8a8_linears_run_in_integers_and_give_the_evaluated_logits(recipe, bits
     # wsvd: the per-head latent up-projections quantise one scale per head and token: they stay simulated
     e8 = int(bits.endswith("e8"))  # the 8-bit embedding lookup, and the LM head as one more W8A8 linear
     assert counts == {"int8": (14 if recipe != "qsvd" else 16) + e8, "int8_embedding": e8, "simulated": simulated}
-    ops = [n for n in graph.gm.graph.nodes if n.target is torch.ops.wsvd.int8_linear.default]
+    ops = [n for n in graph.gm.graph.nodes if n.target is int8_linear]
     assert len(ops) == counts["int8"] and all(graph.gm.get_buffer(n.args[1].target).dtype == torch.int8 for n in ops)
     assert not any(n.args[1].target in dict(graph.gm.named_parameters()) for n in ops)  # float weights dropped
     with torch.no_grad():

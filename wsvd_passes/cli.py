@@ -285,7 +285,7 @@ def _check_runtime(args, manifest: dict | None) -> None:
 
 
 def _int8_runtime(args, graph) -> str:
-    """--runtime int8: the graph's W8A8 linears rewritten to ``wsvd::int8_linear`` in place; what ran how."""
+    """--runtime int8: the graph's W8A8 linears rewritten to ``lowering.int8.int8_linear`` in place; what ran how."""
     if getattr(args, "runtime", "fake") != "int8":
         return ""
     from lowering.int8 import lower_int8
