@@ -10,9 +10,10 @@ Variants of one decode step (each ``torch.compile``d unless ``compile=False``), 
   tables as int8); latents quantised to 8 bits or fewer are cached as int8 codes + scales by the lowering in
   both compressed variants. Only quantising recipes at W8A8 (or e8) have an int8 variant.
 
-Before timing, each compressed variant's logits at one step are compared with ``fake-quant``'s own (``int8``
-must agree to float32 rounding: relative Frobenius error <= ``INT8_TOLERANCE``) and ``dense-bf16`` with
-``dense-fp32``; a failed check is reported and the variant is not timed.
+Before timing, ``int8``'s logits at one step are compared with ``fake-quant``'s (the same function: they must
+agree to float32 rounding, relative Frobenius error <= ``INT8_TOLERANCE``; otherwise the variant is reported
+and not timed). ``dense-bf16`` against ``dense-fp32`` is reported (relative error, top-1 agreement), not
+gated: bfloat16 is another precision, not a bug.
 
 Timing: every cache buffer is filled with random values of its dtype (timings do not depend on the content),
 then ``steps`` decode steps at positions ``L - steps .. L - 1`` after three warm-up steps;
@@ -42,8 +43,7 @@ from .bench import versions
 from .compile import compile_step, lower
 from .int8 import lower_int8
 
-INT8_TOLERANCE = 1e-4  # float32 rounding of the scaled integer sums (measured: about 1e-6)
-BF16_TOLERANCE = 5e-2  # bf16 weights and caches against float32 (measured on SmolLM2: about 1e-2)
+INT8_TOLERANCE = 1e-4  # float32 rounding of the scaled integer sums (tiny-llama-gqa: 2e-7)
 VARIANTS = ("dense-fp32", "dense-bf16", "fake-quant", "int8")
 
 
@@ -123,10 +123,11 @@ def bench_model(artifact: str, *, batches=(1, 8), cache_lens=(512, 2048), steps:
                 against = {"dense-bf16": "dense-fp32", "int8": "fake-quant"}.get(kind)
                 if against in reference:
                     rel = float((first - reference[against]).norm() / reference[against].norm())
-                    tol = BF16_TOLERANCE if kind == "dense-bf16" else INT8_TOLERANCE
-                    entry["check"] = {"against": against, "rel_err": rel, "tolerance": tol, "passed": rel <= tol}
+                    top1 = float((first.argmax(-1) == reference[against].argmax(-1)).float().mean())
+                    entry["check"] = {"against": against, "rel_err": rel, "top1_agreement": top1,
+                                      "passed": rel <= INT8_TOLERANCE if kind == "int8" else None}
                 reference[kind] = first
-                if entry.get("check", {}).get("passed", True):
+                if entry.get("check", {}).get("passed") is not False:
                     with torch.no_grad():
                         for call in calls[:3]:
                             call()
@@ -175,7 +176,7 @@ def print_model(result: dict) -> None:
         for kind, e in row["variants"].items():
             speed = f"{e['tokens_per_s']:9.1f} {e['speed_vs_dense_fp32']:7.2f}" if "tokens_per_s" in e else f"{'-':>9} {'-':>7}"
             check = e.get("check")
-            verdict = (f"{'ok' if check['passed'] else 'FAILED'} (rel {check['rel_err']:.1e} vs {check['against']})"
-                       if check else "")
+            verdict = (f"{ {True: 'ok ', False: 'FAILED ', None: ''}[check['passed']]}rel {check['rel_err']:.1e}, top-1 "
+                       f"{100 * check['top1_agreement']:.0f}% vs {check['against']}" if check else "")
             print(f"{row['batch']:>5} {row['cache_len']:>6} {kind:<11} {speed} {e['memory']['weights'] / 1e6:11.1f} "
                   f"{e['memory']['kv_cache'] / 1e6:8.1f} {e['memory_vs_dense_fp32']:10.3f}  {verdict}")
