@@ -29,6 +29,8 @@ import torch
 
 from .errors import WsvdError
 
+TIED_HEAD = "wsvd_tied_head"  # gm.meta key: the LM head reads the embedding table (config.tie_word_embeddings)
+
 
 class CausalLMLogits(torch.nn.Module):
     """Wraps a causal LM so that export sees ``input_ids -> logits`` and nothing else."""
@@ -94,6 +96,20 @@ def _export_error(e: Exception, what: str) -> WsvdError:
     return WsvdError(f"torch.export could not capture the {what} of this model ({type(e).__name__}: {first})")
 
 
+def _tied_head(model: torch.nn.Module) -> bool:
+    """Whether the LM head is the embedding table: ``config.tie_word_embeddings``, the flag transformers ties by.
+
+    Read from the config rather than by comparing weights, so that it holds on fake tensors and after
+    :func:`untie_output_embeddings` gave the head its own parameter.
+    """
+    return bool(getattr(model.config, "tie_word_embeddings", False))
+
+
+def _mark_tied(captured: CapturedGraph, tied: bool) -> CapturedGraph:
+    captured.gm.meta[TIED_HEAD] = tied  # read by rotate.RotateResidual; survives deepcopy
+    return captured
+
+
 def untie_output_embeddings(model: torch.nn.Module) -> None:
     """Give a tied LM head its own (equal) parameter; the function is unchanged.
 
@@ -109,11 +125,12 @@ def untie_output_embeddings(model: torch.nn.Module) -> None:
 
 def capture_forward(model: torch.nn.Module, *, example_batch: int = 2, example_len: int = 17) -> CapturedGraph:
     """Export the full-sequence forward with dynamic batch and sequence length."""
+    tied = _tied_head(model)
     untie_output_embeddings(model)
     from .vlm import capture_vlm_forward, is_vlm
 
     if is_vlm(model):
-        return capture_vlm_forward(model, example_batch=example_batch, example_len=example_len)
+        return _mark_tied(capture_vlm_forward(model, example_batch=example_batch, example_len=example_len), tied)
     config = _text_config(model)
     if getattr(model, "training", False):
         model.eval()
@@ -127,18 +144,19 @@ def capture_forward(model: torch.nn.Module, *, example_batch: int = 2, example_l
             )
     except Exception as e:  # noqa: BLE001 - re-raised as one user-facing line
         raise _export_error(e, "full-sequence forward") from e
-    return CapturedGraph(_unlift(ep), "forward", {"input_ids": example}, dynamic, config)
+    return _mark_tied(CapturedGraph(_unlift(ep), "forward", {"input_ids": example}, dynamic, config), tied)
 
 
 def capture_decode(model: torch.nn.Module, *, batch_size: int = 1, max_cache_len: int = 256) -> CapturedGraph:
     """Export one decode step over a static KV cache of ``max_cache_len`` positions."""
+    tied = _tied_head(model)
     untie_output_embeddings(model)
     from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
 
     from .vlm import capture_vlm_decode, is_vlm
 
     if is_vlm(model):
-        return capture_vlm_decode(model, batch_size=batch_size, max_cache_len=max_cache_len)
+        return _mark_tied(capture_vlm_decode(model, batch_size=batch_size, max_cache_len=max_cache_len), tied)
     config = _text_config(model)
     if getattr(model, "training", False):
         model.eval()
@@ -160,4 +178,4 @@ def capture_decode(model: torch.nn.Module, *, batch_size: int = 1, max_cache_len
     finally:
         if generation_config is not None:
             generation_config.cache_implementation = saved
-    return CapturedGraph(_unlift(ep), "decode", example, None, config)
+    return _mark_tied(CapturedGraph(_unlift(ep), "decode", example, None, config), tied)

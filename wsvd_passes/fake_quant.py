@@ -33,7 +33,7 @@ from torch.fx import GraphModule, Node
 from tqdm.auto import tqdm
 
 from .factor_spec import factor_spec
-from .graph_utils import add_tensor_attr, copy_meta, infer_val, tensor_attr
+from .graph_utils import add_tensor_attr, copy_meta, infer_val, logits_linears, tensor_attr
 from .pipeline import GraphPass
 from .quant_spec import QUANT_META, QuantSpec
 from .quantize import Bits, fake_quant_activation, quantize_weight, search_weight_clip
@@ -53,11 +53,9 @@ class FakeQuantize(GraphPass):
     def transform(self, gm: GraphModule, sites: list[AttentionSite]) -> bool:
         if min(self.bits.weight, self.bits.activation, self.bits.embedding) >= 16:
             return False
-        output = next(n for n in gm.graph.nodes if n.op == "output")
-        logits = {a for a in output.all_input_nodes}
+        heads = logits_linears(gm)
         if self.bits.embedding < 16:
             tables = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is aten.embedding.default]
-            heads = [n for n in logits if n.op == "call_function" and n.target is aten.linear.default]
             for node in tables + heads:
                 scale = self._quantize_weight(gm, node, self.bits.embedding)
                 if node in heads:
@@ -69,7 +67,7 @@ class FakeQuantize(GraphPass):
         for node in tqdm(linears, desc="fake-quant (clip search)", unit="linear", leave=False,
                          disable=not (self.progress and self.clip_search and self.bits.weight < 16)):
             weight = node.args[1]
-            if node in logits or weight.op != "get_attr" or fixed_rotation(weight.target):
+            if node in heads or weight.op != "get_attr" or fixed_rotation(weight.target):
                 continue
             scale = self._quantize_weight(gm, node, self.bits.weight) if self.bits.weight < 16 else None
             group = groups.get(node)

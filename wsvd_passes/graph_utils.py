@@ -75,6 +75,12 @@ def remove_attr_if_unused(gm: GraphModule, target: str) -> None:
     delattr(gm.get_submodule(owner_path) if owner_path else gm, name)
 
 
+def logits_linears(gm: GraphModule) -> list[Node]:
+    """The linears whose outputs are graph outputs: the LM head (its output is the logits)."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    return [n for n in output.all_input_nodes if n.op == "call_function" and n.target is torch.ops.aten.linear.default]
+
+
 def infer_val(gm: GraphModule, node: Node) -> Node:
     """Set ``meta["val"]`` of a new ``call_function`` node by running its op on fake tensors
     of the graph's own fake mode (symbolic shapes included); site finding reads these shapes."""

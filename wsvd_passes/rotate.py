@@ -4,7 +4,7 @@
   the residual stream by a seeded random-sign Hadamard S1 [E, E] (h -> h S1):
   embeddings ``E' = E S1``; readers ``W' = W diag(gamma) S1``; writers ``W' = S1^T W``,
   ``b' = b S1``. RMSNorm without gamma commutes with S1, so the function is unchanged.
-  A tied LM head (its weight equals the embedding table E) stays tied: instead of
+  A tied LM head (``capture.TIED_HEAD`` in ``gm.meta``: it reads the embedding table E) stays tied: instead of
   ``E diag(gamma) S1`` it reads ``E S1`` (the rotated table, stored once) after a fixed linear
   ``x -> x G`` with ``G = S1^T diag(gamma) S1`` [E, E] (buffer ``<head>.tied_gamma``), since
   ``(x G)(E S1)^T = x S1^T diag(gamma) E^T``: one E x E matmul per token instead of a second
@@ -24,8 +24,10 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
+from .capture import TIED_HEAD
 from .errors import WsvdError
-from .graph_utils import add_tensor_attr, copy_meta, get_attr_node, infer_val, remove_attr_if_unused, tensor_attr
+from .graph_utils import (add_tensor_attr, copy_meta, get_attr_node, infer_val, logits_linears, remove_attr_if_unused,
+                          tensor_attr)
 from .hadamard import random_hadamard
 from .pipeline import GraphPass
 from .residual import INPUT_ROTATION, find_residual_stream
@@ -80,7 +82,9 @@ class RotateResidual(GraphPass):
         E = stream.embedding.meta["val"].shape[-1]
         S1 = random_hadamard(E, self.seed).to(stream.embedding.meta["val"].device)
         table = None
+        tied_heads = set()
         if _is(stream.embedding, aten.embedding.default):
+            tied_heads = set(logits_linears(gm)) if gm.meta.get(TIED_HEAD, False) else set()
             table = _weight(gm, stream.embedding, 0)
             replace_tensor_arg(gm, stream.embedding, 0, table @ S1, "rot")
         else:
@@ -90,7 +94,7 @@ class RotateResidual(GraphPass):
                      else torch.ones(E, dtype=torch.float64, device=S1.device))
             for reader in norm.readers:
                 W = _weight(gm, reader)
-                if table is not None and W.shape == table.shape and torch.equal(W, table):
+                if reader in tied_heads:
                     _keep_tied(gm, reader, table @ S1, S1.T @ torch.diag(gamma) @ S1)
                 else:
                     replace_tensor_arg(gm, reader, 1, W * gamma[None, :] @ S1, "rot")
