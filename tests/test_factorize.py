@@ -203,6 +203,7 @@ def test_compress_and_table_commands(tmp_path, capsys):
     assert rows[2]["rho1_achieved"] < rows[1]["rho1_achieved"]
 
 
+@pytest.mark.slow  # 35 s: SmolLM2's 30 layers factorised
 def test_smollm2_full_rank_per_head_factors_reproduce_logits_and_half_rank_stays_usable(smollm2, smollm2_forward):
     from wsvd_passes.data import pydoc_text, token_windows
     from wsvd_passes.evaluation import evaluate

@@ -81,6 +81,7 @@ def test_lowering_needs_the_latent_rewrite():
         lowering.lower(decoder)
 
 
+@pytest.mark.slow  # 38 s: SmolLM2 compiled
 def test_smollm2_generates_the_same_tokens_through_the_lowered_op(smollm2, smollm2_forward):
     from wsvd_passes.capture import capture_decode
     from wsvd_passes.compress import calibrate, factor_plan

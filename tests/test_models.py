@@ -32,6 +32,7 @@ def test_directory_without_config_is_refused(tmp_path):
         load_model(str(tmp_path))
 
 
+@pytest.mark.slow  # 22 s
 def test_smollm2_greedy_generation_through_decode_graph(smollm2):
     prompt = smollm2.tokenizer("The capital of France is Paris. The capital of Germany is", return_tensors="pt").input_ids
     decoder = capture_decode(smollm2.model, max_cache_len=64)

@@ -71,6 +71,7 @@ def test_compress_stream_writes_the_whole_models_artifact(checkpoint_dir, tmp_pa
         assert not torch.allclose(base.gm(input_ids=ids), expected, atol=1e-3)
 
 
+@pytest.mark.slow  # 51 s: two streamed runs in subprocesses
 def test_a_killed_run_resumes_to_the_same_artifact(checkpoint_dir, tmp_path, monkeypatch, capsys):
     from wsvd_passes import artifact as artifact_module
 
