@@ -10,10 +10,14 @@ Variants of one decode step (each ``torch.compile``d unless ``compile=False``), 
   tables as int8); latents quantised to 8 bits or fewer are cached as int8 codes + scales by the lowering in
   both compressed variants. Only quantising recipes at W8A8 (or e8) have an int8 variant.
 
-Before timing, ``int8``'s logits at one step are compared with ``fake-quant``'s (the same function: they must
-agree to float32 rounding, relative Frobenius error <= ``INT8_TOLERANCE``; otherwise the variant is reported
-and not timed). ``dense-bf16`` against ``dense-fp32`` is reported (relative error, top-1 agreement), not
-gated: bfloat16 is another precision, not a bug.
+Before timing, each variant decodes ``CHECK_STEPS`` seeded tokens from an empty cache (so the cache holds the
+model's own keys and values) and its logits [T, B, V] are compared. ``int8`` computes ``fake-quant``'s function
+with other float roundings, and a quantised model amplifies roundings: an activation on a rounding boundary
+flips a code, and the flips grow over the layers. So the yardstick is measured in the same run, ``fake-quant``
+compiled against itself in eager mode (SmolLM2-135M W8A8: 1.2e-2 relative, where the float model's
+compiled-vs-eager is 7e-7); ``int8`` passes at a relative Frobenius error <= max(``INT8_TOLERANCE``,
+``FLOOR_FACTOR`` x that floor), else it is reported and not timed. ``dense-bf16`` against ``dense-fp32`` is
+reported (relative error, top-1 agreement), not gated: bfloat16 is another precision, not a bug.
 
 Timing: every cache buffer is filled with random values of its dtype (timings do not depend on the content),
 then ``steps`` decode steps at positions ``L - steps .. L - 1`` after three warm-up steps;
@@ -43,7 +47,9 @@ from .bench import versions
 from .compile import compile_step, lower
 from .int8 import lower_int8
 
-INT8_TOLERANCE = 1e-4  # float32 rounding of the scaled integer sums (tiny-llama-gqa: 2e-7)
+INT8_TOLERANCE = 1e-4  # float32 rounding of the scaled integer sums when no code flips (tiny-llama-gqa: 2e-7)
+FLOOR_FACTOR = 2.0  # int8 vs fake-quant may differ by up to twice fake-quant's own compiled-vs-eager difference
+CHECK_STEPS = 8
 VARIANTS = ("dense-fp32", "dense-bf16", "fake-quant", "int8")
 
 
@@ -93,6 +99,21 @@ def _logits(out) -> torch.Tensor:
     return (out[0] if isinstance(out, (tuple, list)) else out).float()
 
 
+def _from_empty_cache(step, decoder: CapturedGraph, ids: torch.Tensor) -> torch.Tensor:
+    """Logits [T, B, V] of decoding ``ids`` [T, >=B, 1] at positions 0..T-1 from a zeroed cache."""
+    batch = next(iter(decoder.example_kwargs.values())).shape[0]
+    with torch.no_grad():
+        for t in cache_buffers(decoder).values():
+            t.zero_()
+        return torch.stack([_logits(step(input_ids=i[:batch], cache_position=torch.tensor([p])))
+                            for p, i in enumerate(ids)])
+
+
+def _compare(logits: torch.Tensor, reference: torch.Tensor) -> dict:
+    return {"rel_err": float((logits - reference).norm() / reference.norm()),
+            "top1_agreement": float((logits.argmax(-1) == reference.argmax(-1)).float().mean())}
+
+
 def bench_model(artifact: str, *, batches=(1, 8), cache_lens=(512, 2048), steps: int = 16, compile: bool = True,
                 seed: int = 0, progress: bool = True) -> dict:
     """Measure every variant at every (batch, cache length); see the module docstring."""
@@ -107,6 +128,7 @@ def bench_model(artifact: str, *, batches=(1, 8), cache_lens=(512, 2048), steps:
     vocab = lm.model.config.vocab_size
     fp16_bytes = 2 * sum(p.numel() for p in {id(p): p for p in lm.model.parameters()}.values())
     runs = []
+    check_ids = torch.randint(0, vocab, (CHECK_STEPS, max(batches), 1), generator=torch.Generator().manual_seed(seed + 1))
     for cache_len in cache_lens:
         for batch in batches:
             row = {"batch": batch, "cache_len": cache_len, "variants": {}}
@@ -115,18 +137,20 @@ def bench_model(artifact: str, *, batches=(1, 8), cache_lens=(512, 2048), steps:
                 decoder = _variant(kind, lm, artifact, batch, cache_len)
                 _fill(decoder, seed)
                 step = compile_step(decoder) if compile else decoder.gm
-                calls = _steps(step, batch, cache_len, steps, vocab, seed)
-                with torch.no_grad():
-                    first = _logits(calls[0]())  # compiles; the same cache content for every variant's check
-                _fill(decoder, seed)
+                checked = _from_empty_cache(step, decoder, check_ids[:cache_len])  # compiles
                 entry = {"memory": held_bytes(decoder)}
+                if kind == "fake-quant":
+                    floor = _compare(checked, _from_empty_cache(decoder.gm, decoder, check_ids[:cache_len]))
+                    entry["compiled_vs_eager"] = floor
                 against = {"dense-bf16": "dense-fp32", "int8": "fake-quant"}.get(kind)
                 if against in reference:
-                    rel = float((first - reference[against]).norm() / reference[against].norm())
-                    top1 = float((first.argmax(-1) == reference[against].argmax(-1)).float().mean())
-                    entry["check"] = {"against": against, "rel_err": rel, "top1_agreement": top1,
-                                      "passed": rel <= INT8_TOLERANCE if kind == "int8" else None}
-                reference[kind] = first
+                    entry["check"] = {"against": against, **_compare(checked, reference[against]), "passed": None}
+                    if kind == "int8":
+                        tol = max(INT8_TOLERANCE, FLOOR_FACTOR * row["variants"]["fake-quant"]["compiled_vs_eager"]["rel_err"])
+                        entry["check"].update(tolerance=tol, passed=entry["check"]["rel_err"] <= tol)
+                reference[kind] = checked
+                _fill(decoder, seed)
+                calls = _steps(step, batch, cache_len, steps, vocab, seed)
                 if entry.get("check", {}).get("passed") is not False:
                     with torch.no_grad():
                         for call in calls[:3]:
@@ -178,5 +202,8 @@ def print_model(result: dict) -> None:
             check = e.get("check")
             verdict = (f"{ {True: 'ok ', False: 'FAILED ', None: ''}[check['passed']]}rel {check['rel_err']:.1e}, top-1 "
                        f"{100 * check['top1_agreement']:.0f}% vs {check['against']}" if check else "")
+            if "compiled_vs_eager" in e:
+                floor = e["compiled_vs_eager"]
+                verdict = f"compiled vs eager: rel {floor['rel_err']:.1e}, top-1 {100 * floor['top1_agreement']:.0f}%"
             print(f"{row['batch']:>5} {row['cache_len']:>6} {kind:<11} {speed} {e['memory']['weights'] / 1e6:11.1f} "
                   f"{e['memory']['kv_cache'] / 1e6:8.1f} {e['memory_vs_dense_fp32']:10.3f}  {verdict}")
