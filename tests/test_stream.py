@@ -1,5 +1,6 @@
 """Streamed compression (one decoder layer at a time) against the whole-model compression."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from wsvd_passes.quantize import parse_bits
 from wsvd_passes.recipes import RECIPES
 from safetensors.torch import load_file
 
-from wsvd_passes.stream import Checkpoint, calibrate_streamed, compress_streamed
+from wsvd_passes.stream import Checkpoint, calibrate_streamed, compress_checkpoint, compress_streamed
 
 MODEL = "tiny-llama-gqa"
 WINDOWS = torch.randint(0, 384, (4, 33), generator=torch.Generator().manual_seed(3))
@@ -42,10 +43,11 @@ def test_streamed_calibration_gives_the_whole_models_ranks_and_factors(checkpoin
     for (layer, p), f in whole.fisher.items():  # the layer-wise backward gives the whole graph's gradients
         assert f.abs().max() > 0
         torch.testing.assert_close(streamed.store.get(f"fisher{layer:05d}")[p], f, rtol=1e-4, atol=1e-12)
-    sreport, shards = compress_streamed(Checkpoint(checkpoint_dir), streamed, r, 0.6, tmp_path / "out", progress=False)
-    assert sreport.ranks == report.ranks and len(plan) == len(shards) == 2
+    sreport, shards = compress_streamed(Checkpoint(checkpoint_dir), streamed, r, 0.6, parse_bits("w16"), tmp_path / "out",
+                                        progress=False)
+    assert sreport.ranks == report.ranks and len(plan) == len(shards) - 1 == 2  # and the no-layer graph's shard
     assert sreport.rho1 == pytest.approx(report.rho1) and sreport.rho2 == pytest.approx(report.rho2)
-    for layer, shard in enumerate(shards):
+    for layer, shard in enumerate(shards[:-1]):
         saved = load_file(shard)
         for p in plan[layer].downs:
             down = next(t for n, t in saved.items() if n.endswith(f".wsvd.{p}_down"))
@@ -69,6 +71,30 @@ def test_compress_stream_writes_the_whole_models_artifact(checkpoint_dir, tmp_pa
         expected = compressed.gm(input_ids=ids)
         torch.testing.assert_close(loaded.captured.gm(input_ids=ids), expected, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(base.gm(input_ids=ids), expected, atol=1e-3)
+
+
+def test_streamed_wsvd_w8a8e8_is_the_whole_models_artifact(checkpoint_dir, tmp_path):
+    """The full WSVD recipe streamed: rotations (S1 global, fed rotated), the Fisher of the rotated basis from the
+    layer-wise backward, S2, W8A8 with 8-bit embedding and LM head (the no-layer graph): every tensor of the reloaded
+    artifact equals the whole-model compression's. QAT takes no steps here: 50 Adam steps turn float-rounding
+    differences of its Fisher targets (1e-6 relative) into weight differences of about 1% (measured on the whole
+    graph alone, by perturbing F' by 1e-6), so only the untrained recipe can be compared exactly."""
+    recipe, bits = dataclasses.replace(RECIPES["wsvd"], qat_steps=0), parse_bits("w8a8e8")
+    out = tmp_path / "streamed"
+    manifest = compress_checkpoint(checkpoint_dir, WINDOWS, recipe, 0.6, bits, out, calibration={}, environment={},
+                                   save_dtype=torch.float32, progress=False)
+    assert manifest["bits"] == "w8a8e8" and manifest["qat"]["heads"] == 2 * (manifest["heads"]["n_heads"] + 2 * manifest["heads"]["n_kv_heads"])
+    loaded = artifact.load(out)
+    base = tiny_forward(MODEL)
+    compressed, report = compress(base, calibrate(base, WINDOWS, [recipe], progress=False), recipe, 0.6, bits)
+    assert manifest["ranks"] == {str(k): v for k, v in report.ranks.items()}
+    whole = artifact.packed_changes(base.gm.state_dict(), compressed.gm, torch.float32)[1]
+    assert manifest["storage"]["quantized"] == whole["quantized"]  # the same weights quantised, packed alike
+    assert any("embed_tokens" in name for name in whole["quantized"])
+    mine, theirs = loaded.captured.gm.state_dict(), compressed.gm.state_dict()
+    assert sorted(mine) == sorted(theirs)
+    for name, t in theirs.items():
+        torch.testing.assert_close(mine[name], t, rtol=1e-5, atol=1e-7, msg=name)
 
 
 @pytest.mark.slow  # 51 s: two streamed runs in subprocesses
@@ -132,13 +158,15 @@ def test_bad_checkpoints_and_recipes_are_one_line_errors(checkpoint_dir, tmp_pat
     save_file(tensors, mismatched / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(WsvdError, match=r"k_proj.weight is \(16, 96\), the config says \(32, 96\)"):
         calibrate_streamed(Checkpoint(mismatched), WINDOWS, RECIPES["wsvd-noq"], tmp_path, progress=False)
-    with pytest.raises(WsvdError, match="rotates or quantises"):
-        calibrate_streamed(Checkpoint(checkpoint_dir), WINDOWS, RECIPES["wsvd"], tmp_path, progress=False)
+    with pytest.raises(WsvdError, match="quarot has no low-rank factors: --stream runs the low-rank recipes"):
+        calibrate_streamed(Checkpoint(checkpoint_dir), WINDOWS, RECIPES["quarot"], tmp_path, progress=False)
     assert main(["compress", "--model", MODEL, "--recipe", "wsvd-noq", "--rho1", "0.5", "--stream", "--out",
                  str(tmp_path / "x")]) == 2
     assert "error: --stream reads a checkpoint directory" in capsys.readouterr().err
     for extra, message in [(["--recipe", "wsvd-heal-noq", "--rho1", "0.5"], "streamed healing is not built"),
-                           (["--recipe", "wsvd-noq", "--rho2", "0.5"], "--stream allocates ranks under --rho1 only")]:
+                           (["--recipe", "wsvd-noq", "--rho2", "0.5"], "--stream allocates ranks under --rho1 only"),
+                           (["--recipe", "qsvd", "--rho1", "0.5", "--bits", "w8a8", "--tune-beta"],
+                            "drop --tune-beta and --calib")]:
         assert main(["compress", "--stream", "--model", str(checkpoint_dir), "--calib-windows", "2", "--seq-len", "17",
                      "--quiet", "--out", str(tmp_path / "y"), *extra]) == 2
         err = capsys.readouterr().err

@@ -43,7 +43,7 @@ from .errors import WsvdError
 from .factorize import LayerFactors, pad_heads
 from .lowrank import PROJECTIONS
 from .models import LoadedModel, load_model
-from .packing import pack, unpack
+from .packing import merge_layouts, pack, unpack
 from .pipeline import Pipeline
 from .qat import QATTarget
 from .quant_spec import quantized_weights
@@ -92,13 +92,8 @@ def save(directory: str | Path, *, model: str, base: CapturedGraph, compressed: 
     """
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    reference = base.gm.state_dict()
+    stored, storage = packed_changes(base.gm.state_dict(), compressed.gm, save_dtype)
     state = compressed.gm.state_dict()
-    changed = {name: t.detach() for name, t in state.items()
-               if name not in reference or not torch.equal(t, reference[name])}
-    quantized = quantized_weights(compressed.gm)
-    parameters = {name for name, _ in compressed.gm.named_parameters()}
-    stored, storage = pack(changed, quantized, state, parameters, save_dtype)
     with torch.no_grad():
         for name in storage["cast"]:
             state[name].copy_(state[name].to(save_dtype))
@@ -126,6 +121,17 @@ def save(directory: str | Path, *, model: str, base: CapturedGraph, compressed: 
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def packed_changes(reference: dict[str, torch.Tensor], gm: torch.fx.GraphModule, dtype: torch.dtype
+                   ) -> tuple[dict[str, torch.Tensor], dict]:
+    """What an artifact stores of the compressed ``gm``: its tensors that are not in (or differ from) the
+    uncompressed capture's state dict ``reference``, packed (:func:`~wsvd_passes.packing.pack`): (stored, layout)."""
+    state = gm.state_dict()
+    changed = {name: t.detach() for name, t in state.items()
+               if name not in reference or not torch.equal(t, reference[name])}
+    parameters = {name for name, _ in gm.named_parameters()}
+    return pack(changed, quantized_weights(gm), state, parameters, dtype)
 
 
 def read_manifest(directory: str | Path) -> dict:
@@ -279,18 +285,13 @@ def write_shard(directory: str | Path, name: str, tensors: dict[str, torch.Tenso
 
 def save_streamed(directory: str | Path, *, model: str, model_sha256: str, shards: list[Path], heads: dict,
                   recipe: Recipe, bits: Bits, rho1_target: float | None, report: FactorReport, calibration: dict,
-                  environment: dict, save_dtype: torch.dtype = torch.bfloat16) -> dict:
-    """The artifact of a streamed compression (:mod:`wsvd_passes.stream`): its layer shards merged into
-    ``weights.safetensors`` (then removed), the spectra and the manifest, as :func:`save` writes them.
-
-    Streamed recipes are float low-rank ones (no quantised weights, no fixed rotation buffers), so every
-    floating tensor of the shards is a factor and is stored in ``save_dtype``; integer rank tables as they are."""
+                  environment: dict) -> dict:
+    """The artifact of a streamed compression (:mod:`wsvd_passes.stream`): its shards (each packed by
+    :func:`packed_changes` with its layout in the shard's metadata) concatenated into ``weights.safetensors``
+    (then removed) one tensor at a time, the spectra and the manifest, as :func:`save` writes them."""
     out = Path(directory)
-    tensors = {}
-    for shard in shards:
-        tensors.update(load_file(shard))
-    stored, storage = pack(tensors, {}, {}, {k for k, v in tensors.items() if v.is_floating_point()}, save_dtype)
-    write_shard(out, "weights", stored)
+    storage = merge_layouts([json.loads(shard_metadata(shard)["storage"]) for shard in shards])
+    stored = concatenate_safetensors(shards, out / "weights.safetensors", {"format": FORMAT})
     write_shard(out, "spectra", {k: v.contiguous() for k, v in report.spectra.items()})
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "wsvd_version": library_version(),
@@ -299,10 +300,54 @@ def save_streamed(directory: str | Path, *, model: str, model_sha256: str, shard
         **report.as_dict(),
         "heads": heads, "calibration": calibration, "environment": environment,
         "exported_program": "not saved (--stream)",
-        "tensors": len(stored), "storage": storage, "bytes": (out / "weights.safetensors").stat().st_size,
+        "tensors": stored, "storage": storage, "bytes": (out / "weights.safetensors").stat().st_size,
         "streamed": True,
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     for shard in shards:
         shard.unlink()
     return manifest
+
+
+def concatenate_safetensors(shards: list[Path], final: Path, metadata: dict) -> int:
+    """Write the tensors of ``shards`` (disjoint names; a name repeated holds the same values) as one safetensors
+    file ``final``, copying their bytes one tensor at a time; returns the number of tensors.
+
+    By hand because safetensors can only save a dict held in memory: the merged file of a model larger than
+    memory could not be written. Its format: an 8-byte little-endian header length, a JSON header (dtype, shape
+    and [begin, end) byte offsets per tensor, ``__metadata__``), the data.
+    """
+    header, copies, offset = {"__metadata__": metadata}, [], 0
+    for shard in shards:
+        with open(shard, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            entries = json.loads(f.read(length))
+        for name, info in entries.items():
+            if name == "__metadata__" or name in header:
+                continue
+            begin, end = info["data_offsets"]
+            header[name] = {"dtype": info["dtype"], "shape": info["shape"], "data_offsets": [offset, offset + end - begin]}
+            copies.append((shard, 8 + length + begin, end - begin))
+            offset += end - begin
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the tensor data starts 8-byte aligned, as safetensors writes it
+    staging = final.with_name(f".{final.name}.tmp")
+    try:
+        with open(staging, "wb") as out:
+            out.write(len(encoded).to_bytes(8, "little") + encoded)
+            for shard, start, size in copies:
+                with open(shard, "rb") as f:
+                    f.seek(start)
+                    out.write(f.read(size))
+    except OSError as e:
+        staging.unlink(missing_ok=True)
+        raise WsvdError(f"cannot write {final} ({e.strerror}): free disk space or choose another --out") from None
+    staging.replace(final)
+    return len(header) - 1
+
+
+def shard_metadata(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return f.metadata()

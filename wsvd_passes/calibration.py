@@ -143,13 +143,12 @@ def collect_input_stats(captured: CapturedGraph, batches: Iterable[torch.Tensor 
         with torch.no_grad():
             for batch in tqdm(list(batches), desc="calibration statistics", disable=not progress):
                 captured.gm(**split_batch(batch, captured.device)[0])
-        n_sites = len(find_sites(captured.gm))
         return [
             SiteStats(
-                qkv=_stats(getattr(captured.gm, f"{OBSERVER_PREFIX}{i}_qkv"), f"layer {i} q/k/v input"),
-                o=_stats(getattr(captured.gm, f"{OBSERVER_PREFIX}{i}_o"), f"layer {i} o_proj input"),
+                qkv=_stats(getattr(captured.gm, f"{OBSERVER_PREFIX}{s.layer}_qkv"), f"layer {s.layer} q/k/v input"),
+                o=_stats(getattr(captured.gm, f"{OBSERVER_PREFIX}{s.layer}_o"), f"layer {s.layer} o_proj input"),
             )
-            for i in range(n_sites)
+            for s in find_sites(captured.gm)
         ]
     finally:
         Pipeline([RemoveObservers()])(captured)

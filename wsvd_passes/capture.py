@@ -28,8 +28,7 @@ from typing import Literal
 import torch
 
 from .errors import WsvdError
-
-TIED_HEAD = "wsvd_tied_head"  # gm.meta key: the LM head reads the embedding table (config.tie_word_embeddings)
+from .graph_utils import TIED_HEAD
 
 
 class CausalLMLogits(torch.nn.Module):

@@ -91,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="storage type of the weights that are not quantised: bfloat16 (default), float16 or float32")
     co.add_argument("--save-pt2", action="store_true", help="also write model.pt2 (torch.export.save)")
     co.add_argument("--stream", action="store_true", help="one decoder layer in memory at a time, read from the "
-                    "checkpoint directory's safetensors (float low-rank recipes: wsvd-noq, svd-llm, ...)")
+                    "checkpoint directory's safetensors (the low-rank recipes, quantised or not; no healing)")
     co.add_argument("--offload-dir", help="with --stream: where per-layer activations, statistics and Fisher wait "
                     "between passes (default: a folder in --out)")
     co.add_argument("--resume", action="store_true", help="with --stream: continue a killed run of the same model, "
@@ -698,8 +698,9 @@ def _compress_streamed(args, out: str, save_dtype: torch.dtype) -> dict:
                         "drop --stream or --heal-steps")
     if not Path(args.model).is_dir():
         raise WsvdError(f"--stream reads a checkpoint directory; {args.model} is not one (save it with save_pretrained)")
-    if _bits(args).weight < 16 or _bits(args).activation < 16 or args.tune_beta or args.calib:
-        raise WsvdError("--stream compresses float recipes on text: drop --bits, --tune-beta and --calib")
+    if args.tune_beta or args.calib:
+        raise WsvdError("--stream calibrates on text with the recipe's own beta: drop --tune-beta and --calib")
+    bits = _bits(args)
     if args.calib_windows < 1 or (args.grad_samples is not None and args.grad_samples < 1):
         raise WsvdError("--calib-windows and --grad-samples must be at least 1")
     try:
@@ -709,7 +710,7 @@ def _compress_streamed(args, out: str, save_dtype: torch.dtype) -> dict:
     text, provenance = text_source(args.calib_data, "calibration")
     windows = token_windows(tokenizer, text, args.seq_len, args.calib_windows)
     provenance.update(windows=len(windows), seq_len=args.seq_len)
-    return compress_checkpoint(args.model, windows, get_recipe(args.recipe), rho1, out, dtype=parse_dtype(args.dtype),
+    return compress_checkpoint(args.model, windows, get_recipe(args.recipe), rho1, bits, out, dtype=parse_dtype(args.dtype),
                                grad_samples=args.grad_samples, offload_dir=args.offload_dir, resume=args.resume,
                                calibration=provenance, environment=_environment(),
                                save_dtype=save_dtype, progress=not args.quiet)

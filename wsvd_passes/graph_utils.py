@@ -4,12 +4,28 @@ Export attributes every node to a module through ``meta["nn_module_stack"]`` and
 records its output in ``meta["val"]``; a node created without them is attributed to
 the root after re-export and breaks site finding. Every pass therefore creates
 nodes through these helpers, which copy metadata from the node being replaced.
+
+What the capture knows about the model and the passes read is kept in ``gm.meta`` under the
+keys below (it survives ``copy.deepcopy``):
+
+- ``TIED_HEAD``: the LM head reads the embedding table (``config.tie_word_embeddings``);
+- ``FIRST_LAYER``: the model index of the graph's first decoder layer (a streamed layer graph;
+  :func:`~wsvd_passes.sites.find_sites` numbers sites from it);
+- ``RESIDUAL_INPUT``: the graph's input is the model's residual stream between two layers, in
+  whatever basis the caller rotates it to (a streamed layer graph: RotateResidual leaves it alone);
+- ``NO_LAYERS``: a decoder with its layers left out (embedding, final norm, LM head), which has
+  no attention sites.
 """
 
 from __future__ import annotations
 
 import torch
 from torch.fx import GraphModule, Node
+
+TIED_HEAD = "wsvd_tied_head"
+FIRST_LAYER = "wsvd_first_layer"
+RESIDUAL_INPUT = "wsvd_residual_input"
+NO_LAYERS = "wsvd_no_layers"
 
 _COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "torch_fn")
 

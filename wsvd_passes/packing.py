@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 
 import torch
-from torch.fx import GraphModule
 
 from .errors import WsvdError
 from .quant_spec import weight_codes
@@ -70,6 +69,19 @@ def pack(tensors: dict[str, torch.Tensor], quantized: dict[str, tuple[int, str]]
         seen[key] = name
         stored[name] = value.contiguous()
     return stored, layout
+
+
+def merge_layouts(layouts: list[dict]) -> dict:
+    """One layout for the union of several :func:`pack` outputs over disjoint tensors (a streamed model's shards)."""
+    dtypes = {layout["dtype"] for layout in layouts}
+    if len(dtypes) > 1:
+        raise WsvdError(f"the shards were packed in different dtypes ({', '.join(sorted(dtypes))}): compress again")
+    merged = {"dtype": dtypes.pop(), "quantized": {}, "aliases": {}, "cast": []}
+    for layout in layouts:
+        merged["quantized"].update(layout["quantized"])
+        merged["aliases"].update(layout["aliases"])
+        merged["cast"] += layout["cast"]
+    return merged
 
 
 def unpack(stored: dict[str, torch.Tensor], layout: dict, where: str) -> dict[str, torch.Tensor]:

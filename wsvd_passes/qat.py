@@ -170,8 +170,9 @@ class LocalQAT(GraphPass):
         self.report = {"loss_before": 0.0, "loss_after": 0.0, "steps": steps, "heads": 0}
 
     def transform(self, gm: GraphModule, sites: list[AttentionSite]) -> bool:
-        generator = torch.Generator().manual_seed(self.seed)
         for site in tqdm(sites, desc="local QAT", unit="layer", disable=not self.progress or not self.steps, leave=False):
+            # S2's start per layer from (seed, layer) alone: a streamed layer graph draws what the whole graph draws
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + site.layer)
             heads = {"q": site.n_heads, "k": site.n_kv_heads, "v": site.n_kv_heads}
             for p in PROJECTIONS:
                 proj = getattr(site, f"{p}_proj")

@@ -21,6 +21,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .errors import WsvdError
+from .graph_utils import RESIDUAL_INPUT
 from .sites import _is, _is_passthrough, _skip_shape_ops
 
 aten = torch.ops.aten
@@ -115,7 +116,10 @@ def find_residual_stream(gm: GraphModule) -> ResidualStream:
 
 
 def _stream_source(gm: GraphModule) -> Node:
-    """The token embedding, or the inputs_embeds input (through its rotation, when inserted)."""
+    """The token embedding, the inputs_embeds input (through its rotation, when inserted), or the input of a graph
+    that is fed the residual stream (``RESIDUAL_INPUT``: a streamed layer)."""
+    if gm.meta.get(RESIDUAL_INPUT, False):
+        return next(n for n in gm.graph.nodes if n.op == "placeholder")
     embeddings = [n for n in gm.graph.nodes if _is(n, aten.embedding.default)]
     if embeddings:
         if len(embeddings) != 1:

@@ -4,7 +4,7 @@
   the residual stream by a seeded random-sign Hadamard S1 [E, E] (h -> h S1):
   embeddings ``E' = E S1``; readers ``W' = W diag(gamma) S1``; writers ``W' = S1^T W``,
   ``b' = b S1``. RMSNorm without gamma commutes with S1, so the function is unchanged.
-  A tied LM head (``capture.TIED_HEAD`` in ``gm.meta``: it reads the embedding table E) stays tied: instead of
+  A tied LM head (``graph_utils.TIED_HEAD`` in ``gm.meta``: it reads the embedding table E) stays tied: instead of
   ``E diag(gamma) S1`` it reads ``E S1`` (the rotated table, stored once) after a fixed linear
   ``x -> x G`` with ``G = S1^T diag(gamma) S1`` [E, E] (buffer ``<head>.tied_gamma``), since
   ``(x G)(E S1)^T = x S1^T diag(gamma) E^T``: one E x E matmul per token instead of a second
@@ -24,16 +24,16 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from .capture import TIED_HEAD
 from .errors import WsvdError
-from .graph_utils import (add_tensor_attr, copy_meta, get_attr_node, infer_val, logits_linears, remove_attr_if_unused,
-                          tensor_attr)
+from .graph_utils import (RESIDUAL_INPUT, TIED_HEAD, add_tensor_attr, copy_meta, get_attr_node, infer_val,
+                          logits_linears, remove_attr_if_unused, tensor_attr)
 from .hadamard import random_hadamard
 from .pipeline import GraphPass
 from .residual import INPUT_ROTATION, find_residual_stream
 from .sites import AttentionSite, _is
 
 aten = torch.ops.aten
+S1_SEED = 0  # the residual rotation of rotation_passes(): S1 = random_hadamard(E, S1_SEED)
 TIED_GAMMA = "tied_gamma"  # <LM head owner>.tied_gamma: S1^T diag(gamma) S1 in front of a tied LM head
 
 
@@ -74,7 +74,7 @@ def _weight(gm: GraphModule, node: Node, index: int = 1) -> torch.Tensor:
 class RotateResidual(GraphPass):
     """Fuse RMSNorm gammas and rotate the residual stream by a random Hadamard S1."""
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = S1_SEED):
         self.seed = seed
 
     def transform(self, gm: GraphModule, sites: list[AttentionSite]) -> bool:
@@ -87,7 +87,7 @@ class RotateResidual(GraphPass):
             tied_heads = set(logits_linears(gm)) if gm.meta.get(TIED_HEAD, False) else set()
             table = _weight(gm, stream.embedding, 0)
             replace_tensor_arg(gm, stream.embedding, 0, table @ S1, "rot")
-        else:
+        elif not gm.meta.get(RESIDUAL_INPUT, False):  # a streamed layer's input arrives rotated
             _rotate_input(gm, stream.embedding, S1)
         for norm in stream.norms:
             gamma = (tensor_attr(gm, norm.gamma).detach().double() if norm.gamma

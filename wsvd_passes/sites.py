@@ -22,6 +22,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .errors import WsvdError
+from .graph_utils import FIRST_LAYER, NO_LAYERS
 from .quantize import fake_quant_activation  # quantise-dequantise keeps shapes: walked through like a view
 
 aten = torch.ops.aten
@@ -334,9 +335,12 @@ def _site(gm: GraphModule, layer: int, attn: Node) -> AttentionSite:
 def find_sites(gm: GraphModule) -> list[AttentionSite]:
     """Find every attention layer of a captured decoder; raise WsvdError naming what is missing."""
     attns = [n for n in gm.graph.nodes if _is(n, aten.scaled_dot_product_attention.default)]
+    if not attns and gm.meta.get(NO_LAYERS, False):
+        return []
     if not attns:
         raise WsvdError(
             "no attention found: the graph has no aten.scaled_dot_product_attention call; "
             "load the model with attn_implementation='sdpa' (eager attention is not matched)"
         )
-    return [_site(gm, i, a) for i, a in enumerate(attns)]
+    first = gm.meta.get(FIRST_LAYER, 0)
+    return [_site(gm, first + i, a) for i, a in enumerate(attns)]

@@ -3,22 +3,30 @@
 The model is built on the meta device; a decoder layer's weights are read from the checkpoint's
 safetensors (memory-mapped, :class:`Checkpoint`) only while that layer is processed, then freed.
 Each layer is exported as its own graph ``gm(hidden_states [B, S, E]) -> [B, S, E]`` (causal
-mask and RoPE computed inside, parameter names as in the whole-model capture), so
-:func:`~wsvd_passes.sites.find_sites` and the passes run on it unchanged: one site, layer 0
-of its graph. For n calibration windows of S tokens and L layers:
+mask and RoPE computed inside, parameter names as in the whole-model capture, ``gm.meta`` saying
+which layer it is and that its input is the residual stream), so
+:func:`~wsvd_passes.sites.find_sites` and the recipe's passes run on it unchanged. The embedding,
+final norm and LM head form one more graph, the model with no layers (:func:`capture_top`), which
+the same passes rotate and quantise. For n calibration windows of S tokens and L layers:
 
 1. forward, bottom up: h_0 = embed(ids); for layer i the Gram statistics of its q/k/v input and
    o_proj input, its SVD groups, and h_{i+1} = layer_i(h_i). The inputs h_i [n, S, E] stay on
    the CPU (or in ``offload_dir``) for step 2.
 2. backward, top down, one window at a time: the next-token loss and g_L = dL/dh_L through the
    final norm and LM head; then for each layer its forward recomputed from h_i under autograd
-   gives the window's gradients of q/k/v (rank importance, Fisher) and g_i = dL/dh_i.
+   gives the window's gradients of q/k/v (rank importance, Fisher) and g_i = dL/dh_i. Recipes
+   with local QAT also need the Fisher in the rotated basis (:func:`~wsvd_passes.qat.rotated_targets`):
+   the layer graph rotated by :func:`~wsvd_passes.rotate.rotation_passes` computes
+   f'(h S1) = f(h) S1, so its gradients come from the input h_i S1 and the upstream g_{i+1} S1.
 3. ranks allocated globally under rho1 (:func:`~wsvd_passes.compress.factor_plan`, unchanged);
-   then per layer :class:`~wsvd_passes.factorize.FactorizeQKV` and its new tensors written as a
-   shard (:func:`~wsvd_passes.artifact.write_shard`).
+   then per layer the recipe's passes (:func:`~wsvd_passes.compress.recipe_passes`: factorise,
+   rotate, local QAT, fake-quantise) and its new tensors written packed as a shard
+   (:func:`~wsvd_passes.artifact.packed_changes`); then the no-layer graph's.
 
-The result equals the whole-model compression up to float rounding (same ranks and factors).
-Recipes that rotate (S1 is global) or quantise are not streamed yet.
+Every pass is local to a layer except the residual rotation S1, which is global but fixed
+(seeded): a layer graph's input arrives in the rotated basis, the embedding and LM head are
+rotated in the no-layer graph. The result equals the whole-model compression up to float
+rounding (same ranks, factors and quantisers). Healing (end to end) and VLMs are not streamed.
 """
 
 from __future__ import annotations
@@ -33,16 +41,20 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .artifact import packed_changes, save_streamed, shard_metadata, write_shard
 from .calibration import InputStats, SiteStats, collect_input_stats, next_token_loss
-from .capture import CapturedGraph, _unlift
-from .compress import Calibration, FactorReport, allocate_ranks, factor_plan, layer_groups
+from .capture import CapturedGraph, _unlift, capture_forward
+from .compress import Calibration, FactorReport, allocate_ranks, factor_plan, layer_groups, recipe_passes
 from .errors import WsvdError
-from .factorize import FactorizeQKV
-from .graph_utils import tensor_attr
+from .graph_utils import FIRST_LAYER, NO_LAYERS, RESIDUAL_INPUT, tensor_attr
+from .hadamard import random_hadamard
 from .lowrank import PROJECTIONS, Group
-from .pipeline import Pipeline
+from .pipeline import GraphPass, Pipeline
+from .qat import LocalQAT, QATTarget
+from .quantize import Bits
 from .rank_allocation import ImportanceAccumulator, above_break_even, achieved_rho1
 from .recipes import Recipe
+from .rotate import S1_SEED, rotation_passes
 from .sites import AttentionSite, find_sites
 
 
@@ -148,7 +160,27 @@ def capture_layer(checkpoint: Checkpoint, index: int) -> CapturedGraph:
     dynamic = {"hidden_states": {0: torch.export.Dim("batch", max=1024), 1: torch.export.Dim("seq", min=2, max=max_len)}}
     with torch.no_grad():
         ep = torch.export.export(module, (), kwargs={"hidden_states": example}, dynamic_shapes=dynamic, strict=False)
-    return CapturedGraph(_unlift(ep), "forward", {"hidden_states": example}, dynamic, checkpoint.config)
+    gm = _unlift(ep)
+    gm.meta.update({FIRST_LAYER: index, RESIDUAL_INPUT: True})
+    return CapturedGraph(gm, "forward", {"hidden_states": example}, dynamic, checkpoint.config)
+
+
+def capture_top(checkpoint: Checkpoint) -> CapturedGraph:
+    """The model with no decoder layers, ``input_ids -> logits`` through the embedding, the final norm and the LM
+    head (their weights loaded now): where the recipe's passes rotate and quantise those, as in the whole graph."""
+    import transformers
+
+    config = copy.deepcopy(checkpoint.config)
+    config.num_hidden_layers = 0
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = []
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    model.load_state_dict({n: checkpoint.tensor(n) for n in model.state_dict()}, assign=True, strict=True)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # its buffers were built on the meta device
+    captured = capture_forward(model.eval())
+    captured.gm.meta[NO_LAYERS] = True
+    return captured
 
 
 class LayerStore:
@@ -158,8 +190,6 @@ class LayerStore:
         self.directory = Path(directory)
 
     def put(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-        from .artifact import write_shard
-
         write_shard(self.directory, name, tensors, metadata)
 
     def get(self, name: str) -> dict[str, torch.Tensor]:
@@ -204,7 +234,7 @@ def load_calibration(store: LayerStore) -> StreamedCalibration | None:
     path = store.directory / "calibration.safetensors"
     if not path.is_file():
         return None
-    meta, tensors = _metadata(path), store.get("calibration")
+    meta, tensors = shard_metadata(path), store.get("calibration")
     groups, scores = [], {}
     for j, g in enumerate(json.loads(meta["groups"])):
         weight, U, Vh = (torch.empty(shape, device="meta") for shape in g["shapes"])
@@ -221,9 +251,9 @@ def calibrate_streamed(checkpoint: Checkpoint, windows: torch.Tensor, recipe: Re
     """What :func:`~wsvd_passes.compress.calibrate` measures, layer by layer (steps 1 and 2 above)."""
     if len(windows) < 2:
         raise WsvdError(f"{len(windows)} calibration window(s) are too few: give at least 2 (the paper uses 256)")
-    if not recipe.factor or recipe.rotate or recipe.quantize:
-        raise WsvdError(f"recipe {recipe.name} rotates or quantises: --stream runs the float low-rank recipes "
-                        "(wsvd-noq, svd-llm, ...); compress without --stream")
+    if not recipe.factor:
+        raise WsvdError(f"recipe {recipe.name} has no low-rank factors: --stream runs the low-rank recipes (wsvd, "
+                        "wsvd-noq, qsvd, svd-llm, ...); compress it without --stream")
     if recipe.heal_steps:
         raise WsvdError(f"recipe {recipe.name} heals on the whole graph's logits; streamed healing is not built: "
                         "compress without --stream")
@@ -235,7 +265,7 @@ def calibrate_streamed(checkpoint: Checkpoint, windows: torch.Tensor, recipe: Re
     for i in tqdm(range(checkpoint.config.num_hidden_layers), desc="streamed statistics", unit="layer",
                   disable=not progress):
         captured = capture_layer(checkpoint, i)
-        site = _layer_site(captured, i)
+        (site,) = find_sites(captured.gm)
         heads = heads or {k: getattr(site, k) for k in ("n_heads", "n_kv_heads", "head_dim", "hidden_size")}
         batches = [{"hidden_states": h, "labels": None} for h in hidden.split(batch_size)]
         stats = collect_input_stats(captured, batches, progress=False)[0]
@@ -261,17 +291,12 @@ def _shape_only(g: Group) -> Group:
     return dataclasses.replace(g, scaling=None, **meta)
 
 
-def _layer_site(captured: CapturedGraph, index: int) -> AttentionSite:
-    """The one site of a layer graph, as layer ``index`` of the model (its own graph calls it layer 0)."""
-    (site,) = find_sites(captured.gm)
-    return dataclasses.replace(site, layer=index)
-
-
 def _streamed_gradients(checkpoint: Checkpoint, windows: torch.Tensor, top: torch.Tensor, recipe: Recipe,
                         store: LayerStore, progress: bool) -> dict[tuple, torch.Tensor]:
-    """Importance scores (returned) and Fisher E[g*g] of q/k/v (stored per layer) from per-window gradients by a
+    """Importance scores (returned); Fisher E[g*g] of q/k/v (stored per layer, ``fisher{i}``) and, for recipes with
+    local QAT, the rotated dense q/k/v weights and their Fisher (``qat{i}``), from per-window gradients by a
     layer-wise backward."""
-    if recipe.allocation != "importance" and not recipe.finetune:
+    if recipe.allocation != "importance" and not recipe.finetune and not recipe.qat:
         return {}
     norm, head = checkpoint.module("model.norm"), checkpoint.tensor("lm_head.weight")
     upstream = []  # dL/dh at the current layer boundary, per window [1, S, E]
@@ -283,24 +308,31 @@ def _streamed_gradients(checkpoint: Checkpoint, windows: torch.Tensor, top: torc
     del norm, head
     scores = {}
     layers = checkpoint.config.num_hidden_layers
+    S1 = random_hadamard(checkpoint.config.hidden_size, S1_SEED).to(top.dtype) if recipe.qat else None
     for i in tqdm(reversed(range(layers)), total=layers, desc="streamed gradients", unit="layer", disable=not progress):
         captured = capture_layer(checkpoint, i)
-        site = _layer_site(captured, i)
+        (site,) = find_sites(captured.gm)
         inputs = store.get(f"input{i:05d}")["hidden"]
-        names = {p: getattr(site, f"{p}_proj").weight for p in PROJECTIONS}
-        params = dict(captured.gm.named_parameters())
-        for name, param in params.items():
-            param.requires_grad_(name in names.values())
+        weights = _trainable(captured, site)
+        rotated = captured.sharing_parameters() if recipe.qat else None
+        if rotated is not None:  # the rotated dense layer, where QAT's targets live (its q/k/v are new tensors)
+            Pipeline(rotation_passes())(rotated)
+            rotated_weights = _trainable(rotated, find_sites(rotated.gm)[0])
+            rotated_sums = {p: torch.zeros_like(w, dtype=torch.float32) for p, w in rotated_weights.items()}
         accumulator = None
         if recipe.allocation == "importance":  # the layer's groups again (the same SVDs), for their directions
             groups = layer_groups(site, _qkv_weights(captured, site), store.stats(i), [recipe])
             accumulator = ImportanceAccumulator(groups[(recipe.granularity, recipe.scaling)], site.head_dim)
-        sums = {p: torch.zeros_like(params[names[p]], dtype=torch.float32) for p in PROJECTIONS}
+        sums = {p: torch.zeros_like(w, dtype=torch.float32) for p, w in weights.items()}
         for n in range(len(windows)):
             x = inputs[n:n + 1].detach().requires_grad_(True)
             with torch.enable_grad():
-                grads = torch.autograd.grad(captured.gm(hidden_states=x), [x] + [params[names[p]] for p in PROJECTIONS],
-                                            upstream[n])
+                grads = torch.autograd.grad(captured.gm(hidden_states=x), [x] + list(weights.values()), upstream[n])
+                if rotated is not None:
+                    rotated_grads = torch.autograd.grad(rotated.gm(hidden_states=x.detach() @ S1),
+                                                        list(rotated_weights.values()), upstream[n] @ S1)
+                    for p, g in zip(PROJECTIONS, rotated_grads):
+                        rotated_sums[p] += g.float().square()
             upstream[n] = grads[0]
             by_proj = {(i, p): g for p, g in zip(PROJECTIONS, grads[1:])}
             if accumulator is not None:
@@ -310,50 +342,77 @@ def _streamed_gradients(checkpoint: Checkpoint, windows: torch.Tensor, top: torc
         if accumulator is not None:
             scores.update(accumulator.scores())
         store.put(f"fisher{i:05d}", {p: sums[p] / len(windows) for p in PROJECTIONS})
-        del captured, site, params, inputs, accumulator
+        if rotated is not None:
+            store.put(f"qat{i:05d}", {**{f"{p}.weight": w.detach().float() for p, w in rotated_weights.items()},
+                                      **{f"{p}.fisher": rotated_sums[p] / len(windows) for p in PROJECTIONS}})
+        del captured, site, weights, rotated, inputs, accumulator
         gc.collect()
     return scores
 
 
-def compress_streamed(checkpoint: Checkpoint, calib: StreamedCalibration, recipe: Recipe, rho1: float,
-                      out: str | Path, *, progress: bool = True) -> tuple[FactorReport, list[Path]]:
-    """Ranks allocated over all layers, then each layer factorised (step 3 above) and its new tensors written
-    as its own shard of ``out`` with its report (a layer whose shard exists is not redone: ``--resume``).
-    Returns the factor report of the whole model and the shard paths."""
-    from .artifact import write_shard
+def _trainable(captured: CapturedGraph, site: AttentionSite) -> dict[str, torch.Tensor]:
+    """The layer's q/k/v weights (``proj -> tensor``), the only parameters of the graph that require grad."""
+    names = {getattr(site, f"{p}_proj").weight: p for p in PROJECTIONS}
+    weights = {}
+    for name, param in captured.gm.named_parameters():
+        param.requires_grad_(name in names)
+        if name in names:
+            weights[names[name]] = param
+    return {p: weights[p] for p in PROJECTIONS}
 
+
+def _qat_targets(store: LayerStore, layer: int) -> dict[tuple[int, str], QATTarget]:
+    t = store.get(f"qat{layer:05d}")
+    return {(layer, p): QATTarget(t[f"{p}.weight"], t[f"{p}.fisher"]) for p in PROJECTIONS}
+
+
+def compress_streamed(checkpoint: Checkpoint, calib: StreamedCalibration, recipe: Recipe, rho1: float, bits: Bits,
+                      out: str | Path, *, save_dtype: torch.dtype = torch.bfloat16, progress: bool = True
+                      ) -> tuple[FactorReport, list[Path]]:
+    """Ranks allocated over all layers, then each layer compressed by the recipe's passes (step 3 above) and its new
+    tensors written packed as its own shard of ``out`` with its report (a layer whose shard exists is not redone:
+    ``--resume``), then the no-layer graph's shard. Returns the factor report of the whole model and the shards."""
     key = (recipe.granularity, recipe.scaling)
     kept = allocate_ranks(calib.groups, calib.scores, recipe, rho1)
     shards, reports = [], []
-    for i in tqdm(range(calib.layers), desc="streamed factorisation", unit="layer", disable=not progress):
+    for i in tqdm(range(calib.layers), desc="streamed compression", unit="layer", disable=not progress):
         shard, spectra = Path(out) / f"layer{i:05d}.safetensors", f"spectra{i:05d}"
         if shard.is_file() and (calib.store.directory / f"{spectra}.safetensors").is_file():
-            reports.append(_report_of(_metadata(shard)["report"], calib.store.get(spectra)))
+            reports.append(_report_of(shard_metadata(shard)["report"], calib.store.get(spectra)))
             shards.append(shard)
             continue
         captured = capture_layer(checkpoint, i)
-        site = _layer_site(captured, i)
+        (site,) = find_sites(captured.gm)
         stats = calib.store.stats(i)
         fisher = calib.store.get(f"fisher{i:05d}") if recipe.finetune else {}
+        targets = _qat_targets(calib.store, i) if recipe.qat else None
         layer = Calibration([site], [stats], layer_groups(site, _qkv_weights(captured, site), stats, [recipe]),
-                            {key: calib.scores}, {(i, p): f for p, f in fisher.items()}, calib.samples)
+                            {key: calib.scores}, {(i, p): f for p, f in fisher.items()}, calib.samples, targets)
         plan, report = factor_plan(layer, recipe, rho1, kept=kept)
-        reports.append(report)
-        base = captured.gm.state_dict()
-        Pipeline([FactorizeQKV({0: plan[i]})])(captured)
-        changed = {n: t for n, t in captured.gm.state_dict().items() if n not in base or not torch.equal(t, base[n])}
+        passes = recipe_passes(recipe, bits, plan, targets)
+        report.qat = next((p.report for p in passes if isinstance(p, LocalQAT)), None)  # filled in as QAT runs
+        shards.append(_write_compressed(captured, passes, out, shard.stem, save_dtype,
+                                        lambda: {"report": json.dumps(report.as_dict())}))
         calib.store.put(spectra, report.spectra)
-        shards.append(write_shard(out, shard.stem, changed, {"report": json.dumps(report.as_dict())}))
-        del captured, site, base, layer, plan
+        reports.append(report)
+        del captured, site, layer, plan, passes
         gc.collect()
+    shards.append(_write_compressed(capture_top(checkpoint), recipe_passes(recipe, bits, {}, {}), out, TOP_SHARD,
+                                    save_dtype))
     return _merged(reports, calib.groups, kept), shards
 
 
-def _metadata(path: Path) -> dict:
-    from safetensors import safe_open
+TOP_SHARD = "top"  # the shard of the no-layer graph (embedding, final norm, LM head)
 
-    with safe_open(path, "pt") as f:
-        return f.metadata()
+
+def _write_compressed(captured: CapturedGraph, passes: list[GraphPass], out: str | Path, name: str,
+                      save_dtype: torch.dtype, metadata=lambda: {}) -> Path:
+    """Run ``passes`` on ``captured`` and write what changed, packed, as the shard ``out/name.safetensors`` with
+    ``metadata()`` (called after the passes, which fill in their reports)."""
+    reference = captured.gm.state_dict()
+    Pipeline(passes)(captured)
+    stored, storage = packed_changes(reference, captured.gm, save_dtype)
+    return write_shard(out, name, stored, {**metadata(), "storage": json.dumps(storage)})
 
 
 def _report_of(text: str, spectra: dict[str, torch.Tensor]) -> FactorReport:
@@ -367,17 +426,20 @@ def _report_of(text: str, spectra: dict[str, torch.Tensor]) -> FactorReport:
 def _merged(reports: list[FactorReport], groups: list[Group], kept) -> FactorReport:
     """One report of all layers from the per-layer ones (rho1 over all groups, rho2 the mean over layers)."""
     rho2 = [r for report in reports for r in report.rho2_per_layer]
-    ft = None
+    ft = qat = None
     if reports[0].finetune is not None:
         ft = {k: sum(r.finetune[k] for r in reports) for k in reports[0].finetune}
+    if reports[0].qat is not None:  # losses and heads summed over the layers, as one LocalQAT over the model
+        qat = {**reports[0].qat, **{k: sum(r.qat[k] for r in reports) for k in ("loss_before", "loss_after", "heads")}}
     return FactorReport(
         achieved_rho1(groups, kept), sum(rho2) / len(rho2), {k: v for r in reports for k, v in r.ranks.items()},
         [x for r in reports for x in r.rho1_per_layer], rho2, above_break_even(groups, kept), ft,
-        {k: v for r in reports for k, v in r.reconstruction.items()}, {k: v for r in reports for k, v in r.spectra.items()})
+        {k: v for r in reports for k, v in r.reconstruction.items()}, {k: v for r in reports for k, v in r.spectra.items()},
+        qat)
 
 
-def compress_checkpoint(path: str | Path, windows: torch.Tensor, recipe: Recipe, rho1: float, out: str | Path, *,
-                        dtype: torch.dtype = torch.float32, grad_samples: int | None = None,
+def compress_checkpoint(path: str | Path, windows: torch.Tensor, recipe: Recipe, rho1: float, bits: Bits,
+                        out: str | Path, *, dtype: torch.dtype = torch.float32, grad_samples: int | None = None,
                         offload_dir: str | Path | None = None, resume: bool = False, calibration: dict,
                         environment: dict, save_dtype: torch.dtype = torch.bfloat16, progress: bool = True) -> dict:
     """Streamed compression of the checkpoint at ``path`` into the artifact directory ``out``; its manifest.
@@ -388,13 +450,10 @@ def compress_checkpoint(path: str | Path, windows: torch.Tensor, recipe: Recipe,
     """
     import shutil
 
-    from .artifact import save_streamed
-    from .quantize import Bits
-
     checkpoint = Checkpoint(path, dtype)
     work = Path(offload_dir or out) / ".stream-work"
     run = {"model": str(Path(path).resolve()), "config": checkpoint.config.to_dict(), "dtype": str(dtype),
-           "recipe": dataclasses.asdict(recipe), "rho1": rho1, "grad_samples": grad_samples,
+           "recipe": dataclasses.asdict(recipe), "rho1": rho1, "bits": bits.name, "grad_samples": grad_samples,
            "windows_sha256": hashlib.sha256(windows.contiguous().numpy().tobytes()).hexdigest()}
     if resume:
         if not (work / "run.json").is_file():
@@ -404,11 +463,11 @@ def compress_checkpoint(path: str | Path, windows: torch.Tensor, recipe: Recipe,
                    json.dumps(started.get(k), sort_keys=True, default=str)]
         if changed:
             raise WsvdError(f"--resume: {out} was started with another {changed[0].replace('_', ' ')}: give the same "
-                            "model, recipe, --rho1 and calibration, or compress without --resume")
+                            "model, recipe, --rho1, --bits and calibration, or compress without --resume")
     else:
         shutil.rmtree(work, ignore_errors=True)
-        for stale in Path(out).glob("layer*.safetensors"):
-            stale.unlink()
+        for stale in [*Path(out).glob("layer*.safetensors"), Path(out) / f"{TOP_SHARD}.safetensors"]:
+            stale.unlink(missing_ok=True)
         work.mkdir(parents=True, exist_ok=True)
         (work / "run.json").write_text(json.dumps(run, sort_keys=True, default=str))
     store = LayerStore(work)
@@ -416,10 +475,11 @@ def compress_checkpoint(path: str | Path, windows: torch.Tensor, recipe: Recipe,
     if calib is None:
         calib = calibrate_streamed(checkpoint, windows, recipe, work, grad_samples=grad_samples, progress=progress)
         save_calibration(calib)
-    report, shards = compress_streamed(checkpoint, calib, recipe, rho1, out, progress=progress)
+    report, shards = compress_streamed(checkpoint, calib, recipe, rho1, bits, out, save_dtype=save_dtype,
+                                       progress=progress)
     calibration = {**calibration, "grad_samples": calib.samples}
     manifest = save_streamed(out, model=run["model"], model_sha256=checkpoint.fingerprint(), shards=shards,
-                             heads=calib.heads, recipe=recipe, bits=Bits(16, 16), rho1_target=rho1, report=report,
-                             calibration=calibration, environment=environment, save_dtype=save_dtype)
+                             heads=calib.heads, recipe=recipe, bits=bits, rho1_target=rho1, report=report,
+                             calibration=calibration, environment=environment)
     shutil.rmtree(work, ignore_errors=True)
     return manifest
