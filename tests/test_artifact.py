@@ -187,6 +187,10 @@ def test_tied_embeddings_are_stored_once_and_reload_on_the_decode_graph(tmp_path
     assert len(tables) == 1 and tables[0].dtype == (torch.int8 if bits.endswith("e8") else torch.bfloat16)
     assert any("lm_head" in alias for alias in manifest["storage"]["aliases"])
     decoder = artifact.load(tmp_path / "art", decode=True, max_cache_len=24).captured
+    hadamards = [b for n, b in decoder.gm.named_buffers(remove_duplicate=False) if n.endswith("online_hadamard")]
+    assert len(hadamards) == model.config.num_hidden_layers  # one per MLP, stored and held once
+    assert len({b.untyped_storage().data_ptr() for b in hadamards}) == 1
+    assert sum(n.endswith("online_hadamard") for n in manifest["storage"]["aliases"]) == len(hadamards) - 1
     tokens = IDS[:1, :5]
     with torch.no_grad():
         for _ in range(6):

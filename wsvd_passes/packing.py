@@ -117,7 +117,7 @@ def unpack(stored: dict[str, torch.Tensor], layout: dict, where: str) -> dict[st
             if base not in layout["quantized"]:
                 out[name] = value
         for name, target in layout["aliases"].items():
-            out[name] = _get(out, target, where).clone()  # its own tensor, as in the graph
+            out[name] = _get(out, target, where)  # one tensor (passes replace tensors, never write into them)
     except (KeyError, TypeError, ValueError) as e:
         raise WsvdError(f"{where}: the packed layout is malformed ({type(e).__name__}: {e}): compress again") from None
     return out

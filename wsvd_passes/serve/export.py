@@ -92,8 +92,14 @@ def export_vllm(artifact: str | Path, out: str | Path) -> dict:
 
 def write_weights(out: Path, tensors: dict[str, torch.Tensor]) -> None:
     """The one writer of the served weights (float32 safetensors; packed quantised weights go here later)."""
-    save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()},
-              out / "model.safetensors", metadata={"format": "pt", "wsvd_format": FORMAT})
+    stored, storages = {}, set()
+    for name, value in tensors.items():
+        value = value.detach().to("cpu", torch.float32).contiguous()
+        if value.untyped_storage().data_ptr() in storages:  # vLLM loads each layer's tensor, and safetensors
+            value = value.clone()                            # stores no shared memory (one online Hadamard)
+        storages.add(value.untyped_storage().data_ptr())
+        stored[name] = value
+    save_file(stored, out / "model.safetensors", metadata={"format": "pt", "wsvd_format": FORMAT})
 
 
 def read_graph(gm: GraphModule) -> tuple[dict[str, torch.Tensor], dict]:
