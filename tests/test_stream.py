@@ -91,6 +91,8 @@ def test_streamed_wsvd_w8a8e8_is_the_whole_models_artifact(checkpoint_dir, tmp_p
     whole = artifact.packed_changes(base.gm.state_dict(), compressed.gm, torch.float32)[1]
     assert manifest["storage"]["quantized"] == whole["quantized"]  # the same weights quantised, packed alike
     assert any("embed_tokens" in name for name in whole["quantized"])
+    layers = len(manifest["ranks"])  # equal tensors of different shards are stored once (every MLP's Hadamard)
+    assert sum(n.endswith("online_hadamard") for n in manifest["storage"]["aliases"]) == layers - 1
     mine, theirs = loaded.captured.gm.state_dict(), compressed.gm.state_dict()
     assert sorted(mine) == sorted(theirs)
     for name, t in theirs.items():

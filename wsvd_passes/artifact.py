@@ -291,7 +291,11 @@ def save_streamed(directory: str | Path, *, model: str, model_sha256: str, shard
     (then removed) one tensor at a time, the spectra and the manifest, as :func:`save` writes them."""
     out = Path(directory)
     storage = merge_layouts([json.loads(shard_metadata(shard)["storage"]) for shard in shards])
-    stored = concatenate_safetensors(shards, out / "weights.safetensors", {"format": FORMAT})
+    packed = {f"{name}.{suffix}" for name in storage["quantized"]
+              for suffix in ("weight", "weight_packed", "weight_shape", "weight_scale")}
+    # packed codes and scales keep their own names; graph tensors stored as they are may be shared
+    stored, aliases = concatenate_safetensors(shards, out / "weights.safetensors", {"format": FORMAT}, packed)
+    storage["aliases"].update(aliases)
     write_shard(out, "spectra", {k: v.contiguous() for k, v in report.spectra.items()})
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "wsvd_version": library_version(),
@@ -309,26 +313,37 @@ def save_streamed(directory: str | Path, *, model: str, model_sha256: str, shard
     return manifest
 
 
-def concatenate_safetensors(shards: list[Path], final: Path, metadata: dict) -> int:
-    """Write the tensors of ``shards`` (disjoint names; a name repeated holds the same values) as one safetensors
-    file ``final``, copying their bytes one tensor at a time; returns the number of tensors.
+def concatenate_safetensors(shards: list[Path], final: Path, metadata: dict, unshared: set[str]
+                            ) -> tuple[int, dict[str, str]]:
+    """Write the tensors of ``shards`` (disjoint names) as one safetensors file ``final``, copying their bytes one
+    tensor at a time; a tensor not named in ``unshared`` whose bytes, dtype and shape equal an earlier one's is not
+    written again (every layer's online Hadamard). Returns the number of tensors written and the aliases
+    (name -> the written name with the same content).
 
     By hand because safetensors can only save a dict held in memory: the merged file of a model larger than
     memory could not be written. Its format: an 8-byte little-endian header length, a JSON header (dtype, shape
     and [begin, end) byte offsets per tensor, ``__metadata__``), the data.
     """
-    header, copies, offset = {"__metadata__": metadata}, [], 0
+    header, copies, aliases, seen, offset = {"__metadata__": metadata}, [], {}, {}, 0
     for shard in shards:
         with open(shard, "rb") as f:
             length = int.from_bytes(f.read(8), "little")
             entries = json.loads(f.read(length))
-        for name, info in entries.items():
-            if name == "__metadata__" or name in header:
-                continue
-            begin, end = info["data_offsets"]
-            header[name] = {"dtype": info["dtype"], "shape": info["shape"], "data_offsets": [offset, offset + end - begin]}
-            copies.append((shard, 8 + length + begin, end - begin))
-            offset += end - begin
+            for name, info in entries.items():
+                if name == "__metadata__":
+                    continue
+                begin, end = info["data_offsets"]
+                if name not in unshared:
+                    f.seek(8 + length + begin)
+                    key = hashlib.sha256(f"{info['dtype']}{info['shape']}".encode() + f.read(end - begin)).hexdigest()
+                    if key in seen:
+                        aliases[name] = seen[key]
+                        continue
+                    seen[key] = name
+                header[name] = {"dtype": info["dtype"], "shape": info["shape"],
+                                "data_offsets": [offset, offset + end - begin]}
+                copies.append((shard, 8 + length + begin, end - begin))
+                offset += end - begin
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the tensor data starts 8-byte aligned, as safetensors writes it
     staging = final.with_name(f".{final.name}.tmp")
@@ -343,7 +358,7 @@ def concatenate_safetensors(shards: list[Path], final: Path, metadata: dict) -> 
         staging.unlink(missing_ok=True)
         raise WsvdError(f"cannot write {final} ({e.strerror}): free disk space or choose another --out") from None
     staging.replace(final)
-    return len(header) - 1
+    return len(header) - 1, aliases
 
 
 def shard_metadata(path: Path) -> dict:
