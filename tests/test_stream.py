@@ -101,12 +101,12 @@ def test_streamed_wsvd_w8a8e8_is_the_whole_models_artifact(checkpoint_dir, tmp_p
 
 @pytest.mark.slow  # 51 s: two streamed runs in subprocesses
 def test_a_killed_run_resumes_to_the_same_artifact(checkpoint_dir, tmp_path, monkeypatch, capsys):
-    from wsvd_passes import artifact as artifact_module
+    from wsvd_passes import stream as stream_module
 
     argv = ["compress", "--stream", "--model", str(checkpoint_dir), "--recipe", "wsvd-noq", "--rho1", "0.6",
             "--calib-windows", "4", "--seq-len", "33", "--quiet"]
     assert main(argv + ["--out", str(tmp_path / "whole")]) == 0
-    write_shard, written = artifact_module.write_shard, []
+    write_shard, written = stream_module.write_shard, []
 
     def killed_after_layer_0(directory, name, tensors, metadata=None):
         if name == "layer00001":
@@ -114,17 +114,17 @@ def test_a_killed_run_resumes_to_the_same_artifact(checkpoint_dir, tmp_path, mon
         written.append(name)
         return write_shard(directory, name, tensors, metadata)
 
-    monkeypatch.setattr(artifact_module, "write_shard", killed_after_layer_0)
+    monkeypatch.setattr(stream_module, "write_shard", killed_after_layer_0)  # where the shards are written
     out = tmp_path / "resumed"
     assert main(argv + ["--out", str(out)]) == 130  # interrupted
-    monkeypatch.setattr(artifact_module, "write_shard", write_shard)
+    monkeypatch.setattr(stream_module, "write_shard", write_shard)
     assert "layer00000" in written and (out / "layer00000.safetensors").is_file()
     assert main([a if a != "0.6" else "0.5" for a in argv] + ["--out", str(out), "--resume"]) == 2
     err = capsys.readouterr().err
     assert "error: --resume: " in err and "another rho1" in err
     monkeypatch.setattr("wsvd_passes.stream.calibrate_streamed", None)  # resuming does not calibrate again
     written.clear()
-    monkeypatch.setattr(artifact_module, "write_shard", lambda *a, **k: written.append(a[1]) or write_shard(*a, **k))
+    monkeypatch.setattr(stream_module, "write_shard", lambda *a, **k: written.append(a[1]) or write_shard(*a, **k))
     assert main(argv + ["--out", str(out), "--resume"]) == 0
     assert "layer00000" not in written and "layer00001" in written  # layer 0 was kept
     a, b = load_file(tmp_path / "whole" / "weights.safetensors"), load_file(out / "weights.safetensors")

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .artifact import packed_changes, save_streamed, shard_metadata, write_shard
+from .artifact import library_version, packed_changes, save_streamed, shard_metadata, write_shard
 from .calibration import InputStats, SiteStats, collect_input_stats, next_token_loss
 from .capture import CapturedGraph, _unlift, capture_forward
 from .compress import Calibration, FactorReport, allocate_ranks, factor_plan, layer_groups, recipe_passes
@@ -452,7 +452,8 @@ def compress_checkpoint(path: str | Path, windows: torch.Tensor, recipe: Recipe,
 
     checkpoint = Checkpoint(path, dtype)
     work = Path(offload_dir or out) / ".stream-work"
-    run = {"model": str(Path(path).resolve()), "config": checkpoint.config.to_dict(), "dtype": str(dtype),
+    run = {"wsvd_version": library_version(),  # shards written by another version may lack what this one reads
+           "model": str(Path(path).resolve()), "config": checkpoint.config.to_dict(), "dtype": str(dtype),
            "recipe": dataclasses.asdict(recipe), "rho1": rho1, "bits": bits.name, "grad_samples": grad_samples,
            "windows_sha256": hashlib.sha256(windows.contiguous().numpy().tobytes()).hexdigest()}
     if resume:
