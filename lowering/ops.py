@@ -11,8 +11,12 @@ per-token, per-head float32 scales. A latent shared by every kv head is passed a
 (head stride 0) and never copied. CPU: the vectorised PyTorch implementation; CUDA: the fused Triton
 flash-decoding kernel, except where it cannot run (ranks above ``MAX_RANK``, or a kernel that fails to
 compile or launch): then the PyTorch implementation, with a one-line warning, never a wrong answer.
-The fake implementation makes the op traceable by ``torch.export`` and ``torch.compile``, where it
-stays one opaque node. Import this module before loading a saved program that contains the op.
+The fake implementation makes the op traceable by ``torch.export`` and ``torch.compile``. Under
+``torch.compile`` it stays one opaque node on CUDA (the Triton kernel); on the CPU
+:func:`lowering.compile.compile_step` compiles it as :func:`latent_attention_traceable` (the same
+PyTorch math as a plain function), so the K rebuild, RoPE, masking and softmax fuse instead of running
+as a chain of eager kernels over [B, n_kv, L, D] temporaries. Import this module before loading a
+saved program that contains the op.
 """
 
 from __future__ import annotations
@@ -39,6 +43,12 @@ def latent_attention(
     cos: torch.Tensor, sin: torch.Tensor, scale: float, attention_scaling: float,
     ck_scale: torch.Tensor | None = None, cv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    return latent_attention_traceable(q, ck, bk, cv, lengths, cos, sin, scale, attention_scaling, ck_scale, cv_scale)
+
+
+def latent_attention_traceable(q, ck, bk, cv, lengths, cos, sin, scale, attention_scaling, ck_scale=None,
+                               cv_scale=None) -> torch.Tensor:
+    """The op's CPU implementation as a plain function (same arguments), which ``torch.compile`` traces into."""
     return latent_decode_attention_torch(q, ck, bk, cv, lengths, cos, sin, scale=scale,
                                          attention_scaling=attention_scaling, ck_scale=ck_scale, cv_scale=cv_scale)
 

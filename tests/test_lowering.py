@@ -43,6 +43,7 @@ def test_lowered_graph_decodes_like_the_latent_graph(name, recipe):
 def test_compiled_lowered_step_and_sampling():
     lowered = lowering.lower(latent_decoder())
     step = lowering.compile_step(lowered)
+    assert len(_op_nodes(lowered.gm)) == 2  # the CPU compiles a traceable copy; the decoder keeps the op
     prompt = torch.randint(3, 300, (1, 6))
     assert torch.equal(generate(lowered, prompt, 12, step=step), greedy_generate(lowered, prompt, 12))
     a = generate(lowered, prompt, 12, step=step, temperature=0.8, top_k=20, seed=7)

@@ -170,13 +170,11 @@ class LatentKVCache(GraphPass):
         if b is not None:
             out_args += (get_attr_node(gm, f"{owner}.{out_name}_bias", anchor),)
         out = call(aten.linear.default, *out_args)
-        if quantised_o:  # out = per-head attention output, then the evaluated graph's quantiser and W_o
-            out = call(fake_quant_activation, out, *o_input.args[1:], **o_input.kwargs)
-            o_args = (out, *site.o_proj.node.args[1:])
-            with graph.inserting_before(site.o_proj.node):
-                out = copy_meta(graph.call_function(aten.linear.default, o_args), site.o_proj.node,
-                                val=site.o_proj.node.meta.get("val"))
-        site.o_proj.node.replace_all_uses_with(out)
+        if quantised_o:  # the per-head attention output goes through the evaluated graph's quantiser into
+            # o_proj's own node, which keeps its quantised W_o and the QuantSpec FakeQuantize recorded on it
+            site.o_proj.node.replace_input_with(o_input, call(fake_quant_activation, out, *o_input.args[1:], **o_input.kwargs))
+        else:
+            site.o_proj.node.replace_all_uses_with(out)
         for old in (site.k_cache.node, site.v_cache.node):  # in-place writes into the dense caches
             old.meta["wsvd_dead"] = True
 
