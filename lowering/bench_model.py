@@ -13,10 +13,12 @@ Variants of one decode step (each ``torch.compile``d unless ``compile=False``), 
 Before timing, each variant decodes ``CHECK_STEPS`` seeded tokens from an empty cache (so the cache holds the
 model's own keys and values) and its logits [T, B, V] are compared. ``int8`` computes ``fake-quant``'s function
 with other float roundings, and a quantised model amplifies roundings: an activation on a rounding boundary
-flips a code, and the flips grow over the layers. So the yardstick is measured in the same run, ``fake-quant``
-compiled against itself in eager mode (SmolLM2-135M W8A8: 1.2e-2 relative, where the float model's
-compiled-vs-eager is 7e-7); ``int8`` passes at a relative Frobenius error <= max(``INT8_TOLERANCE``,
-``FLOOR_FACTOR`` x that floor), else it is reported and not timed. ``dense-bf16`` against ``dense-fp32`` is
+flips a code, and the flips grow over the layers. So the yardstick is measured in the same run: each
+compressed variant compiled against itself in eager mode (SmolLM2-135M W8A8 at batch 1: fake-quant 1.1e-2,
+int8 2.3e-2 relative, where the float model's compiled-vs-eager is 7e-7); ``int8`` passes at a relative
+Frobenius error <= max(``INT8_TOLERANCE``, ``FLOOR_FACTOR`` x the larger floor), else it is reported and
+not timed (with ``compile=False`` the floors are 0: the strict tolerance holds only where no code flips, as on
+the tiny test models). ``dense-bf16`` against ``dense-fp32`` is
 reported (relative error, top-1 agreement), not gated: bfloat16 is another precision, not a bug.
 
 Timing: every cache buffer is filled with random values of its dtype (timings do not depend on the content),
@@ -139,14 +141,14 @@ def bench_model(artifact: str, *, batches=(1, 8), cache_lens=(512, 2048), steps:
                 step = compile_step(decoder) if compile else decoder.gm
                 checked = _from_empty_cache(step, decoder, check_ids[:cache_len])  # compiles
                 entry = {"memory": held_bytes(decoder)}
-                if kind == "fake-quant":
-                    floor = _compare(checked, _from_empty_cache(decoder.gm, decoder, check_ids[:cache_len]))
-                    entry["compiled_vs_eager"] = floor
+                if kind in ("fake-quant", "int8"):
+                    entry["compiled_vs_eager"] = _compare(checked, _from_empty_cache(decoder.gm, decoder, check_ids[:cache_len]))
                 against = {"dense-bf16": "dense-fp32", "int8": "fake-quant"}.get(kind)
                 if against in reference:
                     entry["check"] = {"against": against, **_compare(checked, reference[against]), "passed": None}
                     if kind == "int8":
-                        tol = max(INT8_TOLERANCE, FLOOR_FACTOR * row["variants"]["fake-quant"]["compiled_vs_eager"]["rel_err"])
+                        floor = max(v["compiled_vs_eager"]["rel_err"] for v in (row["variants"]["fake-quant"], entry))
+                        tol = max(INT8_TOLERANCE, FLOOR_FACTOR * floor)
                         entry["check"].update(tolerance=tol, passed=entry["check"]["rel_err"] <= tol)
                 reference[kind] = checked
                 _fill(decoder, seed)
@@ -199,11 +201,11 @@ def print_model(result: dict) -> None:
     for row in result["runs"]:
         for kind, e in row["variants"].items():
             speed = f"{e['tokens_per_s']:9.1f} {e['speed_vs_dense_fp32']:7.2f}" if "tokens_per_s" in e else f"{'-':>9} {'-':>7}"
-            check = e.get("check")
-            verdict = (f"{ {True: 'ok ', False: 'FAILED ', None: ''}[check['passed']]}rel {check['rel_err']:.1e}, top-1 "
-                       f"{100 * check['top1_agreement']:.0f}% vs {check['against']}" if check else "")
-            if "compiled_vs_eager" in e:
-                floor = e["compiled_vs_eager"]
-                verdict = f"compiled vs eager: rel {floor['rel_err']:.1e}, top-1 {100 * floor['top1_agreement']:.0f}%"
+            check, floor = e.get("check"), e.get("compiled_vs_eager")
+            verdict = "; ".join(
+                ([f"{ {True: 'ok ', False: 'FAILED ', None: ''}[check['passed']]}rel {check['rel_err']:.1e}, top-1 "
+                  f"{100 * check['top1_agreement']:.0f}% vs {check['against']}"] if check else []) +
+                ([f"compiled vs eager: rel {floor['rel_err']:.1e}, top-1 {100 * floor['top1_agreement']:.0f}%"]
+                 if floor else []))
             print(f"{row['batch']:>5} {row['cache_len']:>6} {kind:<11} {speed} {e['memory']['weights'] / 1e6:11.1f} "
                   f"{e['memory']['kv_cache'] / 1e6:8.1f} {e['memory_vs_dense_fp32']:10.3f}  {verdict}")
