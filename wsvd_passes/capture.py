@@ -9,7 +9,9 @@ Two graphs are captured from the same eager model:
   the cache lives in mutable buffers of the graph module.
 
 Vision-language models (a config with a vision config) are captured at their language
-decoder instead, with ``inputs_embeds`` in place of ``input_ids`` (:mod:`wsvd_passes.vlm`).
+decoder plus LM head instead, with ``inputs_embeds`` in place of ``input_ids`` (and, for
+multimodal RoPE, ``position_ids [3, B, S]`` in the full-sequence graph); their eager inputs
+come from :mod:`wsvd_passes.vlm`.
 
 Passes edit the *unlifted* graph module (``ep.module()``); parameters and buffers
 are attributes of it, reached by ``get_attr`` nodes. They share storage with the
@@ -72,6 +74,21 @@ class CapturedGraph:
         )
 
 
+class DecoderLogits(torch.nn.Module):
+    """The language decoder and LM head of a VLM: ``inputs_embeds (, position_ids) -> logits``."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.decoder = model.get_decoder()
+        self.lm_head = model.get_output_embeddings()
+        if self.lm_head is None:
+            raise WsvdError(f"{type(model).__name__} has no output embeddings (lm_head): cannot produce logits")
+
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.decoder(inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=False).last_hidden_state
+        return self.lm_head(hidden)
+
+
 def _unlift(ep: torch.export.ExportedProgram) -> torch.fx.GraphModule:
     # check_guards=False keeps the input-shape guard node out of the graph we edit;
     # torch releases without that argument never inserted one.
@@ -83,6 +100,17 @@ def _unlift(ep: torch.export.ExportedProgram) -> torch.fx.GraphModule:
 def model_device(model: torch.nn.Module) -> torch.device:
     """The device of the model's parameters (graph inputs are built there)."""
     return next(model.parameters()).device
+
+
+def is_vlm(model: torch.nn.Module) -> bool:
+    """True for image-text models (their config has a vision config)."""
+    return getattr(getattr(model, "config", None), "vision_config", None) is not None
+
+
+def uses_mrope(config) -> bool:
+    """Multimodal RoPE: each token has (t, h, w) positions, one per section of the rotary frequencies."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return "mrope_section" in (getattr(text, "rope_parameters", None) or {})
 
 
 def _text_config(model: torch.nn.Module):
@@ -126,10 +154,8 @@ def capture_forward(model: torch.nn.Module, *, example_batch: int = 2, example_l
     """Export the full-sequence forward with dynamic batch and sequence length."""
     tied = _tied_head(model)
     untie_output_embeddings(model)
-    from .vlm import capture_vlm_forward, is_vlm
-
     if is_vlm(model):
-        return _mark_tied(capture_vlm_forward(model, example_batch=example_batch, example_len=example_len), tied)
+        return _mark_tied(_capture_decoder_forward(model, example_batch=example_batch, example_len=example_len), tied)
     config = _text_config(model)
     if getattr(model, "training", False):
         model.eval()
@@ -147,18 +173,18 @@ def capture_forward(model: torch.nn.Module, *, example_batch: int = 2, example_l
 
 
 def capture_decode(model: torch.nn.Module, *, batch_size: int = 1, max_cache_len: int = 256) -> CapturedGraph:
-    """Export one decode step over a static KV cache of ``max_cache_len`` positions."""
+    """Export one decode step over a static KV cache of ``max_cache_len`` positions (transformers' ExecuTorch
+    wrapper): ``input_ids [B, 1]``, or a VLM decoder's ``inputs_embeds [B, 1, E]``, and ``cache_position [1]`` in."""
     tied = _tied_head(model)
     untie_output_embeddings(model)
     from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
 
-    from .vlm import capture_vlm_decode, is_vlm
-
-    if is_vlm(model):
-        return _mark_tied(capture_vlm_decode(model, batch_size=batch_size, max_cache_len=max_cache_len), tied)
+    vlm = is_vlm(model)
+    if vlm and uses_mrope(model.config):
+        raise WsvdError(f"{type(model).__name__} uses multimodal RoPE (3-row position ids): the static-cache decode "
+                        "graph and the latent KV cache take 1-D positions; use the full-sequence graph (capture_forward)")
     config = _text_config(model)
-    if getattr(model, "training", False):
-        model.eval()
+    model.eval()
     generation_config = getattr(model, "generation_config", None)
     saved = getattr(generation_config, "cache_implementation", None)
     try:
@@ -166,10 +192,9 @@ def capture_decode(model: torch.nn.Module, *, batch_size: int = 1, max_cache_len
             generation_config.cache_implementation = "static"
         wrapper = TorchExportableModuleForDecoderOnlyLM(model, batch_size=batch_size, max_cache_len=max_cache_len)
         device = model_device(model)
-        example = {
-            "input_ids": torch.zeros(batch_size, 1, dtype=torch.long, device=device),
-            "cache_position": torch.zeros(1, dtype=torch.long, device=device),
-        }
+        token = ({"inputs_embeds": torch.zeros(batch_size, 1, config.hidden_size, device=device, dtype=model.dtype)}
+                 if vlm else {"input_ids": torch.zeros(batch_size, 1, dtype=torch.long, device=device)})
+        example = {**token, "cache_position": torch.zeros(1, dtype=torch.long, device=device)}
         with torch.no_grad():
             ep = wrapper.export(**example, strict=True)  # non-strict lifts the cache as constants
     except Exception as e:  # noqa: BLE001 - re-raised as one user-facing line
@@ -178,3 +203,23 @@ def capture_decode(model: torch.nn.Module, *, batch_size: int = 1, max_cache_len
         if generation_config is not None:
             generation_config.cache_implementation = saved
     return _mark_tied(CapturedGraph(_unlift(ep), "decode", example, None, config), tied)
+
+
+def _capture_decoder_forward(model: torch.nn.Module, *, example_batch: int = 2, example_len: int = 17) -> CapturedGraph:
+    """A VLM's language decoder + lm_head with dynamic batch and sequence (``inputs_embeds`` in)."""
+    config = model.config.get_text_config()
+    model.eval()
+    batch = torch.export.Dim("batch", max=1024)
+    seq = torch.export.Dim("seq", min=2, max=int(getattr(config, "max_position_embeddings", 4096)))
+    device, dtype = model_device(model), model.dtype
+    example = {"inputs_embeds": torch.zeros(example_batch, example_len, config.hidden_size, device=device, dtype=dtype)}
+    dynamic = {"inputs_embeds": {0: batch, 1: seq}}
+    if uses_mrope(model.config):
+        positions = torch.arange(example_len, device=device).expand(3, example_batch, example_len).contiguous()
+        example["position_ids"], dynamic["position_ids"] = positions, {1: batch, 2: seq}
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(DecoderLogits(model), (), kwargs=example, dynamic_shapes=dynamic, strict=False)
+    except Exception as e:  # noqa: BLE001 - re-raised as one user-facing line
+        raise _export_error(e, "language decoder") from e
+    return CapturedGraph(_unlift(ep), "forward", example, dynamic, config)

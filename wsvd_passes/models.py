@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .errors import WsvdError
-from .vlm import VLM_NAMES
+from .vlm import VLM_NAMES, load_vlm
 
 SMOLLM2 = "smollm2-135m"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -74,9 +74,7 @@ def load_model(name_or_path: str, *, seed: int = 0, device: torch.device | str =
     if name_or_path in TINY_CONFIGS:
         lm = _tiny_model(name_or_path, seed, dtype)
     elif name_or_path in VLM_NAMES:
-        from .vlm import load_vlm
-
-        lm = load_vlm(name_or_path, seed=seed, dtype=dtype)
+        lm = _vlm(name_or_path, *load_vlm(name_or_path, seed=seed, dtype=dtype), dtype)
     elif name_or_path == SMOLLM2:
         lm = _load_checkpoint(_smollm2_checkpoint(), name=SMOLLM2, dtype=dtype)
     elif Path(name_or_path).is_dir():
@@ -97,6 +95,10 @@ def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Modu
         if p.is_floating_point():
             p.data = p.data.to(dtype)
     return model
+
+
+def _vlm(name: str, model: torch.nn.Module, processor, dtype: torch.dtype) -> LoadedModel:
+    return LoadedModel(name, cast_parameters(model, dtype).eval(), processor.tokenizer, processor)
 
 
 def _tiny_model(name: str, seed: int, dtype: torch.dtype) -> LoadedModel:
@@ -123,9 +125,7 @@ def _load_checkpoint(path: Path, *, name: str, dtype: torch.dtype) -> LoadedMode
     except (ValueError, OSError) as e:
         raise WsvdError(f"cannot read the config in {path}: {str(e).splitlines()[0]}") from None
     if getattr(config, "vision_config", None) is not None and type(config) in transformers.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
-        from .vlm import load_vlm
-
-        return load_vlm(str(path), dtype=dtype)
+        return _vlm(str(path), *load_vlm(str(path), dtype=dtype), dtype)
     if type(config) not in transformers.MODEL_FOR_CAUSAL_LM_MAPPING:
         raise WsvdError(
             f"{path} holds a {type(config).__name__.removesuffix('Config')} model, which is not a causal "

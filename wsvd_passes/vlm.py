@@ -1,4 +1,4 @@
-"""Vision-language models: tiny random configs, local checkpoints, and capture of the language decoder.
+"""Vision-language models: tiny random configs, local checkpoints, and the eager inputs of the language decoder.
 
 A VLM is split where its own code splits it: the vision tower, the projector and the merge
 of image features into the token embeddings run eagerly (the model's forward, stopped by a
@@ -11,7 +11,7 @@ with dynamic B and S. ``position_ids`` is a graph input only for multimodal RoPE
 rows t, h, w of each token's position; the rotary tables are computed in the graph, so the
 rotate-half pattern that :func:`~wsvd_passes.sites.find_sites` matches is unchanged). The
 decode graph takes ``inputs_embeds [B, 1, E]`` and ``cache_position [1]``; it is refused for
-multimodal RoPE (its cache positions are 1-D).
+multimodal RoPE (its cache positions are 1-D). The capture itself is :mod:`wsvd_passes.capture`'s.
 
 Names: ``tiny-llava`` (LLaVA-1.5), ``tiny-llava-next`` (any-resolution tiles),
 ``tiny-smolvlm`` (Idefics3), ``tiny-qwen2-vl`` (multimodal RoPE). Each has a byte-level
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .capture import CapturedGraph, _export_error, _unlift, model_device
+from .capture import model_device, uses_mrope
 from .errors import WsvdError
 
 # The text decoder of every tiny VLM: GQA 3:1, head_dim 16, random weights.
@@ -146,35 +146,21 @@ def image_only_qwen2_vl_processor():
     return ImageOnlyQwen2VLProcessor
 
 
-def is_vlm(model: torch.nn.Module) -> bool:
-    """True for image-text models (their config has a vision config)."""
-    return getattr(getattr(model, "config", None), "vision_config", None) is not None
-
-
-def uses_mrope(config) -> bool:
-    """Multimodal RoPE: each token has (t, h, w) positions, one per section of the rotary frequencies."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return "mrope_section" in (getattr(text, "rope_parameters", None) or {})
-
-
 def load_vlm(name_or_path: str, *, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A tiny VLM by name, or a local checkpoint directory, as an eval-mode ``LoadedModel`` in ``dtype``."""
-    from .models import LoadedModel, cast_parameters
-
+    """A tiny VLM by name (seeded, float32: the caller casts it) or a local checkpoint directory (in ``dtype``):
+    (eval-mode model, processor). :func:`wsvd_passes.models.load_model` wraps it as a ``LoadedModel``."""
     if name_or_path in _TINY:
         model_cls, config, processor = _TINY[name_or_path](byte_tokenizer())
         config._attn_implementation = "sdpa"
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = model_cls(config).to(torch.float32)
-        return LoadedModel(name_or_path, cast_parameters(model, dtype).eval(), processor.tokenizer, processor)
+        return model.eval(), processor
     return _load_checkpoint(Path(name_or_path), dtype)
 
 
 def _load_checkpoint(path: Path, dtype: torch.dtype):
     import transformers
-
-    from .models import LoadedModel
 
     try:
         model = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=dtype,
@@ -190,68 +176,7 @@ def _load_checkpoint(path: Path, dtype: torch.dtype):
             raise WsvdError(f"cannot load the processor in {path} ({problem}): save it next to the weights "
                             "(processor.save_pretrained)")
         processor = image_only_qwen2_vl_processor().from_pretrained(path)  # no video processor (torchvision)
-    return LoadedModel(str(path), model.eval(), processor.tokenizer, processor)
-
-
-class DecoderLogits(torch.nn.Module):
-    """The language decoder and LM head of a VLM: ``inputs_embeds (, position_ids) -> logits``."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.decoder = model.get_decoder()
-        self.lm_head = model.get_output_embeddings()
-        if self.lm_head is None:
-            raise WsvdError(f"{type(model).__name__} has no output embeddings (lm_head): cannot produce logits")
-
-    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        hidden = self.decoder(inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=False).last_hidden_state
-        return self.lm_head(hidden)
-
-
-def capture_vlm_forward(model: torch.nn.Module, *, example_batch: int = 2, example_len: int = 17) -> CapturedGraph:
-    """Export the language decoder + lm_head with dynamic batch and sequence (``inputs_embeds`` in)."""
-    config = model.config.get_text_config()
-    model.eval()
-    batch = torch.export.Dim("batch", max=1024)
-    seq = torch.export.Dim("seq", min=2, max=int(getattr(config, "max_position_embeddings", 4096)))
-    device, dtype = model_device(model), model.dtype
-    example = {"inputs_embeds": torch.zeros(example_batch, example_len, config.hidden_size, device=device, dtype=dtype)}
-    dynamic = {"inputs_embeds": {0: batch, 1: seq}}
-    if uses_mrope(model.config):
-        positions = torch.arange(example_len, device=device).expand(3, example_batch, example_len).contiguous()
-        example["position_ids"], dynamic["position_ids"] = positions, {1: batch, 2: seq}
-    try:
-        with torch.no_grad():
-            ep = torch.export.export(DecoderLogits(model), (), kwargs=example, dynamic_shapes=dynamic, strict=False)
-    except Exception as e:  # noqa: BLE001 - re-raised as one user-facing line
-        raise _export_error(e, "language decoder") from e
-    return CapturedGraph(_unlift(ep), "forward", example, dynamic, config)
-
-
-def capture_vlm_decode(model: torch.nn.Module, *, batch_size: int = 1, max_cache_len: int = 256) -> CapturedGraph:
-    """Export one decode step of the language decoder over a static cache: ``inputs_embeds [B, 1, E]`` in."""
-    from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
-
-    if uses_mrope(model.config):
-        raise WsvdError(f"{type(model).__name__} uses multimodal RoPE (3-row position ids): the static-cache decode "
-                        "graph and the latent KV cache take 1-D positions; use the full-sequence graph (capture_forward)")
-    config = model.config.get_text_config()
-    model.eval()
-    generation_config = model.generation_config
-    saved = generation_config.cache_implementation
-    try:
-        generation_config.cache_implementation = "static"
-        wrapper = TorchExportableModuleForDecoderOnlyLM(model, batch_size=batch_size, max_cache_len=max_cache_len)
-        device = model_device(model)
-        example = {"inputs_embeds": torch.zeros(batch_size, 1, config.hidden_size, device=device, dtype=model.dtype),
-                   "cache_position": torch.zeros(1, dtype=torch.long, device=device)}
-        with torch.no_grad():
-            ep = wrapper.export(**example, strict=True)
-    except Exception as e:  # noqa: BLE001 - re-raised as one user-facing line
-        raise _export_error(e, "static-cache decode step") from e
-    finally:
-        generation_config.cache_implementation = saved
-    return CapturedGraph(_unlift(ep), "decode", example, None, config)
+    return model.eval(), processor
 
 
 class _DecoderReached(Exception):
