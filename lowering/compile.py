@@ -33,7 +33,7 @@ def compile_step(decoder: CapturedGraph, **options) -> Callable:
     SmolLM2 int8 decode step at batch 8, cache 2048. ``decoder`` itself keeps the op.
     """
     gm = decoder.gm
-    if not any(t.device.type == "cuda" for t in (*gm.parameters(), *gm.buffers())):
+    if decoder.device.type != "cuda":
         gm = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
         for node in gm.graph.nodes:
             if node.op == "call_function" and node.target is torch.ops.wsvd.latent_attention.default:

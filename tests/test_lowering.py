@@ -44,6 +44,8 @@ def test_compiled_lowered_step_and_sampling():
     lowered = lowering.lower(latent_decoder())
     step = lowering.compile_step(lowered)
     assert len(_op_nodes(lowered.gm)) == 2  # the CPU compiles a traceable copy; the decoder keeps the op
+    assert not _op_nodes(step._orig_mod)  # what inductor compiles calls the op's math instead
+    assert len(step._orig_mod.graph.find_nodes(op="call_function", target=lowering.ops.latent_attention_traceable)) == 2
     prompt = torch.randint(3, 300, (1, 6))
     assert torch.equal(generate(lowered, prompt, 12, step=step), greedy_generate(lowered, prompt, 12))
     a = generate(lowered, prompt, 12, step=step, temperature=0.8, top_k=20, seed=7)

@@ -207,7 +207,7 @@ def capture_decode(model: torch.nn.Module, *, batch_size: int = 1, max_cache_len
 
 def _capture_decoder_forward(model: torch.nn.Module, *, example_batch: int = 2, example_len: int = 17) -> CapturedGraph:
     """A VLM's language decoder + lm_head with dynamic batch and sequence (``inputs_embeds`` in)."""
-    config = model.config.get_text_config()
+    config = _text_config(model)
     model.eval()
     batch = torch.export.Dim("batch", max=1024)
     seq = torch.export.Dim("seq", min=2, max=int(getattr(config, "max_position_embeddings", 4096)))
