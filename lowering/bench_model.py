@@ -22,8 +22,13 @@ the tiny test models). ``dense-bf16`` against ``dense-fp32`` is
 reported (relative error, top-1 agreement), not gated: bfloat16 is another precision, not a bug.
 
 Timing: every cache buffer is filled with random values of its dtype (timings do not depend on the content),
-then ``steps`` decode steps at positions ``L - steps .. L - 1`` after three warm-up steps;
-tokens/s = B * steps / seconds. Memory: the bytes of the tensors each variant holds (parameters and buffers,
+and every variant of a (B, L) row is built, compiled and warmed up (three steps) before any is timed. Then
+``rounds`` rounds each time ``steps`` decode steps at positions ``L - steps .. L - 1`` of every variant, one
+after the other (the order rotates each round), after one warm-up step; tokens/s = B * steps / seconds. A
+variant's tokens/s is its median over the rounds, and its speed against dense fp32 the median of the
+per-round ratios: on a shared host whose speed drifts by 2x over minutes (dense fp32 at B8 x 2048 measured
+9.9..23.3 tok/s in runs timed one variant after the other), the paired ratio of one round's neighbours is
+what is stable. The JSON keeps every round. Memory: the bytes of the tensors each variant holds (parameters and buffers,
 shared storage counted once), split into weights and KV cache (``cache_buffers``); not the process RSS, which
 also counts the compiler and allocator.
 """
@@ -33,6 +38,7 @@ from __future__ import annotations
 import copy
 import os
 import platform
+import statistics
 import time
 
 import torch
@@ -116,8 +122,8 @@ def _compare(logits: torch.Tensor, reference: torch.Tensor) -> dict:
             "top1_agreement": float((logits.argmax(-1) == reference.argmax(-1)).float().mean())}
 
 
-def bench_model(artifact: str, *, batches=(1, 8), cache_lens=(512, 2048), steps: int = 16, compile: bool = True,
-                seed: int = 0, progress: bool = True) -> dict:
+def bench_model(artifact: str, *, batches=(1, 8), cache_lens=(512, 2048), steps: int = 16, rounds: int = 5,
+                compile: bool = True, seed: int = 0, progress: bool = True) -> dict:
     """Measure every variant at every (batch, cache length); see the module docstring."""
     manifest = read_manifest(artifact)
     bits = parse_bits(manifest["bits"])
@@ -134,7 +140,7 @@ def bench_model(artifact: str, *, batches=(1, 8), cache_lens=(512, 2048), steps:
     for cache_len in cache_lens:
         for batch in batches:
             row = {"batch": batch, "cache_len": cache_len, "variants": {}}
-            reference = {}
+            reference, live = {}, {}
             for kind in kinds:
                 decoder = _variant(kind, lm, artifact, batch, cache_len)
                 _fill(decoder, seed)
@@ -152,35 +158,53 @@ def bench_model(artifact: str, *, batches=(1, 8), cache_lens=(512, 2048), steps:
                         entry["check"].update(tolerance=tol, passed=entry["check"]["rel_err"] <= tol)
                 reference[kind] = checked
                 _fill(decoder, seed)
-                calls = _steps(step, batch, cache_len, steps, vocab, seed)
-                if entry.get("check", {}).get("passed") is not False:
-                    with torch.no_grad():
-                        for call in calls[:3]:
-                            call()
-                        begin = time.perf_counter()
-                        for call in calls[3:]:
-                            call()
-                        seconds = time.perf_counter() - begin
-                    entry.update(seconds=seconds, tokens_per_s=batch * steps / seconds)
                 row["variants"][kind] = entry
-                if progress:
-                    print(f"  B{batch} L{cache_len} {kind:<11} " + (f"{entry['tokens_per_s']:8.1f} tok/s"
-                          if "tokens_per_s" in entry else "check FAILED: not timed"), flush=True)
-                del decoder, step, calls
-                torch._dynamo.reset()  # drop the compiled graph (and the weights it holds)
+                if entry.get("check", {}).get("passed") is False:
+                    if progress:
+                        print(f"  B{batch} L{cache_len} {kind:<11} check FAILED: not timed", flush=True)
+                    continue
+                calls = _steps(step, batch, cache_len, steps, vocab, seed)
+                with torch.no_grad():
+                    for call in calls[:3]:
+                        call()
+                live[kind] = (decoder, calls)
+            _time_rounds(row, live, batch, steps, rounds, progress)
+            live.clear()
+            torch._dynamo.reset()  # drop the compiled graphs (and the weights they hold)
             base = row["variants"]["dense-fp32"]
-            for kind, entry in row["variants"].items():
-                held = sum(entry["memory"].values())
-                entry["memory_vs_dense_fp32"] = held / sum(base["memory"].values())
-                if "tokens_per_s" in entry and "tokens_per_s" in base:
-                    entry["speed_vs_dense_fp32"] = entry["tokens_per_s"] / base["tokens_per_s"]
+            for entry in row["variants"].values():
+                entry["memory_vs_dense_fp32"] = sum(entry["memory"].values()) / sum(base["memory"].values())
             runs.append(row)
     return {"artifact": str(artifact), "model": manifest["model"], "recipe": manifest["recipe"]["name"],
             "bits": manifest["bits"], "rho1": manifest.get("rho1"), "rho2": manifest.get("rho2"),
             "artifact_bytes": manifest["bytes"], "fp16_model_bytes": fp16_bytes,
-            "artifact_vs_fp16": manifest["bytes"] / fp16_bytes, "steps": steps, "compiled": compile,
+            "artifact_vs_fp16": manifest["bytes"] / fp16_bytes, "steps": steps, "rounds": rounds, "compiled": compile,
             "machine": _machine(),
             "versions": versions(), "runs": runs}
+
+
+def _time_rounds(row: dict, live: dict, batch: int, steps: int, rounds: int, progress: bool) -> None:
+    """Time ``rounds`` rounds of every live variant, interleaved; store per-round and median figures in ``row``."""
+    kinds = list(live)
+    per_round = {k: [] for k in kinds}
+    with torch.no_grad():
+        for r in range(rounds):
+            for kind in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:
+                calls = live[kind][1]
+                calls[2]()
+                begin = time.perf_counter()
+                for call in calls[3:]:
+                    call()
+                per_round[kind].append(batch * steps / (time.perf_counter() - begin))
+    for kind in kinds:
+        entry = row["variants"][kind]
+        entry.update(tokens_per_s_rounds=per_round[kind], tokens_per_s=statistics.median(per_round[kind]))
+        if "dense-fp32" in per_round:
+            ratios = [a / b for a, b in zip(per_round[kind], per_round["dense-fp32"])]
+            entry.update(speed_vs_dense_fp32=statistics.median(ratios), speed_vs_dense_fp32_range=[min(ratios), max(ratios)])
+        if progress:
+            print(f"  B{batch} L{row['cache_len']} {kind:<11} {entry['tokens_per_s']:8.1f} tok/s (median of {rounds} rounds: "
+                  f"{min(per_round[kind]):.1f}..{max(per_round[kind]):.1f})", flush=True)
 
 
 def _machine() -> dict:
@@ -193,14 +217,17 @@ def print_model(result: dict) -> None:
     v = result["versions"]
     print(f"{result['model']} {result['recipe']} {result['bits']} rho1 {result['rho1']:.2f} rho2 {result['rho2']:.2f}; "
           f"{result['machine']['cpu']}, {result['machine']['torch_threads']} threads; torch {v['torch']}, transformers {v['transformers']}; "
-          f"compiled={result['compiled']}, {result['steps']} steps")
+          f"compiled={result['compiled']}, {result['rounds']} interleaved rounds of {result['steps']} steps "
+          f"(tok/s: median of the rounds; x fp32: median of the per-round ratios [min..max])")
     print(f"artifact {result['artifact_bytes'] / 1e6:.1f} MB = {result['artifact_vs_fp16']:.3f} x the fp16 model "
           f"({result['fp16_model_bytes'] / 1e6:.1f} MB)")
-    print(f"{'batch':>5} {'cache':>6} {'variant':<11} {'tok/s':>9} {'x fp32':>7} {'weights MB':>11} {'KV MB':>8} "
+    print(f"{'batch':>5} {'cache':>6} {'variant':<11} {'tok/s':>9} {'x fp32':>7} {'range':>11} {'weights MB':>11} {'KV MB':>8} "
           f"{'x fp32 mem':>10}  check")
     for row in result["runs"]:
         for kind, e in row["variants"].items():
-            speed = f"{e['tokens_per_s']:9.1f} {e['speed_vs_dense_fp32']:7.2f}" if "tokens_per_s" in e else f"{'-':>9} {'-':>7}"
+            speed = (f"{e['tokens_per_s']:9.1f} {e['speed_vs_dense_fp32']:7.2f} "
+                     f"{'%.2f..%.2f' % tuple(e['speed_vs_dense_fp32_range']):>11}" if "tokens_per_s" in e
+                     else f"{'-':>9} {'-':>7} {'-':>11}")
             check, floor = e.get("check"), e.get("compiled_vs_eager")
             verdict = "; ".join(
                 ([f"{ {True: 'ok ', False: 'FAILED ', None: ''}[check['passed']]}rel {check['rel_err']:.1e}, top-1 "

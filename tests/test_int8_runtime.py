@@ -127,7 +127,7 @@ def test_bench_model_measures_every_variant_in_one_run(tmp_path, capsys):
                   rho1_target=0.6, report=report, calibration={}, environment={})
     out = tmp_path / "bench.json"
     assert main(["bench", "model", "--artifact", str(art), "--batch", "2", "--cache-len", "12", "--steps", "2",
-                 "--no-compile", "--quiet", "--json", str(out)]) == 0
+                 "--rounds", "3", "--no-compile", "--quiet", "--json", str(out)]) == 0
     import json
 
     result = json.loads(out.read_text())
@@ -137,6 +137,11 @@ def test_bench_model_measures_every_variant_in_one_run(tmp_path, capsys):
         v = row["variants"]
         assert list(v) == ["dense-fp32", "dense-bf16", "fake-quant", "int8"]
         assert all(e["tokens_per_s"] > 0 and e["memory"]["kv_cache"] > 0 for e in v.values())
+        for e in v.values():  # interleaved rounds: the median of each, the paired ratio's median inside its range
+            assert len(e["tokens_per_s_rounds"]) == 3 and e["tokens_per_s"] == sorted(e["tokens_per_s_rounds"])[1]
+            low, high = e["speed_vs_dense_fp32_range"]
+            assert low <= e["speed_vs_dense_fp32"] <= high
+        assert v["dense-fp32"]["speed_vs_dense_fp32_range"] == [1.0, 1.0]
         assert v["int8"]["check"]["passed"] and v["int8"]["check"]["tolerance"] == 1e-4  # eager: no rounding floor
         assert v["fake-quant"]["compiled_vs_eager"]["rel_err"] == v["int8"]["compiled_vs_eager"]["rel_err"] == 0
         assert v["dense-bf16"]["check"]["rel_err"] < 0.1
@@ -145,3 +150,5 @@ def test_bench_model_measures_every_variant_in_one_run(tmp_path, capsys):
     assert "x the fp16 model" in capsys.readouterr().out
     assert main(["bench", "model", "--batch", "1"]) == 2
     assert "give --artifact DIR" in capsys.readouterr().err
+    assert main(["bench", "model", "--artifact", str(art), "--rounds", "0"]) == 2
+    assert capsys.readouterr().err == "error: --rounds must be at least 1, got 0\n"

@@ -7,7 +7,7 @@
     wsvd table --model NAME --recipes R1,R2 --rho1 0.9,0.5 [--rho2 0.5] --json OUT
     wsvd generate --model NAME|PATH --prompt TEXT [--recipe wsvd-noq --rho1 X] [--no-lower] [--no-compile]
     wsvd bench kernel|decode [--device cuda|cpu] [--quick] [--layers N] [--json OUT]
-    wsvd bench model --artifact DIR [--batch 1,8] [--cache-len 512,2048] [--json OUT]
+    wsvd bench model --artifact DIR [--batch 1,8] [--cache-len 512,2048] [--rounds 5] [--json OUT]
     wsvd report DIR [--out OUT_DIR]                           markdown report with plots of a compress --out DIR
     wsvd export vllm ARTIFACT OUT                             a directory vLLM serves (with the wsvd plugin)
 
@@ -157,6 +157,8 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--cache-len", help="decode: static cache length (default 4096); model: comma-separated "
                     "(default 512,2048)")
     be.add_argument("--steps", type=int, default=None, help="timed decode steps (default: decode 32, model 16)")
+    be.add_argument("--rounds", type=int, default=5, help="model: interleaved timing rounds per variant (default 5); "
+                    "tok/s is the median over the rounds")
     be.add_argument("--rank-ratio", type=float, default=0.5, help="decode: per-head rank / head dim")
     be.add_argument("--no-compile", action="store_true", help="decode: time the eager graph")
     be.add_argument("--quiet", action="store_true")
@@ -505,13 +507,15 @@ def _bench_model(args, device: str) -> dict:
     batches = _positive_ints(args.batch or "1,8", "--batch")
     cache_lens = _positive_ints(args.cache_len or "512,2048", "--cache-len")
     steps = args.steps or 16
+    if args.rounds < 1:
+        raise WsvdError(f"--rounds must be at least 1, got {args.rounds}")
     if steps < 1 or min(cache_lens) <= steps + 3:
         raise WsvdError(f"--cache-len ({min(cache_lens)}) must exceed --steps ({steps}) + 3 warm-up steps")
     from .artifact import read_manifest
 
     read_manifest(args.artifact)  # one error line for a directory that is not an artifact
     try:
-        result = bench_model(args.artifact, batches=batches, cache_lens=cache_lens, steps=steps,
+        result = bench_model(args.artifact, batches=batches, cache_lens=cache_lens, steps=steps, rounds=args.rounds,
                              compile=not args.no_compile, progress=not args.quiet)
     except ValueError as e:
         raise WsvdError(str(e)) from None
