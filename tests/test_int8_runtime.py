@@ -49,11 +49,15 @@ def test_int8_linear_matches_a_float64_reference(shape, bias):
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
 
 
-def test_compiled_int8_linear_equals_eager_at_one_token():
-    """Regression: quantising a [1, 1, in] input before the reshape compiled to wrong sums (torch 2.13 inductor)."""
+@pytest.mark.parametrize("group", [None, 32])
+def test_compiled_int8_linear_equals_eager_at_one_token(group):
+    """Regression: inductor views a one-token operand with row stride 0 and the CPU torch._int_mm sums it wrong
+    (pytorch/pytorch#195066): per-token and per-head (block-diagonal) quantised inputs."""
     g = torch.Generator().manual_seed(2)
-    x, (codes, scale) = torch.randn(1, 1, 96, generator=g), quantize_weight(torch.randn(160, 96, generator=g), 8)
-    assert torch.equal(torch.compile(int8_linear)(x, codes, scale), int8_linear(x, codes, scale))
+    w = torch.block_diag(*[torch.randn(40, 32, generator=g) for _ in range(3)])
+    x, (codes, scale) = torch.randn(1, 1, 96, generator=g), quantize_weight(w, 8)
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(int8_linear)(x, codes, scale, None, group), int8_linear(x, codes, scale, None, group))
 
 
 def test_int8_embedding_is_the_dequantised_lookup():
@@ -63,17 +67,34 @@ def test_int8_embedding_is_the_dequantised_lookup():
                        torch.nn.functional.embedding(ids, codes.float() * scale[:, None]))
 
 
-@pytest.mark.parametrize("recipe, bits, simulated", [("quarot", "w8a8", 0), ("qsvd", "w8a8", 0), ("wsvd", "w8a8", 6),
-                                                     ("quarot", "w8a8e8", 0)])
-def test_w8a8_linears_run_in_integers_and_give_the_evaluated_logits(recipe, bits, simulated):
+@pytest.mark.parametrize("blocks, group, rows", [(3, 5, 7), (1, 9, 4), (4, 3, 1)])
+def test_grouped_int8_linear_of_a_block_diagonal_weight_matches_a_float64_reference(blocks, group, rows):
+    """One activation scale per token and head, a per-head (block-diagonal) up-projection: each output block
+    scaled by its head's activation scale after the integer matmul."""
+    g = torch.Generator().manual_seed(blocks * group)
+    x = torch.randn(2, 3, blocks * group, generator=g) * torch.linspace(0.1, 4, blocks * group)  # heads of unlike ranges
+    w = torch.block_diag(*[torch.randn(rows, group, generator=g) for _ in range(blocks)])
+    codes, scale = quantize_weight(w, 8)
+    b = torch.randn(blocks * rows, generator=g)
+    got = int8_linear(x, codes, scale, b, group)
+    qx = fake_quant_activation(x.double(), 8, group=group)
+    want = qx @ (codes.double() * scale.double()[:, None]).T + b.double()
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
+    if blocks > 1:  # per-token scales would be a different function: the test can tell them apart
+        assert (fake_quant_activation(x.double(), 8) - qx).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("recipe, bits", [("quarot", "w8a8"), ("qsvd", "w8a8"), ("wsvd", "w8a8"), ("quarot", "w8a8e8")])
+def test_w8a8_linears_run_in_integers_and_give_the_evaluated_logits(recipe, bits):
     compressed, _ = _compressed(recipe, bits)
     with torch.no_grad():
         want = compressed.gm(input_ids=IDS)
     graph = copy.deepcopy(compressed)
     counts = lower_int8(graph)
-    # wsvd: the per-head latent up-projections quantise one scale per head and token: they stay simulated
+    # wsvd: the 6 per-head latent up-projections (one activation scale per head and token) run in integers too
     e8 = int(bits.endswith("e8"))  # the 8-bit embedding lookup, and the LM head as one more W8A8 linear
-    assert counts == {"int8": (14 if recipe != "qsvd" else 16) + e8, "int8_embedding": e8, "simulated": simulated}
+    linears = {"quarot": 14, "qsvd": 16, "wsvd": 20}[recipe] + e8
+    assert counts == {"int8": linears, "int8_embedding": e8, "simulated": 0}
     ops = [n for n in graph.gm.graph.nodes if n.target is int8_linear]
     assert len(ops) == counts["int8"] and all(graph.gm.get_buffer(n.args[1].target).dtype == torch.int8 for n in ops)
     assert not any(n.args[1].target in dict(graph.gm.named_parameters()) for n in ops)  # float weights dropped
@@ -93,9 +114,9 @@ def test_lowered_int8_decode_of_a_reloaded_artifact_reproduces_the_evaluated_gra
     Pipeline([LatentKVCache(decoder.config)])(decoder)
     lowering.lower(decoder)
     counts = lower_int8(decoder)
-    # the full graph's 14 W8A8 linears, o_proj behind the per-head value up-projection included; K's and V's
-    # up-projections live in the op and the cache, Q's (one scale per head and token) stays simulated
-    assert counts == {"int8": 14, "int8_embedding": 0, "simulated": 2}
+    # the full graph's 14 W8A8 linears, o_proj behind the per-head value up-projection included, and Q's
+    # per-head up-projections (one scale per head and token); K's and V's live in the op and the cache
+    assert counts == {"int8": 16, "int8_embedding": 0, "simulated": 0}
     got = steps(decoder, IDS)
     assert (got - evaluated).abs().max() <= TOL * evaluated.abs().max()
     eager = generate(decoder, IDS[:1, :5], 6)

@@ -63,8 +63,8 @@ def _parser() -> argparse.ArgumentParser:
                     "uncompressed one (ppl, KL, top-1; written to DIR/evaluation.json), or with --mc its accuracy")
     ev.add_argument("--runtime", choices=["fake", "int8"], default="fake",
                     help="with an artifact: fake (default) simulates quantisation in float; int8 runs the W8A8 "
-                    "linears as int8 x int8 -> int32 matmuls (torch._int_mm) and e8 tables as int8; other bit "
-                    "widths stay simulated")
+                    "linears (per-head latent up-projections included) as int8 x int8 -> int32 matmuls "
+                    "(torch._int_mm) and e8 tables as int8; other bit widths stay simulated")
     ev.add_argument("--generate", type=int, default=0, metavar="N",
                     help="with --mc: also predict by greedy generation of up to N tokens")
     ev.add_argument("--max-items", type=int, default=None, help="with --mc: score N items drawn with --seed")
@@ -126,8 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     ge.add_argument("--artifact", help="decode the compressed model of this `wsvd compress --out` directory")
     ge.add_argument("--runtime", choices=["fake", "int8"], default="fake",
                     help="with an artifact: fake (default) simulates quantisation in float; int8 runs the W8A8 "
-                    "linears as int8 x int8 -> int32 matmuls (torch._int_mm) and e8 tables as int8; other bit "
-                    "widths stay simulated")
+                    "linears (per-head latent up-projections included) as int8 x int8 -> int32 matmuls "
+                    "(torch._int_mm) and e8 tables as int8; other bit widths stay simulated")
     ge.add_argument("--no-lower", action="store_true", help="keep the un-lowered latent attention (plain aten ops)")
     ge.add_argument("--no-compile", action="store_true", help="run the decode step eagerly (no torch.compile)")
     ge.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
