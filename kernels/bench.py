@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from wsvd_passes.rope import rope_half_tables  # the model's own tables (one builder for passes and kernels)
 
-from .latent_attention import _autotuned_split_kernel, _latent_split_kernel, default_num_splits, latent_decode_attention_triton
+from .latent_attention import autotuned_split_kernel, default_num_splits, latent_decode_attention_triton, latent_split_kernel
 from .reference import rotate_half
 from .roofline import dense_step, latent_step
 
@@ -321,13 +321,13 @@ def compiled_kernels() -> dict:
     registers, spills and shared memory (as loaded by the driver), and the autotuner's choice per key.
     Reads Triton's internal caches (checked with Triton 3.6/3.9); {} where they are not there."""
     try:
-        compiled = [k for caches in _latent_split_kernel.device_caches.values() for k in caches[0].values()]
+        compiled = [k for caches in latent_split_kernel.device_caches.values() for k in caches[0].values()]
         for k in compiled:
             k._init_handles()
         return {"compiled": [{"num_warps": k.metadata.num_warps, "num_stages": k.metadata.num_stages,
                               "shared": k.metadata.shared, "n_regs": k.n_regs, "n_spills": k.n_spills}
                              for k in compiled],
-                "autotuned": {str(key): str(config) for key, config in _autotuned_split_kernel.cache.items()}}
+                "autotuned": {str(key): str(config) for key, config in autotuned_split_kernel.cache.items()}}
     except (AttributeError, TypeError, IndexError):  # noqa: BLE001 - internal API of another Triton release
         return {}
 

@@ -42,7 +42,7 @@ import triton.language as tl
 
 from .reference import check_latent_args
 
-_INTERPRETED = triton.knobs.runtime.interpret  # read when the kernels below are decorated
+INTERPRETED = triton.knobs.runtime.interpret  # read when the kernels below are decorated
 # Launch configurations the autotuner picks from on CUDA (keyed on the shape); the static check
 # (kernels/static_check.py) compiles every one. Under the interpreter the first one runs.
 # Only spill-free ones (Triton 3.9: 64 tokens with 4 warps, or 128 tokens, spill on sm_90; on sm_80
@@ -89,7 +89,7 @@ def _dot(a, b, acc, DOT: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _latent_split_kernel(
+def latent_split_kernel(
     q_ptr, ck_ptr, ck_scale_ptr, bk_ptr, cv_ptr, cv_scale_ptr, lengths_ptr, cos_ptr, sin_ptr,
     o_ptr, m_ptr, l_ptr,
     qk_scale, max_len, rope_len, num_splits,
@@ -201,12 +201,12 @@ def _prune_for_device(configs, named_args, **kwargs):
 
 
 # kv-head count, splits and batch are the grid; the rest of the shape is in the constexprs
-_autotuned_split_kernel = triton.autotune(CONFIGS, key=["max_len", "num_splits"],
-                                          prune_configs_by={"early_config_prune": _prune_for_device})(_latent_split_kernel)
+autotuned_split_kernel = triton.autotune(CONFIGS, key=["max_len", "num_splits"],
+                                          prune_configs_by={"early_config_prune": _prune_for_device})(latent_split_kernel)
 
 
 @triton.jit
-def _merge_splits_kernel(o_ptr, m_ptr, l_ptr, out_ptr, num_splits,
+def merge_splits_kernel(o_ptr, m_ptr, l_ptr, out_ptr, num_splits,
                          R_V: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_RV: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # b * n_q + query head
     offs_s = tl.arange(0, BLOCK_S)
@@ -275,7 +275,7 @@ def kernel_arguments(q, ck, bk, cv, lengths, cos, sin, *, scale, attention_scali
                       BLOCK_G=1 if dims.group == 1 else _block(dims.group), BLOCK_H=_block(dims.head_dim // 2),
                       BLOCK_RK=_block(dims.r_k), BLOCK_RV=_block(dims.r_v),
                       HAS_CK_SCALE=ck_scale is not None, HAS_CV_SCALE=cv_scale is not None,
-                      DOT=DOT_DTYPES[compute], EMULATE=_INTERPRETED and compute == torch.bfloat16,
+                      DOT=DOT_DTYPES[compute], EMULATE=INTERPRETED and compute == torch.bfloat16,
                       SINGLE_SPLIT=single)
     return (dims.n_kv, num_splits, dims.batch), args, constexprs, num_splits, parts, out
 
@@ -288,7 +288,7 @@ def latent_decode_attention_triton(q, ck, bk, cv, lengths, cos, sin, *, scale, a
     cache capacity L_max and the device's SM count. ``config`` (one of :data:`CONFIGS`) pins the launch
     configuration; by default it is autotuned on CUDA and ``CONFIGS[0]`` under the interpreter.
     """
-    if q.device.type != "cuda" and not _INTERPRETED:
+    if q.device.type != "cuda" and not INTERPRETED:
         raise ValueError(f"tensors are on {q.device}: the Triton kernel needs CUDA tensors, "
                          "or TRITON_INTERPRET=1 set before triton is imported")
     sm_count = _sm_count(q.device.index or 0) if q.device.type == "cuda" else 132
@@ -297,15 +297,15 @@ def latent_decode_attention_triton(q, ck, bk, cv, lengths, cos, sin, *, scale, a
         cv_scale=cv_scale, num_splits=num_splits, sm_count=sm_count)
     if out.numel() == 0:
         return out
-    if config is None and not _INTERPRETED:
-        _autotuned_split_kernel[grid](*args, **constexprs)
+    if config is None and not INTERPRETED:
+        autotuned_split_kernel[grid](*args, **constexprs)
     else:
         config = config or CONFIGS[0]
-        _latent_split_kernel[grid](*args, **constexprs, **config.kwargs, num_warps=config.num_warps,
+        latent_split_kernel[grid](*args, **constexprs, **config.kwargs, num_warps=config.num_warps,
                                    num_stages=config.num_stages)
     if num_splits > 1:
         r_v = out.shape[-1]
-        _merge_splits_kernel[(out.shape[0] * out.shape[1],)](
+        merge_splits_kernel[(out.shape[0] * out.shape[1],)](
             o_part, m_part, l_part, out, num_splits,
             R_V=r_v, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_RV=_block(r_v, 1))
     return out

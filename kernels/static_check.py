@@ -31,7 +31,7 @@ import time
 import torch
 import triton
 
-from .latent_attention import _INTERPRETED, MAX_RANK, _latent_split_kernel, _merge_splits_kernel, configs_for, kernel_arguments
+from .latent_attention import INTERPRETED, MAX_RANK, configs_for, kernel_arguments, latent_split_kernel, merge_splits_kernel
 
 ARCHS = (90,)
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # largest shared memory per block (H100/H200, A100)
@@ -134,7 +134,7 @@ def check_variant(variant: Variant, rank: int, config: triton.Config, arch: int)
     """One row: the variant, rank, configuration, target and its SASS figures."""
     grid, args, constexprs, *_ = variant_call(variant, rank)
     start = time.perf_counter()
-    kernel = compile_kernel(_latent_split_kernel, args, {**constexprs, **config.kwargs, "num_warps": config.num_warps,
+    kernel = compile_kernel(latent_split_kernel, args, {**constexprs, **config.kwargs, "num_warps": config.num_warps,
                                                          "num_stages": config.num_stages}, arch)
     return {"kernel": "split", "variant": variant.name, "rank": rank, "arch": f"sm_{arch}",
             "block_n": config.kwargs["BLOCK_N"], "num_warps": config.num_warps, "num_stages": config.num_stages,
@@ -147,7 +147,7 @@ def check_merge(rank: int, arch: int, num_splits: int = 4) -> dict:
     out = torch.empty(2, 4, rank, device="meta")
     parts = torch.empty(2, 4, num_splits, rank, device="meta"), *(torch.empty(2, 4, num_splits, device="meta")
                                                                   for _ in range(2))
-    kernel = compile_kernel(_merge_splits_kernel, (*parts, out, num_splits),
+    kernel = compile_kernel(merge_splits_kernel, (*parts, out, num_splits),
                             dict(R_V=rank, BLOCK_S=triton.next_power_of_2(num_splits),
                                  BLOCK_RV=triton.next_power_of_2(rank), num_warps=4, num_stages=1), arch)
     return {"kernel": "merge", "variant": "merge", "rank": rank, "arch": f"sm_{arch}", **sass_report(kernel)}
@@ -161,7 +161,7 @@ def static_check(archs=ARCHS, ranks=RANKS, variants=VARIANTS, progress: bool = T
     """
     from tqdm.auto import tqdm
 
-    if _INTERPRETED:
+    if INTERPRETED:
         return _in_subprocess(archs, ranks, variants, progress)
     jobs = [(v, r, c, a) for a in archs for v in variants for r in (*ranks, *v.extra_ranks)
             for c in configs_for(a, triton.next_power_of_2(r))]

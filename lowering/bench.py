@@ -32,6 +32,7 @@ from torch.fx import GraphModule
 
 from wsvd_passes.capture import CapturedGraph, capture_decode
 from wsvd_passes.compress import Calibration, factor_plan
+from wsvd_passes.factor_spec import head_blocks
 from wsvd_passes.factorize import FactorizeQKV, LayerFactors
 from wsvd_passes.graph_utils import tensor_attr
 from wsvd_passes.latent_kv import LatentKVCache
@@ -126,12 +127,6 @@ def latent_to_dense(latent: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bglr,gdr->bgld", latent, up)
 
 
-def _head_blocks(up: torch.Tensor, heads: int) -> torch.Tensor:
-    """The diagonal blocks of a block-diagonal up-projection [heads H, heads r] -> [heads, H, r]."""
-    H, r = up.shape[0] // heads, up.shape[1] // heads
-    return torch.stack([up[h * H:(h + 1) * H, h * r:(h + 1) * r] for h in range(heads)])
-
-
 @torch.no_grad()
 def _prefill(dense: GraphModule, dense_sites, latent: GraphModule, latent_sites, plan, config, seed: int) -> None:
     """Fill every cache with the same random content (see the module docstring), K and V at unit RMS.
@@ -143,7 +138,7 @@ def _prefill(dense: GraphModule, dense_sites, latent: GraphModule, latent_sites,
         B, heads, L, H = tensor_attr(dense, d_site.k_cache.buffer).shape
         cos, sin = (t.to(device) for t in rope_tables(*rope_parameters(config), L))
         for p, dense_cache, latent_cache in (("k", d_site.k_cache, l_site.k_cache), ("v", d_site.v_cache, l_site.v_cache)):
-            up = _head_blocks(plan[l_site.layer].ups[p].float(), heads)
+            up = head_blocks(plan[l_site.layer].ups[p].float(), heads)
             c = torch.randn(B, heads, L, up.shape[-1], generator=gen, device=device)
             x = latent_to_dense(c, up)
             if p == "k":

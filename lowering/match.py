@@ -29,6 +29,7 @@ from torch.fx import GraphModule, Node
 
 import lowering.ops  # noqa: F401  (registers torch.ops.wsvd.latent_attention)
 from wsvd_passes.errors import WsvdError
+from wsvd_passes.factor_spec import head_blocks
 from wsvd_passes.graph_utils import add_tensor_attr, copy_meta, get_attr_node, infer_val, remove_attr_if_unused, tensor_attr
 from wsvd_passes.latent_kv import ROPE_COS, ROPE_INV_FREQ, ROPE_SCALING, ROPE_SIN
 from wsvd_passes.pipeline import GraphPass
@@ -69,13 +70,11 @@ class LowerLatentAttention(GraphPass):
         for node, name in ((site.k_rope.cos, ROPE_COS), (site.k_rope.sin, ROPE_SIN)):
             if not (node.op == "get_attr" and node.target == name):
                 raise WsvdError(f"{where}: keys are not rotated with the cache-position RoPE tables; cannot lower")
-        n_kv, H = site.n_kv_heads, site.head_dim
+        n_kv = site.n_kv_heads
         U_k = tensor_attr(gm, site.k_proj.up).detach()
         k_heads, r_k = tensor_attr(gm, site.k_cache.buffer).shape[1::2]
         v_heads = tensor_attr(gm, site.v_cache.buffer).shape[1]
-        # B_K[h] = (kv head h's rows of U_k, restricted to h's latent columns when the cache is per head)^T
-        cols = [slice(h * r_k, (h + 1) * r_k) if k_heads > 1 else slice(0, r_k) for h in range(n_kv)]
-        bk = torch.stack([U_k[h * H : (h + 1) * H, cols[h]].T for h in range(n_kv)]).contiguous()
+        bk = head_blocks(U_k, n_kv, shared=k_heads == 1).transpose(1, 2).contiguous()  # B_K [n_kv, r_k, H]
         owner = site.k_proj.up.rpartition(".")[0]
         add_tensor_attr(gm, f"{owner}.k_up_heads", bk, parameter=True)
         attn = site.attention

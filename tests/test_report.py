@@ -127,12 +127,13 @@ def test_cli_prints_report_path(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("setup, message", [
-    (lambda d: d.mkdir(), "has no manifest.json: point wsvd report at a directory written by wsvd compress --out"),
+    (lambda d: d.mkdir(), "has no manifest.json: give a directory written by `wsvd compress --out`"),
     (lambda d: None, "is not a directory"),
     (lambda d: _artifact(d, _manifest(format="something-else")),
-     "is not a wsvd-artifact manifest (format 'something-else')"),
+     "is not a wsvd artifact manifest (format 'something-else')"),
+    (lambda d: _artifact(d, [1, 2]), "is not a wsvd artifact manifest (format 'list')"),
     (lambda d: _artifact(d, _manifest(format_version=FORMAT_VERSION + 1)),
-     f"format_version {FORMAT_VERSION + 1}, newer than the {FORMAT_VERSION} this wsvd-passes reads"),
+     f"has artifact format version {FORMAT_VERSION + 1} (written by wsvd-passes"),
     (lambda d: _artifact(d, _manifest(ranks={"0": {"q": ["x"]}})), "'ranks' is malformed"),
     (lambda d: _artifact(d, _manifest(reconstruction={"0": {"q": {"after": "big"}}})), "'reconstruction' is malformed"),
     (lambda d: _artifact(d, _manifest(heads=...)), "has ranks but no heads"),

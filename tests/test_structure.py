@@ -1,5 +1,5 @@
 """The package's import graph has no cycles, counting imports inside functions (which hide a cycle from
-Python's import machinery but not from the reader)."""
+Python's import machinery but not from the reader), and no module imports another's private names."""
 
 from __future__ import annotations
 
@@ -21,22 +21,31 @@ def _modules() -> dict[str, Path]:
     return out
 
 
+def _resolve(node: ast.ImportFrom, package: str) -> str:
+    """The absolute module a ``from ... import`` reads, relative levels resolved against ``package``."""
+    base = node.module or ""
+    if node.level:
+        parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+        base = ".".join(parts + ([base] if base else []))
+    return base
+
+
+def _package(name: str, path: Path) -> str:
+    return name if path.name == "__init__.py" else name.rpartition(".")[0]
+
+
 def import_graph() -> dict[str, set[str]]:
     """Module -> the package modules it imports anywhere in its body (``from .x import y`` counts x, and y
     when y is a module)."""
     modules = _modules()
     graph = {}
     for name, path in modules.items():
-        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         deps = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 deps.update(alias.name for alias in node.names)
             elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    parts = package.split(".")[: len(package.split(".")) - node.level + 1]
-                    base = ".".join(parts + ([base] if base else []))
+                base = _resolve(node, _package(name, path))
                 deps.add(base)
                 deps.update(f"{base}.{alias.name}" for alias in node.names)
         graph[name] = {d for d in deps if d in modules and d != name}
@@ -76,6 +85,42 @@ def test_the_package_has_no_import_cycles():
     assert {"wsvd_passes.capture", "lowering.match", "kernels.reference"} <= set(graph)
     assert "wsvd_passes.artifact" in graph["wsvd_passes.serve.export"]  # imported inside a function, two levels up
     assert cycles(graph) == []
+
+
+def private_imports(modules: dict[str, Path]) -> list[str]:
+    """``module: name`` for every private name (``_x``) one package module takes from another, by
+    ``from m import _x`` or as ``m._x`` on a module it imported."""
+    found = []
+    for name, path in modules.items():
+        tree, aliases = ast.parse(path.read_text()), set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                base = _resolve(node, _package(name, path))
+                for alias in node.names:
+                    if f"{base}.{alias.name}" in modules:
+                        aliases.add(alias.asname or alias.name)
+                    elif base in modules and base != name and alias.name.startswith("_") and not alias.name.startswith("__"):
+                        found.append(f"{name}: {base}.{alias.name}")
+            elif isinstance(node, ast.Import):
+                aliases.update(a.asname for a in node.names if a.asname and a.name in modules)
+        found += [f"{name}: {node.value.id}.{node.attr}" for node in ast.walk(tree)
+                  if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                  and node.attr.startswith("_") and not node.attr.startswith("__")]
+    return found
+
+
+def test_no_module_imports_another_modules_private_names():
+    assert private_imports(_modules()) == []
+
+
+def test_the_private_import_finder_finds_them(tmp_path):
+    pkg = tmp_path / "p"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("_x = 1\ny = 2\n")
+    (pkg / "b.py").write_text("from .a import _x, y\nfrom . import a\nz = a._x + a.y\n")
+    modules = {"p": pkg / "__init__.py", "p.a": pkg / "a.py", "p.b": pkg / "b.py"}
+    assert private_imports(modules) == ["p.b: p.a._x", "p.b: a._x"]
 
 
 @pytest.mark.parametrize("graph, expected", [({"a": {"b"}, "b": {"a"}, "c": {"a"}}, [["a", "b"]]),

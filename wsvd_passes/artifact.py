@@ -142,11 +142,16 @@ def read_manifest(directory: str | Path) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise WsvdError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}): write the artifact again") from None
+        raise WsvdError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}): write the artifact again with "
+                        "`wsvd compress --out`") from None
+    except UnicodeDecodeError:
+        raise WsvdError(f"{path} is not UTF-8 text: write the artifact again with `wsvd compress --out`") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise WsvdError(f"{path} is not a wsvd artifact manifest (format {manifest.get('format')!r})")
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise WsvdError(f"{path} is not a wsvd artifact manifest (format {found!r}): give a directory written by "
+                        "`wsvd compress --out`")
     got = manifest.get("format_version")
-    if not isinstance(got, int) or got > FORMAT_VERSION:
+    if not isinstance(got, int) or isinstance(got, bool) or got > FORMAT_VERSION:
         raise WsvdError(f"{path} has artifact format version {got!r} (written by wsvd-passes "
                         f"{manifest.get('wsvd_version')}); this wsvd-passes {library_version()} reads up to "
                         f"{FORMAT_VERSION}: upgrade wsvd-passes or compress again")

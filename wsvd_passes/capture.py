@@ -89,7 +89,8 @@ class DecoderLogits(torch.nn.Module):
         return self.lm_head(hidden)
 
 
-def _unlift(ep: torch.export.ExportedProgram) -> torch.fx.GraphModule:
+def unlift(ep: torch.export.ExportedProgram) -> torch.fx.GraphModule:
+    """The exported program as an editable GraphModule (parameters and buffers as attributes)."""
     # check_guards=False keeps the input-shape guard node out of the graph we edit;
     # torch releases without that argument never inserted one.
     if "check_guards" in inspect.signature(ep.module).parameters:
@@ -169,7 +170,7 @@ def capture_forward(model: torch.nn.Module, *, example_batch: int = 2, example_l
             )
     except Exception as e:  # noqa: BLE001 - re-raised as one user-facing line
         raise _export_error(e, "full-sequence forward") from e
-    return _mark_tied(CapturedGraph(_unlift(ep), "forward", {"input_ids": example}, dynamic, config), tied)
+    return _mark_tied(CapturedGraph(unlift(ep), "forward", {"input_ids": example}, dynamic, config), tied)
 
 
 def capture_decode(model: torch.nn.Module, *, batch_size: int = 1, max_cache_len: int = 256) -> CapturedGraph:
@@ -202,7 +203,7 @@ def capture_decode(model: torch.nn.Module, *, batch_size: int = 1, max_cache_len
     finally:
         if generation_config is not None:
             generation_config.cache_implementation = saved
-    return _mark_tied(CapturedGraph(_unlift(ep), "decode", example, None, config), tied)
+    return _mark_tied(CapturedGraph(unlift(ep), "decode", example, None, config), tied)
 
 
 def _capture_decoder_forward(model: torch.nn.Module, *, example_batch: int = 2, example_len: int = 17) -> CapturedGraph:
@@ -222,4 +223,4 @@ def _capture_decoder_forward(model: torch.nn.Module, *, example_batch: int = 2, 
             ep = torch.export.export(DecoderLogits(model), (), kwargs=example, dynamic_shapes=dynamic, strict=False)
     except Exception as e:  # noqa: BLE001 - re-raised as one user-facing line
         raise _export_error(e, "language decoder") from e
-    return CapturedGraph(_unlift(ep), "forward", example, dynamic, config)
+    return CapturedGraph(unlift(ep), "forward", example, dynamic, config)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 from torch.fx import Node
 
 from .errors import WsvdError
@@ -34,6 +35,17 @@ class FactorSpec:
     @property
     def per_head(self) -> bool:
         return self.granularity == "head"
+
+
+def head_blocks(U: torch.Tensor, n: int, *, shared: bool = False) -> torch.Tensor:
+    """What head h's output reads of an up-projection U: rows h d..(h+1) d, and of a per-head latent
+    (U [n d, n w], block-diagonal) h's own columns h w..(h+1) w; of a latent ``shared`` by the n heads
+    (U [n d, w]) all of them. -> [n, d, w]."""
+    rows = U.unflatten(0, (n, -1))
+    if shared:
+        return rows
+    w = U.shape[1] // n
+    return torch.stack([rows[h, :, h * w:(h + 1) * w] for h in range(n)])
 
 
 def ranks_target(up: str) -> str:

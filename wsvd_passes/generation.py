@@ -15,7 +15,7 @@ import torch
 
 from .capture import CapturedGraph
 from .errors import WsvdError
-from .sites import _CACHE_WRITES
+from .sites import CACHE_WRITES
 
 
 def cache_buffers(decoder: CapturedGraph) -> dict[str, torch.Tensor]:
@@ -24,7 +24,7 @@ def cache_buffers(decoder: CapturedGraph) -> dict[str, torch.Tensor]:
         raise WsvdError("generation needs the decode graph: capture it with capture_decode()")
     gm = decoder.gm
     targets = {n.args[0].target for n in gm.graph.nodes
-               if n.op == "call_function" and n.target in _CACHE_WRITES and n.args[0].op == "get_attr"}
+               if n.op == "call_function" and n.target in CACHE_WRITES and n.args[0].op == "get_attr"}
     if not targets:
         raise WsvdError("the decode graph writes no KV cache")
     return {t: gm.get_buffer(t) for t in sorted(targets)}

@@ -30,6 +30,11 @@ NO_LAYERS = "wsvd_no_layers"
 _COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "torch_fn")
 
 
+def is_call(node, *targets) -> bool:
+    """Whether ``node`` is an fx node calling one of ``targets`` (False for constants and other args)."""
+    return isinstance(node, Node) and node.op == "call_function" and node.target in targets
+
+
 def copy_meta(new: Node, like: Node, *, val=None) -> Node:
     """Give ``new`` the module attribution of ``like``; ``val`` is its example output, if known."""
     for key in _COPIED_META:

@@ -47,7 +47,7 @@ from .calibration import split_batch
 from .capture import CapturedGraph
 from .errors import WsvdError
 from .evaluation import MemoLogits, evaluate
-from .factor_spec import factor_spec
+from .factor_spec import factor_spec, head_blocks
 from .graph_utils import tensor_attr
 from .lowrank import PROJECTIONS
 from .pipeline import GraphPass
@@ -103,8 +103,7 @@ def _latents(gm: GraphModule, sites: list[AttentionSite], s2: bool) -> list[_Lat
             spec = factor_spec(proj.node)
             U = tensor_attr(gm, proj.up).detach().float()
             n, width = spec.blocks, spec.width
-            d = U.shape[0] // n
-            ups = torch.stack([U[h * d:(h + 1) * d, h * width:(h + 1) * width] for h in range(n)])
+            ups = head_blocks(U, n)
             if proj.down not in latents:
                 D = tensor_attr(gm, proj.down).detach().float()
                 latents[proj.down] = _Latent(proj.down, [], list(spec.ranks), D.reshape(n, width, -1).clone(), [])

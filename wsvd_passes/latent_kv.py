@@ -34,8 +34,8 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .errors import WsvdError
-from .factor_spec import factor_spec
-from .graph_utils import add_tensor_attr, copy_meta, get_attr_node, infer_val, remove_attr_if_unused, tensor_attr
+from .factor_spec import factor_spec, head_blocks
+from .graph_utils import add_tensor_attr, copy_meta, get_attr_node, infer_val, is_call, remove_attr_if_unused, tensor_attr
 from .pipeline import GraphPass
 from .quantize import fake_quant_activation
 from .rope import rope_parameters, rope_tables
@@ -125,8 +125,8 @@ class LatentKVCache(GraphPass):
         U_k = tensor_attr(gm, site.k_proj.up).detach()
         add_tensor_attr(gm, f"{owner}.k_up_cached", widen_heads(U_k, k_heads, aligned(r_k)), parameter=True)
         o_input = site.o_proj.node.args[0]
-        quantised_o = _is_activation_quantiser(o_input)
-        W, b = (_value_up_projection if quantised_o else _folded_output)(gm, site, v_heads, r_v)
+        quantised_o = is_call(o_input, fake_quant_activation)
+        W, b = (_value_up_projection if quantised_o else _folded_output)(gm, site, v_heads)
         out_name = "v_up_heads" if quantised_o else "o_folded"
         add_tensor_attr(gm, f"{owner}.{out_name}", widen_heads(W, n_q, aligned(r_v)).to(dtype), parameter=True)
         if b is not None:
@@ -200,35 +200,24 @@ def _still_needed(node: Node) -> bool:
     return node.is_impure(impure_random=False) and not node.meta.get("wsvd_dead", False)
 
 
-def _is_activation_quantiser(node) -> bool:
-    return isinstance(node, Node) and node.op == "call_function" and node.target is fake_quant_activation
-
-
-def _value_up_projection(gm: GraphModule, site: AttentionSite, v_heads: int, r_v: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _value_up_projection(gm: GraphModule, site: AttentionSite, v_heads: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """U [n_q H, n_q r_v] block-diagonal with query head i's block U_v,g(i), and the value bias seen by each
     query head: the per-head attention output in model space, where the evaluated graph quantises it."""
     H, rep, n_q = site.head_dim, site.gqa_ratio, site.n_heads
-    U_v = tensor_attr(gm, site.v_proj.up).detach().double()
-    blocks = [_value_block(U_v, i // rep, H, v_heads, r_v) for i in range(n_q)]
+    U_v = head_blocks(tensor_attr(gm, site.v_proj.up).detach().double(), site.n_kv_heads, shared=v_heads == 1)
+    blocks = [U_v[i // rep] for i in range(n_q)]
     bias = None
     if site.v_proj.bias is not None:
         bias = tensor_attr(gm, site.v_proj.bias).detach().double().view(-1, H).repeat_interleave(rep, dim=0).reshape(-1)
     return torch.block_diag(*blocks), bias
 
 
-def _value_block(U_v: torch.Tensor, g: int, H: int, v_heads: int, r_v: int) -> torch.Tensor:
-    """kv head g's rows of U_v [H, r_v], restricted to g's latent columns when the cache is per head."""
-    rows = U_v[g * H : (g + 1) * H]
-    return rows[:, g * r_v : (g + 1) * r_v] if v_heads > 1 else rows
-
-
-def _folded_output(gm: GraphModule, site: AttentionSite, v_heads: int, r_v: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _folded_output(gm: GraphModule, site: AttentionSite, v_heads: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """W_o' [E, n_q r_v] = per query head W_o[:, i] U_v,g(i); b_o' = b_o + W_o b_v."""
     H, rep, n_q = site.head_dim, site.gqa_ratio, site.n_heads
     W_o = tensor_attr(gm, site.o_proj.weight).detach().double()
-    U_v = tensor_attr(gm, site.v_proj.up).detach().double()
-
-    blocks = [W_o[:, i * H : (i + 1) * H] @ _value_block(U_v, i // rep, H, v_heads, r_v) for i in range(n_q)]
+    U_v = head_blocks(tensor_attr(gm, site.v_proj.up).detach().double(), site.n_kv_heads, shared=v_heads == 1)
+    blocks = [W_o[:, i * H : (i + 1) * H] @ U_v[i // rep] for i in range(n_q)]
     bias = tensor_attr(gm, site.o_proj.bias).detach().double() if site.o_proj.bias else None
     if site.v_proj.bias is not None:
         b_v = tensor_attr(gm, site.v_proj.bias).detach().double().view(-1, H)

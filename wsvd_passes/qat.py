@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .calibration import collect_gradients
 from .capture import CapturedGraph
 from .errors import WsvdError
-from .factor_spec import factor_spec
+from .factor_spec import factor_spec, head_blocks
 from .graph_utils import tensor_attr
 from .lowrank import PROJECTIONS
 from .pipeline import GraphPass, Pipeline
@@ -187,7 +187,7 @@ class LocalQAT(GraphPass):
         U, D = tensor_attr(gm, proj.up).detach(), tensor_attr(gm, proj.down).detach()
         d, r_max = U.shape[0] // n, D.shape[0] // n
         ranks = list(factor_spec(proj.node).ranks)
-        ups = torch.stack([U[h * d:(h + 1) * d, h * r_max:(h + 1) * r_max] for h in range(n)]).float()
+        ups = head_blocks(U, n).float()
         downs = D.reshape(n, r_max, -1).float()
         W, F = (t.reshape(n, d, -1).to(U.device) for t in (target.weight, target.fisher))
         if W.shape != (n, d, D.shape[1]):

@@ -19,7 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .artifact import FORMAT, FORMAT_VERSION
+from .artifact import read_manifest
 from .errors import WsvdError
 
 _FIX = "point wsvd report at a directory written by wsvd compress --out"
@@ -58,19 +58,8 @@ def load_manifest(directory: Path) -> dict:
     """The checked ``manifest.json`` of an artifact directory."""
     if not directory.is_dir():
         raise WsvdError(f"{directory} is not a directory: {_FIX}")
+    manifest = read_manifest(directory)
     path = directory / "manifest.json"
-    if not path.is_file():
-        raise WsvdError(f"{directory} has no manifest.json: {_FIX}")
-    manifest = _read_json(path)
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise WsvdError(f"{path} is not a {FORMAT} manifest (format {found!r}): {_FIX}")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise WsvdError(f"{path} has no integer format_version: rewrite the directory with wsvd compress --out")
-    if version > FORMAT_VERSION:
-        raise WsvdError(f"{path} has format_version {version}, newer than the {FORMAT_VERSION} this wsvd-passes "
-                        "reads: upgrade wsvd-passes")
     for key in ("recipe", "ranks", "heads", "reconstruction", "calibration", "environment", "finetune", "qat"):
         if manifest.get(key) is not None and not isinstance(manifest[key], dict):
             raise WsvdError(f"{path}: {key!r} must be an object: rewrite the directory with wsvd compress --out")

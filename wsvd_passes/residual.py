@@ -21,8 +21,8 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .errors import WsvdError
-from .graph_utils import RESIDUAL_INPUT
-from .sites import _is, _is_passthrough, _skip_shape_ops
+from .graph_utils import RESIDUAL_INPUT, is_call
+from .sites import is_passthrough, skip_passthrough
 
 aten = torch.ops.aten
 INPUT_ROTATION = "wsvd_input_rotation"  # S1^T [E, E]: inputs_embeds -> inputs_embeds S1
@@ -47,19 +47,19 @@ class ResidualStream:
 
 def _users(node: Node) -> list[Node]:
     """Users that compute something (not export's dtype assertions or shape queries)."""
-    return [u for u in node.users if not _is(u, aten._assert_tensor_metadata.default, aten.sym_size.int)]
+    return [u for u in node.users if not is_call(u, aten._assert_tensor_metadata.default, aten.sym_size.int)]
 
 
 def _rms_norm(node: Node) -> Norm | None:
     """Match ``x * rsqrt(..)`` [-> casts] [-> gamma * .] starting at the scaling node."""
-    if not (_is(node, aten.mul.Tensor) and any(_is(a, aten.rsqrt.default) for a in node.args[:2])):
+    if not (is_call(node, aten.mul.Tensor) and any(is_call(a, aten.rsqrt.default) for a in node.args[:2])):
         return None
     y = node
-    while len(_users(y)) == 1 and _is(_users(y)[0], *_CASTS):
+    while len(_users(y)) == 1 and is_call(_users(y)[0], *_CASTS):
         y = _users(y)[0]
     if len(_users(y)) == 1:
         user = _users(y)[0]
-        if _is(user, aten.mul.Tensor):
+        if is_call(user, aten.mul.Tensor):
             g = user.args[0] if user.args[1] is y else user.args[1]
             if isinstance(g, Node) and g.op == "get_attr" and len(g.meta["val"].shape) == 1:
                 return Norm(user, y, node, g.target, [])
@@ -72,9 +72,9 @@ def _linear_readers(out: Node) -> list[Node]:
     while frontier:
         node = frontier.pop()
         for user in _users(node):
-            if _is(user, aten.linear.default) and user.args[0] is node:
+            if is_call(user, aten.linear.default) and user.args[0] is node:
                 readers.append(user)
-            elif _is_passthrough(user):
+            elif is_passthrough(user):
                 frontier.append(user)
             else:
                 raise WsvdError(f"a normalised state feeds {user.target} ({user.name}), not a linear layer: "
@@ -95,11 +95,11 @@ def find_residual_stream(gm: GraphModule) -> ResidualStream:
     for node in gm.graph.nodes:
         if node in stream:
             continue
-        if _is(node, *_CASTS) and node.args[0] in stream:
+        if is_call(node, *_CASTS) and node.args[0] in stream:
             stream.add(node)
-        elif _is(node, aten.add.Tensor) and any(a in stream for a in node.args[:2]):
-            branch = _skip_shape_ops(next(a for a in node.args[:2] if a not in stream))
-            if not _is(branch, aten.linear.default):
+        elif is_call(node, aten.add.Tensor) and any(a in stream for a in node.args[:2]):
+            branch = skip_passthrough(next(a for a in node.args[:2] if a not in stream))
+            if not is_call(branch, aten.linear.default):
                 raise WsvdError(f"a residual add ({node.name}) adds {branch.target}, not a linear output: "
                                 "rotation needs linear writers into the residual stream")
             stream.add(node)
@@ -107,7 +107,7 @@ def find_residual_stream(gm: GraphModule) -> ResidualStream:
     norm_ops = {n.scaled for n in norms.values()}
     for node in stream:
         for user in _users(node):
-            squared = _is(user, aten.pow.Tensor_Scalar) and user.args[1] == 2
+            squared = is_call(user, aten.pow.Tensor_Scalar) and user.args[1] == 2
             if user not in stream and user not in norm_ops and not squared and user.op != "output":
                 raise WsvdError(f"the residual stream feeds {user.target} ({user.name}) outside an RMSNorm: "
                                 "rotation needs a pre-RMSNorm decoder (Llama family)")
@@ -120,7 +120,7 @@ def _stream_source(gm: GraphModule) -> Node:
     that is fed the residual stream (``RESIDUAL_INPUT``: a streamed layer)."""
     if gm.meta.get(RESIDUAL_INPUT, False):
         return next(n for n in gm.graph.nodes if n.op == "placeholder")
-    embeddings = [n for n in gm.graph.nodes if _is(n, aten.embedding.default)]
+    embeddings = [n for n in gm.graph.nodes if is_call(n, aten.embedding.default)]
     if embeddings:
         if len(embeddings) != 1:
             raise WsvdError(f"found {len(embeddings)} token embeddings; rotation needs exactly one (input_ids models)")
@@ -128,6 +128,6 @@ def _stream_source(gm: GraphModule) -> Node:
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder" and n.target == "inputs_embeds"]
     if not inputs:
         raise WsvdError("the graph has neither a token embedding nor an inputs_embeds input: rotation needs one")
-    rotated = [u for u in inputs[0].users if _is(u, aten.linear.default) and u.args[1].op == "get_attr"
+    rotated = [u for u in inputs[0].users if is_call(u, aten.linear.default) and u.args[1].op == "get_attr"
                and u.args[1].target == INPUT_ROTATION]
     return rotated[0] if rotated else inputs[0]

@@ -25,12 +25,12 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .errors import WsvdError
-from .graph_utils import (RESIDUAL_INPUT, TIED_HEAD, add_tensor_attr, copy_meta, get_attr_node, infer_val,
+from .graph_utils import (RESIDUAL_INPUT, TIED_HEAD, add_tensor_attr, copy_meta, get_attr_node, infer_val, is_call,
                           logits_linears, remove_attr_if_unused, tensor_attr)
 from .hadamard import random_hadamard
 from .pipeline import GraphPass
 from .residual import INPUT_ROTATION, find_residual_stream
-from .sites import AttentionSite, _is
+from .sites import AttentionSite
 
 aten = torch.ops.aten
 S1_SEED = 0  # the residual rotation of rotation_passes(): S1 = random_hadamard(E, S1_SEED)
@@ -83,7 +83,7 @@ class RotateResidual(GraphPass):
         S1 = random_hadamard(E, self.seed).to(stream.embedding.meta["val"].device)
         table = None
         tied_heads = set()
-        if _is(stream.embedding, aten.embedding.default):
+        if is_call(stream.embedding, aten.embedding.default):
             tied_heads = set(logits_linears(gm)) if gm.meta.get(TIED_HEAD, False) else set()
             table = _weight(gm, stream.embedding, 0)
             replace_tensor_arg(gm, stream.embedding, 0, table @ S1, "rot")
@@ -132,7 +132,7 @@ def _rotate_input(gm: GraphModule, x: Node, S1: torch.Tensor) -> None:
         weight = gm.graph.get_attr(INPUT_ROTATION)
         weight.meta["val"] = torch.empty_like(tensor_attr(gm, INPUT_ROTATION), device="meta")
         rotated = infer_val(gm, gm.graph.call_function(aten.linear.default, (x, weight)))
-    x.replace_all_uses_with(rotated, delete_user_cb=lambda user: user is not rotated and not _is(user, aten.sym_size.int))
+    x.replace_all_uses_with(rotated, delete_user_cb=lambda user: user is not rotated and not is_call(user, aten.sym_size.int))
 
 
 class RotateValueHeads(GraphPass):

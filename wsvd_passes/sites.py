@@ -22,7 +22,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .errors import WsvdError
-from .graph_utils import FIRST_LAYER, NO_LAYERS
+from .graph_utils import FIRST_LAYER, NO_LAYERS, is_call
 from .quantize import fake_quant_activation  # quantise-dequantise keeps shapes: walked through like a view
 
 aten = torch.ops.aten
@@ -36,7 +36,8 @@ _SHAPE_OPS = {
 }
 # Identity modules inserted by our own passes (calibration observers) are walked through too.
 PASSTHROUGH_MODULE_PREFIX = "wsvd_observer_"
-_CACHE_WRITES = {aten.index_copy_.default, aten.index_copy.default, aten.index_put_.default, aten.index_put.default}
+# in-place and functional writes of a static KV cache (also how generation finds the cache buffers)
+CACHE_WRITES = {aten.index_copy_.default, aten.index_copy.default, aten.index_put_.default, aten.index_put.default}
 
 
 @dataclasses.dataclass
@@ -129,24 +130,23 @@ def _shape(node: Node) -> tuple[int, ...]:
     return tuple(val.shape)
 
 
-def _is(node, *targets) -> bool:
-    return isinstance(node, Node) and node.op == "call_function" and node.target in targets
-
-
 def module_path(node: Node) -> str:
     """The innermost module that produced ``node`` (from export's nn_module_stack), '' for the root."""
     stack = node.meta.get("nn_module_stack") or {}
     return list(stack.values())[-1][0] if stack else ""
 
 
-def _is_passthrough(node) -> bool:
-    return _is(node, *_SHAPE_OPS, fake_quant_activation) or (
+def is_passthrough(node) -> bool:
+    """Shape ops, fake quantisers and our observer modules: they keep what a value is, so analyses walk
+    through them."""
+    return is_call(node, *_SHAPE_OPS, fake_quant_activation) or (
         isinstance(node, Node) and node.op == "call_module" and node.target.startswith(PASSTHROUGH_MODULE_PREFIX)
     )
 
 
-def _skip_shape_ops(node: Node) -> Node:
-    while _is_passthrough(node):
+def skip_passthrough(node: Node) -> Node:
+    """The first node above ``node`` (itself included) that is not :func:`is_passthrough`."""
+    while is_passthrough(node):
         node = node.args[0]
     return node
 
@@ -156,9 +156,9 @@ def _projection_source(linear: Node) -> Node:
     factors of an already factored projection (x -> down -> up)."""
     node = linear.args[0]
     while True:
-        if _is_passthrough(node) or _is(node, aten.linear.default):
+        if is_passthrough(node) or is_call(node, aten.linear.default):
             node = node.args[0]
-        elif _is(node, *_CACHE_WRITES):
+        elif is_call(node, *CACHE_WRITES):
             node = _written_value(node)
         else:
             return node
@@ -171,15 +171,15 @@ def _attr(gm: GraphModule, node: Node, what: str) -> str:
 
 
 def _linear(gm: GraphModule, node: Node, what: str, where: str) -> Projection:
-    node = _skip_shape_ops(node)
-    if not _is(node, aten.linear.default):
+    node = skip_passthrough(node)
+    if not is_call(node, aten.linear.default):
         raise WsvdError(f"{where}: the {what} does not come from a linear projection (found {_describe(node)})")
     weight = _attr(gm, node.args[1], f"{what} weight")
     bias = _attr(gm, node.args[2], f"{what} bias") if len(node.args) > 2 and node.args[2] is not None else None
     out_f, rank = _shape(node.args[1])
     inner, latent_cache = _cache_write(gm, node.args[0])  # latent KV cache: x -> D -> cache -> U
-    inner = _skip_shape_ops(inner)
-    if _is(inner, aten.linear.default) and len(inner.args) == 2:  # factored: x -> D -> U
+    inner = skip_passthrough(inner)
+    if is_call(inner, aten.linear.default) and len(inner.args) == 2:  # factored: x -> D -> U
         down = _attr(gm, inner.args[1], f"{what} down-projection")
         return Projection(node, None, bias, out_f, _shape(inner.args[1])[1], down=down, up=weight, latent=inner,
                           latent_cache=latent_cache)
@@ -196,10 +196,10 @@ def _describe(node) -> str:
 
 def _rotate_half_source(cat: Node) -> Node | None:
     """If ``cat`` is cat([-x[..., d/2:], x[..., :d/2]], -1) return x, else None."""
-    if not _is(cat, aten.cat.default) or len(cat.args[0]) != 2:
+    if not is_call(cat, aten.cat.default) or len(cat.args[0]) != 2:
         return None
     neg, lower = cat.args[0]
-    if not (_is(neg, aten.neg.default) and _is(neg.args[0], aten.slice.Tensor) and _is(lower, aten.slice.Tensor)):
+    if not (is_call(neg, aten.neg.default) and is_call(neg.args[0], aten.slice.Tensor) and is_call(lower, aten.slice.Tensor)):
         return None
     upper = neg.args[0]
     x = lower.args[0]
@@ -215,8 +215,8 @@ def _rotate_half_source(cat: Node) -> Node | None:
 
 def _rope(node: Node, where: str, what: str) -> Rope:
     """Match ``x * cos + rotate_half(x) * sin`` (either operand order) ending at ``node``."""
-    node = _skip_shape_ops(node)
-    if _is(node, aten.add.Tensor) and all(_is(a, aten.mul.Tensor) for a in node.args[:2]):
+    node = skip_passthrough(node)
+    if is_call(node, aten.add.Tensor) and all(is_call(a, aten.mul.Tensor) for a in node.args[:2]):
         for m_rot, m_x in (node.args[:2], reversed(node.args[:2])):
             for cat, sin in (m_rot.args, reversed(m_rot.args)):
                 x = _rotate_half_source(cat) if isinstance(cat, Node) else None
@@ -231,19 +231,19 @@ def _rope(node: Node, where: str, what: str) -> Rope:
 
 def _strip_gqa(node: Node) -> tuple[Node, Node | None]:
     """Undo repeat_kv's unsqueeze(2) -> expand -> reshape; returns (kv source, expansion output)."""
-    while _is(node, aten.clone.default, aten.contiguous.default, aten.alias.default):
+    while is_call(node, aten.clone.default, aten.contiguous.default, aten.alias.default):
         node = node.args[0]
-    if _is(node, aten.reshape.default, aten.view.default, aten._unsafe_view.default):
+    if is_call(node, aten.reshape.default, aten.view.default, aten._unsafe_view.default):
         expand = node.args[0]
-        if _is(expand, aten.expand.default) and _is(expand.args[0], aten.unsqueeze.default):
+        if is_call(expand, aten.expand.default) and is_call(expand.args[0], aten.unsqueeze.default):
             return expand.args[0].args[0], node
     return node, None
 
 
 def _cache_write(gm: GraphModule, node: Node) -> tuple[Node, CacheWrite | None]:
     """If ``node`` is a write into a cache buffer, return (value written, record)."""
-    node = _skip_shape_ops(node)
-    if not _is(node, *_CACHE_WRITES):
+    node = skip_passthrough(node)
+    if not is_call(node, *CACHE_WRITES):
         return node, None
     buffer = _attr(gm, node.args[0], "KV cache")
     if node.target in (aten.index_copy_.default, aten.index_copy.default):
@@ -268,9 +268,9 @@ def _output_projection(gm: GraphModule, attn: Node, where: str) -> Projection:
         if len(users) != 1:
             raise WsvdError(f"{where}: the attention output feeds {len(users)} nodes, expected one output projection")
         node = users[0]
-        if _is(node, aten.linear.default) and node.args[0] is not None:
+        if is_call(node, aten.linear.default) and node.args[0] is not None:
             return _linear(gm, node, "output", where)
-        if not _is_passthrough(node):
+        if not is_passthrough(node):
             raise WsvdError(f"{where}: the attention output reaches {_describe(node)} before any output projection")
 
 
@@ -334,7 +334,7 @@ def _site(gm: GraphModule, layer: int, attn: Node) -> AttentionSite:
 
 def find_sites(gm: GraphModule) -> list[AttentionSite]:
     """Find every attention layer of a captured decoder; raise WsvdError naming what is missing."""
-    attns = [n for n in gm.graph.nodes if _is(n, aten.scaled_dot_product_attention.default)]
+    attns = [n for n in gm.graph.nodes if is_call(n, aten.scaled_dot_product_attention.default)]
     if not attns and gm.meta.get(NO_LAYERS, False):
         return []
     if not attns:

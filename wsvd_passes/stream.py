@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from .artifact import library_version, packed_changes, save_streamed, shard_metadata, write_shard
 from .calibration import InputStats, SiteStats, collect_input_stats, next_token_loss
-from .capture import CapturedGraph, _unlift, capture_forward
+from .capture import CapturedGraph, capture_forward, unlift
 from .compress import Calibration, FactorReport, allocate_ranks, factor_plan, layer_groups, recipe_passes
 from .errors import WsvdError
 from .graph_utils import FIRST_LAYER, NO_LAYERS, RESIDUAL_INPUT, tensor_attr
@@ -160,7 +160,7 @@ def capture_layer(checkpoint: Checkpoint, index: int) -> CapturedGraph:
     dynamic = {"hidden_states": {0: torch.export.Dim("batch", max=1024), 1: torch.export.Dim("seq", min=2, max=max_len)}}
     with torch.no_grad():
         ep = torch.export.export(module, (), kwargs={"hidden_states": example}, dynamic_shapes=dynamic, strict=False)
-    gm = _unlift(ep)
+    gm = unlift(ep)
     gm.meta.update({FIRST_LAYER: index, RESIDUAL_INPUT: True})
     return CapturedGraph(gm, "forward", {"hidden_states": example}, dynamic, checkpoint.config)
 

@@ -37,12 +37,12 @@ from safetensors.torch import save_file
 from torch.fx import GraphModule, Node
 
 from ..errors import WsvdError
-from ..factor_spec import factor_spec
-from ..graph_utils import tensor_attr
+from ..factor_spec import factor_spec, head_blocks
+from ..graph_utils import is_call, tensor_attr
 from ..quantize import fake_quant_activation
 from ..residual import find_residual_stream
 from ..rotate import TIED_GAMMA
-from ..sites import AttentionSite, _is, find_sites, module_path
+from ..sites import AttentionSite, find_sites, module_path
 from .format import ARCHITECTURES, FORMAT, FORMAT_VERSION
 
 aten = torch.ops.aten
@@ -116,9 +116,9 @@ def read_graph(gm: GraphModule) -> tuple[dict[str, torch.Tensor], dict]:
     logits = set(output.all_input_nodes)
     hadamard = False
     for node in gm.graph.nodes:
-        if _is(node, aten.embedding.default):
+        if is_call(node, aten.embedding.default):
             tensors[_name(module_path(node)) + ".weight"] = _get(gm, node.args[0])
-        if not _is(node, aten.linear.default) or node in attention_nodes or node.args[1].target.endswith(TIED_GAMMA):
+        if not is_call(node, aten.linear.default) or node in attention_nodes or node.args[1].target.endswith(TIED_GAMMA):
             continue
         path = "lm_head" if node in logits else _name(module_path(node))
         if node.args[1].target.endswith("online_hadamard"):
@@ -129,7 +129,7 @@ def read_graph(gm: GraphModule) -> tuple[dict[str, torch.Tensor], dict]:
             _record_quant(quant, path, node, None)
         _put_linear(gm, node, path, tensors)
         head_input = node.args[0]
-        if node in logits and _is(head_input, aten.linear.default) and head_input.args[1].target.endswith(TIED_GAMMA):
+        if node in logits and is_call(head_input, aten.linear.default) and head_input.args[1].target.endswith(TIED_GAMMA):
             # x G (E S1)^T = x (E S1 G)^T (G symmetric): vLLM's head reads the product, untied
             tensors["lm_head.weight"] = (tensors["lm_head.weight"].double() @ _get(gm, head_input.args[1]).double()).float()
     for norm in find_residual_stream(gm).norms:
@@ -167,8 +167,7 @@ def _read_site(gm: GraphModule, site: AttentionSite, granularity: str, tensors: 
         tensors[f"{attn}.{down}_down.weight"] = _get(gm, proj.latent.args[1])
         up = _get(gm, proj.node.args[1])
         if spec.per_head:
-            D, w = site.head_dim, spec.width
-            up = torch.cat([up[h * D:(h + 1) * D, h * w:(h + 1) * w] for h in range(heads)])
+            up = head_blocks(up, heads).flatten(0, 1)
         tensors[f"{attn}.{p}_up.weight"] = up
         if proj.bias is not None:
             tensors[f"{attn}.{p}_up.bias"] = _get(gm, proj.node.args[2])
@@ -182,7 +181,7 @@ def _record_quant(quant: dict, name: str, linear: Node, group: int | None) -> No
     """Bits of the activation quantiser in front of ``linear`` (None: none), checked to quantise per token
     (per token per head of width ``group`` for per-head up-projections), as the plugin does."""
     x = linear.args[0]
-    if not _is(x, fake_quant_activation):
+    if not is_call(x, fake_quant_activation):
         quant[name] = None
         return
     got = x.kwargs.get("group")
