@@ -32,7 +32,10 @@ rounding (same ranks, factors and quantisers). Healing (end to end) and VLMs are
 from __future__ import annotations
 
 import copy
+import ctypes
+import ctypes.util
 import dataclasses
+import functools
 import gc
 import hashlib
 import json
@@ -123,6 +126,41 @@ class Checkpoint:
             digest.update(f"model.{name}".encode())
             digest.update(self.tensor(name).contiguous().view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+MMAP_THRESHOLD = 128 * 1024  # glibc's initial value, kept fixed
+
+
+def bound_heap() -> None:
+    """Keep glibc from growing its heap with depth: fix its mmap threshold at 128 KiB, so every larger
+    tensor is its own mapping, returned to the OS when freed. (After each large free glibc raises the
+    threshold, up to 32 MiB, and the next layer's tensors then come from a heap that fragments.) Process-wide,
+    for the rest of the process; called by the streamed compression. A no-op without glibc (macOS, musl)."""
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
+def release_memory() -> None:
+    """Free what a finished layer held and hand the freed heap pages back to the OS.
+
+    fx graphs are reference cycles: ``gc.collect()`` frees a layer's weights now, not at some later gen-2
+    pass; ``malloc_trim(0)`` then returns the free pages glibc keeps. Measured (width-1024 random bf16
+    checkpoints, ``wsvd-noq``, 2 windows, peak RSS of 16 layers minus 2 layers; one layer is 22.5 MB in bf16):
+    264 MB with ``gc.collect()`` alone, 60 MB with ``malloc_trim``, 37 MB with :func:`bound_heap` too.
+    """
+    gc.collect()
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _libc():
+    # ctypes because neither torch nor the standard library exposes mallopt / malloc_trim
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name) if name else None
 
 
 class _LayerStack(torch.nn.Module):
@@ -275,7 +313,7 @@ def calibrate_streamed(checkpoint: Checkpoint, windows: torch.Tensor, recipe: Re
         with torch.no_grad():
             hidden = torch.cat([captured.gm(hidden_states=h) for h in hidden.split(batch_size)])
         del captured, site, stats
-        gc.collect()  # fx graphs are reference cycles: free this layer's weights now, not at some later gen-2 pass
+        release_memory()
     samples = windows if grad_samples is None else windows[:grad_samples]
     scores = _streamed_gradients(checkpoint, samples, hidden, recipe, store, progress)
     return StreamedCalibration(heads, checkpoint.config.num_hidden_layers, groups, scores, len(samples), store)
@@ -346,7 +384,7 @@ def _streamed_gradients(checkpoint: Checkpoint, windows: torch.Tensor, top: torc
             store.put(f"qat{i:05d}", {**{f"{p}.weight": w.detach().float() for p, w in rotated_weights.items()},
                                       **{f"{p}.fisher": rotated_sums[p] / len(windows) for p in PROJECTIONS}})
         del captured, site, weights, rotated, inputs, accumulator
-        gc.collect()
+        release_memory()
     return scores
 
 
@@ -396,7 +434,7 @@ def compress_streamed(checkpoint: Checkpoint, calib: StreamedCalibration, recipe
         calib.store.put(spectra, report.spectra)
         reports.append(report)
         del captured, site, layer, plan, passes
-        gc.collect()
+        release_memory()
     shards.append(_write_compressed(capture_top(checkpoint), recipe_passes(recipe, bits, {}, {}), out, TOP_SHARD,
                                     save_dtype))
     return _merged(reports, calib.groups, kept), shards
@@ -446,10 +484,12 @@ def compress_checkpoint(path: str | Path, windows: torch.Tensor, recipe: Recipe,
 
     Per-layer inputs, statistics and Fisher wait in ``offload_dir/.stream-work`` (default ``out``), removed at
     the end. ``resume`` continues a run that was killed: the same model, recipe, rho1 and calibration windows
-    (checked), with its calibration and the layers already written kept.
+    (checked), with its calibration and the layers already written kept. Fixes glibc's mmap threshold for the
+    rest of the process (:func:`bound_heap`).
     """
     import shutil
 
+    bound_heap()
     checkpoint = Checkpoint(path, dtype)
     work = Path(offload_dir or out) / ".stream-work"
     run = {"wsvd_version": library_version(),  # shards written by another version may lack what this one reads
