@@ -21,12 +21,19 @@ def fisher_weighted_error(W: torch.Tensor, F: torch.Tensor, up: torch.Tensor, do
     return (F * (W - up @ down).square()).flatten(1).mean(1)
 
 
+def normalized_fisher(F: torch.Tensor) -> torch.Tensor:
+    """F [heads, d, E] in float32, each head's block divided by its mean, so that every head weighs alike in a
+    sum of per-head Fisher-weighted errors whatever its gradient scale."""
+    F = F.float()
+    return F / F.flatten(1).mean(1).clamp_min(torch.finfo(torch.float32).tiny)[:, None, None]
+
+
 def fisher_finetune(
     W: torch.Tensor, F: torch.Tensor, up: torch.Tensor, down: torch.Tensor, *, steps: int = 100, lr: float = 1e-4
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Return fine-tuned (up, down) in float32 and the normalised loss before/after."""
     W, up0, down0 = W.float(), up.float(), down.float()
-    Fn = F.float() / F.float().flatten(1).mean(1).clamp_min(torch.finfo(torch.float32).tiny)[:, None, None]
+    Fn = normalized_fisher(F)
     A = up0.clone().requires_grad_(True)
     B = down0.clone().requires_grad_(True)
     opt = torch.optim.Adam([A, B], lr=lr)

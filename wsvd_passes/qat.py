@@ -32,6 +32,7 @@ from .calibration import collect_gradients
 from .capture import CapturedGraph
 from .errors import WsvdError
 from .factor_spec import factor_spec, head_blocks
+from .finetune import normalized_fisher
 from .graph_utils import tensor_attr
 from .lowrank import PROJECTIONS
 from .pipeline import GraphPass, Pipeline
@@ -126,7 +127,7 @@ def local_qat(W: torch.Tensor, F: torch.Tensor, up: torch.Tensor, down: torch.Te
     normalised objective before (at the start rotation) and after training.
     """
     n, r = down.shape[0], down.shape[1]
-    Fn = F.float() / F.float().flatten(1).mean(1).clamp_min(torch.finfo(torch.float32).tiny)[:, None, None]
+    Fn = normalized_fisher(F)
     W = W.float()
     rotation = Rotation((start if start is not None else torch.eye(r, device=down.device).expand(n, r, r)).float(),
                          ranks or [r] * n)
