@@ -14,11 +14,11 @@ becomes
 which quantises x per token exactly as the fake quantiser does and multiplies the codes in integers, so
 the two agree up to float32 rounding (the int32 sum is exact; the fake path sums float products). The
 float weight is dropped, the int8 codes are a buffer beside it (``<weight>_int8``), and the spec moves to
-the new node. An 8-bit embedding table becomes an int8 lookup times its row scales (exact). A per-head latent up-projection (activations quantised
-per token and head, weight block-diagonal by head, as its recorded
-:class:`~wsvd_passes.factor_spec.FactorSpec` says) runs the same way, each output block times its head's
-scale. Everything else stays simulated and is counted: linears with another bit width (W4A4, W8A4: no
-integer kernel here). Works on full-sequence, decode, latent and lowered graphs; run it
+the new node. An 8-bit embedding table becomes an int8 lookup times its row scales (exact). A per-head
+latent up-projection (activations quantised per token and head, weight block-diagonal by head, as its
+recorded :class:`~wsvd_passes.factor_spec.FactorSpec` says) runs the same way, each output block times its
+head's scale. Everything else stays simulated and is counted: linears with another bit width (W4A4, W8A4:
+no integer kernel here). Works on full-sequence, decode, latent and lowered graphs; run it
 last: the int8 node is not an ``aten.linear``, so attention sites are no longer found afterwards (it is a
 plain fx pass, not a site :class:`~wsvd_passes.pipeline.GraphPass`, for that reason).
 
