@@ -33,7 +33,7 @@ from torch.fx import GraphModule, Node
 from tqdm.auto import tqdm
 
 from .factor_spec import factor_spec
-from .graph_utils import add_tensor_attr, copy_meta, infer_val, logits_linears, tensor_attr
+from .graph_utils import add_tensor_attr, copy_meta, infer_val, is_call, logits_linears, tensor_attr
 from .pipeline import GraphPass
 from .quant_spec import QUANT_META, QuantSpec
 from .quantize import Bits, fake_quant_activation, quantize_weight, search_weight_clip
@@ -55,7 +55,7 @@ class FakeQuantize(GraphPass):
             return False
         heads = logits_linears(gm)
         if self.bits.embedding < 16:
-            tables = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is aten.embedding.default]
+            tables = [n for n in gm.graph.nodes if is_call(n, aten.embedding.default)]
             for node in tables + heads:
                 scale = self._quantize_weight(gm, node, self.bits.embedding)
                 if node in heads:
@@ -63,7 +63,7 @@ class FakeQuantize(GraphPass):
                 node.meta[QUANT_META] = QuantSpec(self.bits.embedding, HEAD_ACTIVATION_BITS if node in heads else 16,
                                                   None, scale)
         groups = _latent_groups(sites)
-        linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is aten.linear.default]
+        linears = [n for n in gm.graph.nodes if is_call(n, aten.linear.default)]
         for node in tqdm(linears, desc="fake-quant (clip search)", unit="linear", leave=False,
                          disable=not (self.progress and self.clip_search and self.bits.weight < 16)):
             weight = node.args[1]

@@ -99,7 +99,7 @@ def remove_attr_if_unused(gm: GraphModule, target: str) -> None:
 def logits_linears(gm: GraphModule) -> list[Node]:
     """The linears whose outputs are graph outputs: the LM head (its output is the logits)."""
     output = next(n for n in gm.graph.nodes if n.op == "output")
-    return [n for n in output.all_input_nodes if n.op == "call_function" and n.target is torch.ops.aten.linear.default]
+    return [n for n in output.all_input_nodes if is_call(n, torch.ops.aten.linear.default)]
 
 
 def infer_val(gm: GraphModule, node: Node) -> Node:

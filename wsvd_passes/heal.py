@@ -48,7 +48,7 @@ from .capture import CapturedGraph
 from .errors import WsvdError
 from .evaluation import MemoLogits, evaluate
 from .factor_spec import factor_spec, head_blocks
-from .graph_utils import tensor_attr
+from .graph_utils import is_call, tensor_attr
 from .lowrank import PROJECTIONS
 from .pipeline import GraphPass
 from .qat import Rotation
@@ -295,7 +295,7 @@ class _StraightThrough:
 
     def __init__(self, gm: GraphModule):
         self.gm = gm
-        self.nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is fake_quant_activation]
+        self.nodes = [n for n in gm.graph.nodes if is_call(n, fake_quant_activation)]
 
     def set(self, value: bool) -> None:
         if not self.nodes or all(n.kwargs.get("ste", False) == value for n in self.nodes):
