@@ -169,6 +169,7 @@ def bench_model(artifact: str, *, batches=(1, 8), cache_lens=(512, 2048), steps:
                         call()
                 live[kind] = (decoder, calls)
             _time_rounds(row, live, batch, steps, rounds, progress)
+            decoder = step = checked = calls = None  # the last variant's, so that the reset below can free it
             live.clear()
             torch._dynamo.reset()  # drop the compiled graphs (and the weights they hold)
             base = row["variants"]["dense-fp32"]
