@@ -17,6 +17,7 @@ from wsvd_passes.quantize import parse_bits
 from wsvd_passes.recipes import RECIPES
 from safetensors.torch import load_file
 
+from wsvd_passes import stream
 from wsvd_passes.stream import Checkpoint, calibrate_streamed, compress_checkpoint, compress_streamed
 
 MODEL = "tiny-llama-gqa"
@@ -54,11 +55,18 @@ def test_streamed_calibration_gives_the_whole_models_ranks_and_factors(checkpoin
             torch.testing.assert_close(down, plan[layer].downs[p].to(down.dtype), rtol=1e-5, atol=1e-6)
 
 
-def test_compress_stream_writes_the_whole_models_artifact(checkpoint_dir, tmp_path):
+def test_compress_streams_the_whole_models_artifact_when_the_model_would_not_fit(checkpoint_dir, tmp_path, monkeypatch,
+                                                                                   capsys):
     out = tmp_path / "streamed"
     argv = ["compress", "--model", str(checkpoint_dir), "--recipe", "wsvd-noq", "--rho1", "0.6", "--calib-windows", "4",
             "--seq-len", "33", "--quiet", "--out", str(out), "--save-dtype", "float32"]  # compared with float32 maths
-    assert main(argv + ["--stream"]) == 0
+    skeleton = Checkpoint(checkpoint_dir).skeleton
+    need = stream.whole_model_need(Checkpoint(checkpoint_dir))
+    assert need == stream.WHOLE_MODEL_FACTOR * 4 * sum(p.numel() for p in skeleton.parameters())
+    monkeypatch.setattr(stream, "available_memory", lambda: need - 1)  # no --stream: streamed because it would not fit
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("compressing layer by layer (--stream): the whole-model compression needs about")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["streamed"] and not list(out.glob("layer*")) and not list(out.glob(".*tmp"))
     loaded = artifact.load(out)  # the model fingerprint and every tensor name match the whole-model capture
@@ -140,7 +148,7 @@ def loaded_windows(checkpoint_dir):
     return token_windows(tiny(MODEL).tokenizer, text_source(None, "calibration")[0], 33, 4)
 
 
-def test_bad_checkpoints_and_recipes_are_one_line_errors(checkpoint_dir, tmp_path, capsys):
+def test_bad_checkpoints_and_recipes_are_one_line_errors(checkpoint_dir, tmp_path, capsys, monkeypatch):
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -173,6 +181,13 @@ def test_bad_checkpoints_and_recipes_are_one_line_errors(checkpoint_dir, tmp_pat
                      "--quiet", "--out", str(tmp_path / "y"), *extra]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    monkeypatch.setattr(stream, "available_memory", lambda: 1)  # would not fit, cannot stream: said, runs whole-model
+    assert main(["compress", "--model", str(checkpoint_dir), "--recipe", "wsvd-noq", "--rho2", "0.6", "--calib-windows",
+                 "2", "--seq-len", "17", "--grad-samples", "2", "--quiet", "--out", str(tmp_path / "z")]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("warning: the whole-model compression needs about") and err.count("\n") == 1
+    assert "cannot stream (--stream allocates ranks under --rho1 only" in err
+    assert not json.loads((tmp_path / "z" / "manifest.json").read_text()).get("streamed")
 
 
 @pytest.mark.slow

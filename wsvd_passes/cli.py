@@ -90,12 +90,14 @@ def _parser() -> argparse.ArgumentParser:
     co.add_argument("--save-dtype", default="bfloat16",
                     help="storage type of the weights that are not quantised: bfloat16 (default), float16 or float32")
     co.add_argument("--save-pt2", action="store_true", help="also write model.pt2 (torch.export.save)")
-    co.add_argument("--stream", action="store_true", help="one decoder layer in memory at a time, read from the "
-                    "checkpoint directory's safetensors (the low-rank recipes, quantised or not; no healing)")
-    co.add_argument("--offload-dir", help="with --stream: where per-layer activations, statistics and Fisher wait "
-                    "between passes (default: a folder in --out)")
-    co.add_argument("--resume", action="store_true", help="with --stream: continue a killed run of the same model, "
-                    "recipe and calibration from its last finished layer")
+    co.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                    help="one decoder layer in memory at a time, read from the checkpoint directory's safetensors (the "
+                    "low-rank recipes, quantised or not; no healing). Default: on when the whole-model mode would not "
+                    "fit in the available memory, which is then said in one line; --no-stream forces the whole model")
+    co.add_argument("--offload-dir", help="streamed (implies --stream): where per-layer activations, statistics and "
+                    "Fisher wait between passes (default: a folder in --out)")
+    co.add_argument("--resume", action="store_true", help="streamed (implies --stream): continue a killed run of the "
+                    "same model, recipe and calibration from its last finished layer")
 
     ta = sub.add_parser("table", help="perplexity / KL / top-1 of recipes at several ratios (WSVD Table 1 analog)")
     _add_model(ta)
@@ -654,6 +656,8 @@ def _targets(args, *, single: bool) -> list[tuple[float | None, float | None]]:
 
 
 def cmd_compress(args) -> dict:
+    if args.stream is None:
+        args.stream = bool(args.resume or args.offload_dir) or _stream_by_default(args)
     _, manifest = _compress_to(args, args.out)
     print(f"{manifest['recipe']['name']} {manifest['bits']}: rho1 {manifest['rho1']:.3f} "
           f"rho2 {manifest['rho2']:.3f} -> {args.out}")
@@ -685,6 +689,47 @@ def _compress_to(args, out: str):
     return lm, manifest
 
 
+def _stream_by_default(args) -> bool:
+    """Whether ``compress`` streams without --stream/--no-stream: when --model is a safetensors checkpoint directory
+    whose whole-model compression would need more than the available memory (said in one line on stderr)."""
+    from .device import parse_dtype
+    from .stream import Checkpoint, available_memory, whole_model_need
+
+    if not Path(args.model).is_dir():
+        return False
+    try:
+        checkpoint = Checkpoint(args.model, parse_dtype(args.dtype))
+    except WsvdError:  # not a safetensors checkpoint: the whole-model loader reads it, or says why it cannot
+        return False
+    need, available = whole_model_need(checkpoint), available_memory()
+    if available is None or need <= available:
+        return False
+    sizes = f"the whole-model compression needs about {need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB are available"
+    refusal = _stream_refusal(args)
+    if refusal is not None:
+        print(f"warning: {sizes}, and it cannot stream ({refusal})", file=sys.stderr)
+        return False
+    print(f"compressing layer by layer (--stream): {sizes}; --no-stream forces the whole model", file=sys.stderr)
+    return True
+
+
+def _stream_refusal(args) -> str | None:
+    """Why ``compress`` cannot stream with these arguments (one line naming the fix), or None."""
+    from .recipes import get_recipe
+    from .stream import unstreamable
+
+    ((rho1, rho2),) = _targets(args, single=True)
+    if rho2 is not None or rho1 is None:
+        return "--stream allocates ranks under --rho1 only: drop --rho2 (cache budgets are whole-model for now)"
+    if getattr(args, "heal_steps", None):
+        return "--heal-steps: healing trains on the whole graph's logits; streamed healing is not built: drop --stream or --heal-steps"
+    if not Path(args.model).is_dir():
+        return f"--stream reads a checkpoint directory; {args.model} is not one (save it with save_pretrained)"
+    if args.tune_beta or args.calib:
+        return "--stream calibrates on text with the recipe's own beta: drop --tune-beta and --calib"
+    return unstreamable(get_recipe(args.recipe))
+
+
 def _compress_streamed(args, out: str, save_dtype: torch.dtype) -> dict:
     """``compress --stream``: the checkpoint directory --model compressed layer by layer (:mod:`wsvd_passes.stream`)."""
     import transformers
@@ -694,16 +739,9 @@ def _compress_streamed(args, out: str, save_dtype: torch.dtype) -> dict:
     from .recipes import get_recipe
     from .stream import compress_checkpoint
 
-    ((rho1, rho2),) = _targets(args, single=True)
-    if rho2 is not None or rho1 is None:
-        raise WsvdError("--stream allocates ranks under --rho1 only: drop --rho2 (cache budgets are whole-model for now)")
-    if getattr(args, "heal_steps", None):
-        raise WsvdError("--heal-steps: healing trains on the whole graph's logits; streamed healing is not built: "
-                        "drop --stream or --heal-steps")
-    if not Path(args.model).is_dir():
-        raise WsvdError(f"--stream reads a checkpoint directory; {args.model} is not one (save it with save_pretrained)")
-    if args.tune_beta or args.calib:
-        raise WsvdError("--stream calibrates on text with the recipe's own beta: drop --tune-beta and --calib")
+    if (refusal := _stream_refusal(args)) is not None:
+        raise WsvdError(refusal)
+    ((rho1, _),) = _targets(args, single=True)
     bits = _bits(args)
     if args.calib_windows < 1 or (args.grad_samples is not None and args.grad_samples < 1):
         raise WsvdError("--calib-windows and --grad-samples must be at least 1")

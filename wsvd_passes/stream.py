@@ -128,6 +128,30 @@ class Checkpoint:
         return digest.hexdigest()
 
 
+# Peak RSS of the whole-model compression over the model's parameter bytes in its compute dtype; the least
+# measured (`/usr/bin/time -v`): 4.2 for a TinyLlama-1.1B-shaped checkpoint (wsvd-noq, 4 windows, 17.3 GiB),
+# 10 for SmolLM2-135M (wsvd W8A8e8, 4 windows, 5.47 GB).
+WHOLE_MODEL_FACTOR = 4
+
+
+def whole_model_need(checkpoint: Checkpoint) -> int:
+    """Bytes the whole-model compression of ``checkpoint`` needs at least: WHOLE_MODEL_FACTOR x its parameters
+    (a tied head counted once) in the compute dtype."""
+    numel = sum(p.numel() for p in checkpoint.skeleton.parameters())
+    return WHOLE_MODEL_FACTOR * numel * checkpoint.dtype.itemsize
+
+
+def available_memory() -> int | None:
+    """Bytes the OS can give this process now without swapping (``MemAvailable``; None where unknown)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 MMAP_THRESHOLD = 128 * 1024  # glibc's initial value, kept fixed
 
@@ -283,18 +307,25 @@ def load_calibration(store: LayerStore) -> StreamedCalibration | None:
     return StreamedCalibration(json.loads(meta["heads"]), int(meta["layers"]), groups, scores, int(meta["samples"]), store)
 
 
+def unstreamable(recipe: Recipe) -> str | None:
+    """Why ``recipe`` cannot be compressed layer by layer (one line naming the fix), or None when it can."""
+    if not recipe.factor:
+        return (f"recipe {recipe.name} has no low-rank factors: --stream runs the low-rank recipes (wsvd, wsvd-noq, "
+                "qsvd, svd-llm, ...); compress it without --stream")
+    if recipe.heal_steps:
+        return (f"recipe {recipe.name} heals on the whole graph's logits; streamed healing is not built: compress "
+                "without --stream")
+    return None
+
+
 def calibrate_streamed(checkpoint: Checkpoint, windows: torch.Tensor, recipe: Recipe, work_dir: str | Path, *,
                        grad_samples: int | None = None, batch_size: int = 8, progress: bool = True
                        ) -> StreamedCalibration:
     """What :func:`~wsvd_passes.compress.calibrate` measures, layer by layer (steps 1 and 2 above)."""
     if len(windows) < 2:
         raise WsvdError(f"{len(windows)} calibration window(s) are too few: give at least 2 (the paper uses 256)")
-    if not recipe.factor:
-        raise WsvdError(f"recipe {recipe.name} has no low-rank factors: --stream runs the low-rank recipes (wsvd, "
-                        "wsvd-noq, qsvd, svd-llm, ...); compress it without --stream")
-    if recipe.heal_steps:
-        raise WsvdError(f"recipe {recipe.name} heals on the whole graph's logits; streamed healing is not built: "
-                        "compress without --stream")
+    if (refusal := unstreamable(recipe)) is not None:
+        raise WsvdError(refusal)
     store = LayerStore(work_dir)
     key = (recipe.granularity, recipe.scaling)
     with torch.no_grad():
