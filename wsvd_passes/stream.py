@@ -2,8 +2,8 @@
 
 The model is built on the meta device; a decoder layer's weights are read from the checkpoint's
 safetensors (memory-mapped, :class:`Checkpoint`) only while that layer is processed, then freed.
-Each layer is exported as its own graph ``gm(hidden_states [B, S, E]) -> [B, S, E]`` (causal
-mask and RoPE computed inside, parameter names as in the whole-model capture, ``gm.meta`` saying
+Each layer is exported as its own graph ``gm(hidden_states [1, S, E]) -> [1, S, E]`` (one window, static
+shapes; causal mask and RoPE computed inside, parameter names as in the whole-model capture, ``gm.meta`` saying
 which layer it is and that its input is the residual stream), so
 :func:`~wsvd_passes.sites.find_sites` and the recipe's passes run on it unchanged. The embedding,
 final norm and LM head form one more graph, the model with no layers (:func:`capture_top`), which
@@ -172,7 +172,8 @@ def release_memory() -> None:
     fx graphs are reference cycles: ``gc.collect()`` frees a layer's weights now, not at some later gen-2
     pass; ``malloc_trim(0)`` then returns the free pages glibc keeps. Measured (width-1024 random bf16
     checkpoints, ``wsvd-noq``, 2 windows, peak RSS of 16 layers minus 2 layers; one layer is 22.5 MB in bf16):
-    264 MB with ``gc.collect()`` alone, 60 MB with ``malloc_trim``, 37 MB with :func:`bound_heap` too.
+    264 MB with ``gc.collect()`` alone, 60 MB with ``malloc_trim``, 37 MB with :func:`bound_heap` too, 16 MB
+    once layers were exported with static shapes (:func:`capture_layer`).
     """
     gc.collect()
     trim = getattr(_libc(), "malloc_trim", None)
@@ -214,17 +215,19 @@ class LayerForward(torch.nn.Module):
                      position_embeddings=self.model.model.rotary_emb(hidden_states, position_ids=positions))
 
 
-def capture_layer(checkpoint: Checkpoint, index: int) -> CapturedGraph:
-    """Export decoder layer ``index`` with dynamic batch and sequence length (its weights loaded now)."""
+def capture_layer(checkpoint: Checkpoint, index: int, seq_len: int = 17) -> CapturedGraph:
+    """Export decoder layer ``index`` (its weights loaded now) for one window of ``seq_len`` tokens.
+
+    Static shapes on purpose: torch.export with dynamic dims keeps each export's ShapeEnv and FakeTensorMode
+    alive for the rest of the process (torch 2.13; measured: one more of each per export, also with a bare
+    ``nn.Linear``), so memory grew with depth; the layer graphs are run one window at a time."""
     module = LayerForward(checkpoint, index)
-    example = torch.zeros(2, 17, checkpoint.config.hidden_size, dtype=checkpoint.dtype)
-    max_len = int(getattr(checkpoint.config, "max_position_embeddings", 4096))
-    dynamic = {"hidden_states": {0: torch.export.Dim("batch", max=1024), 1: torch.export.Dim("seq", min=2, max=max_len)}}
+    example = torch.zeros(1, seq_len, checkpoint.config.hidden_size, dtype=checkpoint.dtype)
     with torch.no_grad():
-        ep = torch.export.export(module, (), kwargs={"hidden_states": example}, dynamic_shapes=dynamic, strict=False)
+        ep = torch.export.export(module, (), kwargs={"hidden_states": example}, strict=False)
     gm = unlift(ep)
     gm.meta.update({FIRST_LAYER: index, RESIDUAL_INPUT: True})
-    return CapturedGraph(gm, "forward", {"hidden_states": example}, dynamic, checkpoint.config)
+    return CapturedGraph(gm, "forward", {"hidden_states": example}, None, checkpoint.config)
 
 
 def capture_top(checkpoint: Checkpoint) -> CapturedGraph:
@@ -319,7 +322,7 @@ def unstreamable(recipe: Recipe) -> str | None:
 
 
 def calibrate_streamed(checkpoint: Checkpoint, windows: torch.Tensor, recipe: Recipe, work_dir: str | Path, *,
-                       grad_samples: int | None = None, batch_size: int = 8, progress: bool = True
+                       grad_samples: int | None = None, progress: bool = True
                        ) -> StreamedCalibration:
     """What :func:`~wsvd_passes.compress.calibrate` measures, layer by layer (steps 1 and 2 above)."""
     if len(windows) < 2:
@@ -333,16 +336,16 @@ def calibrate_streamed(checkpoint: Checkpoint, windows: torch.Tensor, recipe: Re
     groups, heads = [], None
     for i in tqdm(range(checkpoint.config.num_hidden_layers), desc="streamed statistics", unit="layer",
                   disable=not progress):
-        captured = capture_layer(checkpoint, i)
+        captured = capture_layer(checkpoint, i, windows.shape[1])
         (site,) = find_sites(captured.gm)
         heads = heads or {k: getattr(site, k) for k in ("n_heads", "n_kv_heads", "head_dim", "hidden_size")}
-        batches = [{"hidden_states": h, "labels": None} for h in hidden.split(batch_size)]
+        batches = [{"hidden_states": h, "labels": None} for h in hidden.split(1)]
         stats = collect_input_stats(captured, batches, progress=False)[0]
         store.put_stats(i, stats)
         store.put(f"input{i:05d}", {"hidden": hidden})
         groups += [_shape_only(g) for g in layer_groups(site, _qkv_weights(captured, site), stats, [recipe])[key]]
         with torch.no_grad():
-            hidden = torch.cat([captured.gm(hidden_states=h) for h in hidden.split(batch_size)])
+            hidden = torch.cat([captured.gm(hidden_states=h) for h in hidden.split(1)])
         del captured, site, stats
         release_memory()
     samples = windows if grad_samples is None else windows[:grad_samples]
@@ -379,7 +382,7 @@ def _streamed_gradients(checkpoint: Checkpoint, windows: torch.Tensor, top: torc
     layers = checkpoint.config.num_hidden_layers
     S1 = random_hadamard(checkpoint.config.hidden_size, S1_SEED).to(top.dtype) if recipe.qat else None
     for i in tqdm(reversed(range(layers)), total=layers, desc="streamed gradients", unit="layer", disable=not progress):
-        captured = capture_layer(checkpoint, i)
+        captured = capture_layer(checkpoint, i, windows.shape[1])
         (site,) = find_sites(captured.gm)
         inputs = store.get(f"input{i:05d}")["hidden"]
         weights = _trainable(captured, site)
