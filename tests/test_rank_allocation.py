@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from wsvd_passes.calibration import InputStats
 from wsvd_passes.errors import WsvdError
-from wsvd_passes.finetune import fisher_finetune, fisher_weighted_error
+from wsvd_passes.finetune import fisher_finetune, fisher_weighted_error, normalized_fisher
 from wsvd_passes.lowrank import make_scaling, split_groups
 from wsvd_passes.rank_allocation import (ImportanceAccumulator, above_break_even, achieved_rho1, cache_cost,
                                          importance_ranks, uniform_ranks)
@@ -82,6 +82,27 @@ def test_fisher_finetune_lowers_weighted_error_and_keeps_padding_zero():
     assert losses["loss_after"] < 0.9 * losses["loss_before"]
     assert float(fisher_weighted_error(W, F, new_up, new_down).sum()) < float(fisher_weighted_error(W, F, up, down).sum())
     assert torch.count_nonzero(new_up[..., 2]) == 0 and torch.count_nonzero(new_down[:, 2]) == 0
+
+
+def test_fisher_finetune_follows_adam_on_the_autograd_loss_in_float64():
+    # the closed-form gradient and fused Adam against autograd + the reference Adam in float64, on awkward sizes
+    # (3 groups of 5 x 7, rank 2 plus a padded slot, column-major factors as an SVD returns them)
+    g = torch.Generator().manual_seed(5)
+    W, F = torch.randn(3, 5, 7, generator=g), torch.rand(3, 5, 7, generator=g) ** 4 * 1e-10
+    up = torch.nn.functional.pad(torch.randn(3, 5, 2, generator=g), (0, 1)).transpose(1, 2).contiguous().transpose(1, 2)
+    down = torch.nn.functional.pad(torch.randn(3, 2, 7, generator=g), (0, 0, 0, 1))
+    A, B = (t.double().clone().requires_grad_(True) for t in (up, down))
+    opt = torch.optim.Adam([A, B], lr=1e-2)
+    Fn = normalized_fisher(F).double()
+    for _ in range(30):
+        opt.zero_grad()
+        fisher_weighted_error(W.double(), Fn, A, B).sum().backward()
+        opt.step()
+    new_up, new_down, losses = fisher_finetune(W, F, up, down, steps=30, lr=1e-2)
+    torch.testing.assert_close(new_up.double(), A.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(new_down.double(), B.detach(), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(new_up, up, atol=1e-3)  # it moved
+    assert losses["loss_after"] == pytest.approx(float(fisher_weighted_error(W.double(), Fn, A, B).sum()), rel=1e-4)
 
 
 def _cache_use(groups, kept):

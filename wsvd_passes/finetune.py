@@ -32,18 +32,20 @@ def fisher_finetune(
     W: torch.Tensor, F: torch.Tensor, up: torch.Tensor, down: torch.Tensor, *, steps: int = 100, lr: float = 1e-4
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Return fine-tuned (up, down) in float32 and the normalised loss before/after."""
-    W, up0, down0 = W.float(), up.float(), down.float()
+    # row-major copies: an SVD's factors are column-major, and bmm into such ``out=`` grads took 40x longer
+    W, A, B = W.float(), *(t.float().clone(memory_format=torch.contiguous_format) for t in (up, down))
     Fn = normalized_fisher(F)
-    A = up0.clone().requires_grad_(True)
-    B = down0.clone().requires_grad_(True)
-    opt = torch.optim.Adam([A, B], lr=lr)
-    with torch.no_grad():
-        before = float(fisher_weighted_error(W, Fn, A, B).sum())
-    with torch.enable_grad():
-        for _ in range(steps):
-            opt.zero_grad(set_to_none=True)
-            fisher_weighted_error(W, Fn, A, B).sum().backward()
-            opt.step()
-    with torch.no_grad():
-        after = float(fisher_weighted_error(W, Fn, A, B).sum())
-    return A.detach(), B.detach(), {"loss_before": before, "loss_after": after}
+    before = float(fisher_weighted_error(W, Fn, A, B).sum())
+    # The gradient in closed form, and the fused Adam kernel: autograd's graph of the same loss made three more
+    # passes over [n, m, E], and the per-tensor Adam took 3x the time of the matmuls. With
+    # G = F * (A B - W), dL/dA = 2 G B^T / (m E) and dL/dB = 2 A^T G / (m E).
+    A.grad, B.grad = torch.empty_like(A), torch.empty_like(B)
+    opt = torch.optim.Adam([A, B], lr=lr, fused=True)
+    scale = 2.0 / (W.shape[1] * W.shape[2])
+    for _ in range(steps):
+        G = torch.bmm(A, B).sub_(W).mul_(Fn)  # (baddbmm with alpha -1 took 3x a bmm here)
+        torch.bmm(G, B.transpose(1, 2), out=A.grad).mul_(scale)
+        torch.bmm(A.transpose(1, 2), G, out=B.grad).mul_(scale)
+        opt.step()
+    after = float(fisher_weighted_error(W, Fn, A, B).sum())
+    return A, B, {"loss_before": before, "loss_after": after}
