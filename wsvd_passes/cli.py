@@ -722,7 +722,8 @@ def _stream_refusal(args) -> str | None:
     if rho2 is not None or rho1 is None:
         return "--stream allocates ranks under --rho1 only: drop --rho2 (cache budgets are whole-model for now)"
     if getattr(args, "heal_steps", None):
-        return "--heal-steps: healing trains on the whole graph's logits; streamed healing is not built: drop --stream or --heal-steps"
+        return ("--heal-steps: healing trains on the whole graph's logits; streamed healing is not built: drop --stream "
+                "or --heal-steps")
     if not Path(args.model).is_dir():
         return f"--stream reads a checkpoint directory; {args.model} is not one (save it with save_pretrained)"
     if args.tune_beta or args.calib:

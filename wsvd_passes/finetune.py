@@ -48,4 +48,5 @@ def fisher_finetune(
         torch.bmm(A.transpose(1, 2), G, out=B.grad).mul_(scale)
         opt.step()
     after = float(fisher_weighted_error(W, Fn, A, B).sum())
+    A.grad = B.grad = None
     return A, B, {"loss_before": before, "loss_after": after}

@@ -216,7 +216,8 @@ class LayerForward(torch.nn.Module):
 
 
 def capture_layer(checkpoint: Checkpoint, index: int, seq_len: int = 17) -> CapturedGraph:
-    """Export decoder layer ``index`` (its weights loaded now) for one window of ``seq_len`` tokens.
+    """Export decoder layer ``index`` (its weights loaded now) for one window of ``seq_len`` tokens (the calibration
+    length; the compression step only edits the graph, so its default length is arbitrary).
 
     Static shapes on purpose: torch.export with dynamic dims keeps each export's ShapeEnv and FakeTensorMode
     alive for the rest of the process (torch 2.13; measured: one more of each per export, also with a bare
