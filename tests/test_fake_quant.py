@@ -8,6 +8,7 @@ from conftest import tiny_forward
 from wsvd_passes.compress import calibrate, factor_plan
 from wsvd_passes.factorize import FactorizeQKV
 from wsvd_passes.fake_quant import FakeQuantize
+from wsvd_passes.graph_utils import infer_val
 from wsvd_passes.pipeline import Pipeline
 from wsvd_passes.quant_spec import quant_spec, quantized_linears
 from wsvd_passes.quantize import fake_quant_activation, parse_bits
@@ -50,6 +51,19 @@ def test_error_shrinks_with_bits_and_latents_are_quantised_per_head():
     lm_head = next(n for n in graph.gm.graph.nodes if n.op == "output").all_input_nodes[0]
     assert lm_head.args[0].target is not fake_quant_activation  # the LM head stays in full precision
     assert graph.reexport() is not None
+
+
+def test_quantiser_nodes_carry_the_shapes_their_op_infers():
+    # FakeQuantize sets a quantiser's fake value like its input's instead of running the op on fake tensors:
+    # the op's own inference (symbolic batch and sequence dims, per-token and per-head groups) must agree
+    graph = _compressed("w8a8")
+    quantisers = [n for n in graph.gm.graph.nodes if n.target is fake_quant_activation]
+    assert {n.kwargs["group"] is None for n in quantisers} == {True, False}
+    for node in quantisers:
+        stored = node.meta["val"]
+        inferred = infer_val(graph.gm, node).meta["val"]
+        assert stored.dtype == inferred.dtype and stored.shape == inferred.shape, node.name
+        assert any(isinstance(d, torch.SymInt) for d in stored.shape)  # symbolic dims kept
 
 
 def test_quantised_weights_are_exact_integer_codes_times_the_recorded_scale():

@@ -33,7 +33,7 @@ from torch.fx import GraphModule, Node
 from tqdm.auto import tqdm
 
 from .factor_spec import factor_spec
-from .graph_utils import add_tensor_attr, copy_meta, infer_val, is_call, logits_linears, tensor_attr
+from .graph_utils import add_tensor_attr, copy_meta, is_call, logits_linears, tensor_attr, val_like
 from .pipeline import GraphPass
 from .quant_spec import QUANT_META, QuantSpec
 from .quantize import Bits, fake_quant_activation, quantize_weight, search_weight_clip
@@ -81,7 +81,7 @@ class FakeQuantize(GraphPass):
         x = node.args[0]
         with gm.graph.inserting_before(node):
             q = gm.graph.call_function(fake_quant_activation, (x, bits), {"group": group})
-        node.replace_input_with(x, infer_val(gm, copy_meta(q, node)))
+        node.replace_input_with(x, val_like(copy_meta(q, node), x))  # fake-quant keeps X's shape and dtype
 
     def _quantize_weight(self, gm: GraphModule, node: Node, bits: int) -> str:
         """Replace the weight (a linear's, an embedding's table) by ``codes * scale``; the scale's target."""

@@ -102,6 +102,17 @@ def logits_linears(gm: GraphModule) -> list[Node]:
     return [n for n in output.all_input_nodes if is_call(n, torch.ops.aten.linear.default)]
 
 
+def val_like(node: Node, source: Node) -> Node:
+    """Set ``meta["val"]`` of ``node``, whose output has the shape and dtype of its input ``source``, without running
+    its op: an empty fake tensor like the source's (symbolic shapes kept). :func:`infer_val` runs the op on fake
+    tensors, and where the op views symbolic dims (the grouped activation quantiser's unflatten) each view is a
+    sympy proof in the graph's ShapeEnv: measured 224 s of a 7-minute SmolLM2 W8A8 compress under cProfile."""
+    val = source.meta["val"]
+    with val.fake_mode:
+        node.meta["val"] = torch.empty_like(val)
+    return node
+
+
 def infer_val(gm: GraphModule, node: Node) -> Node:
     """Set ``meta["val"]`` of a new ``call_function`` node by running its op on fake tensors
     of the graph's own fake mode (symbolic shapes included); site finding reads these shapes."""
