@@ -76,14 +76,14 @@ def test_healing_lowers_the_calibration_kl_and_reports_it_honestly():
     compressed, report = _compressed("wsvd-heal-noq", "w16a16")
     h = report.heal
     assert h["steps_taken"] >= h["best_step"] > 0  # a trained state won (else nothing was healed)
-    assert h["calib_kl_after"] < 0.9 * h["calib_kl_before"]
-    assert h["val_kl_after"] < h["val_kl_before"]
+    assert h["calib_after"] < 0.9 * h["calib_before"]
+    assert h["val_after"] < h["val_before"]
     train, val = _windows()[: h["train_windows"]], _windows()[h["train_windows"]:]
     assert len(val) == h["val_windows"] == 3
-    assert _kl(compressed.gm, train[: h["calib_kl_windows"]]) == pytest.approx(h["calib_kl_after"], rel=1e-9)
-    assert _kl(compressed.gm, val) == pytest.approx(h["val_kl_after"], rel=1e-9)
+    assert _kl(compressed.gm, train[: h["calib_windows"]]) == pytest.approx(h["calib_after"], rel=1e-9)
+    assert _kl(compressed.gm, val) == pytest.approx(h["val_after"], rel=1e-9)
     unhealed, _ = _compressed("wsvd-heal-noq", "w16a16", steps=0)
-    assert _kl(unhealed.gm, val) == pytest.approx(h["val_kl_before"], rel=1e-9)
+    assert _kl(unhealed.gm, val) == pytest.approx(h["val_before"], rel=1e-9)
 
 
 @pytest.mark.parametrize("recipe,bits", [("wsvd-heal-noq", "w16a16"), ("wsvd-heal", "w4a4")])
@@ -129,7 +129,7 @@ def test_evaluation_and_validation_windows_never_train():
     compressed = copy.deepcopy(base)
     Pipeline([FactorizeQKV(plan)])(compressed)
     handles = [g.register_forward_pre_hook(spy, with_kwargs=True) for g in (base.gm, compressed.gm)]
-    pass_ = heal.Heal(base, calib.windows, steps=6, batch_size=4, eval_every=3)
+    pass_ = heal.Heal(heal.LogitKL(base), calib.windows, steps=6, batch_size=4, eval_every=3)
     Pipeline([pass_])(compressed)
     for h in handles:
         h.remove()
@@ -152,10 +152,10 @@ def test_quantised_healing_trains_through_the_quantisers():
     # the KL of the deployed (quantised) graph on the held-out windows goes down; the mean training loss between
     # evaluations is recorded (4-window minibatches of a random tiny model at W4A4: too noisy to be monotone,
     # and it differs across CPUs' float kernels)
-    assert h["s2"] and h["best_step"] > 0 and h["val_kl_after"] < 0.9 * h["val_kl_before"]
+    assert h["s2"] and h["best_step"] > 0 and h["val_after"] < 0.9 * h["val_before"]
     assert [s for s, _ in h["train_history"]] == [s for s, _ in h["val_history"][1:]]
     assert all(0 < loss < float("inf") for _, loss in h["train_history"])
-    assert _kl(healed.gm, _windows()[h["train_windows"]:]) == pytest.approx(h["val_kl_after"], rel=1e-9)
+    assert _kl(healed.gm, _windows()[h["train_windows"]:]) == pytest.approx(h["val_after"], rel=1e-9)
     # the graph holds deployed (4-bit) factors, on the grid of their recorded scales (what the packed artifact
     # stores), and its activation quantisers are the deployed ones again
     recorded = quantized_weights(healed.gm)
@@ -173,7 +173,7 @@ def test_straight_through_gradient_reaches_down_projections_behind_the_latent_qu
     unhealed, _ = _compressed("wsvd-heal", "w4a4", steps=0)
     gm = copy.deepcopy(unhealed.gm)
     latents = heal._latents(gm, find_sites(gm), s2=False)
-    pass_ = heal.Heal(_base(), _windows(), steps=1, weight_bits=4)
+    pass_ = heal.Heal(heal.LogitKL(_base()), _windows(), steps=1, weight_bits=4)
     ids = _windows()[:2]
     with torch.no_grad():
         ref = _base().gm(input_ids=ids)

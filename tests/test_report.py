@@ -158,11 +158,11 @@ def test_pareto_plot_of_kl_against_cache_bytes(tmp_path):
             {"recipe": "wsvd", "rho2": 0.5, "bits": "w8a8", "kl": 0.2, "cache_bytes_per_token": 1100.0},
             {"recipe": "wsvd", "rho2": 0.7, "bits": "w8a8", "kl": 0.25, "cache_bytes_per_token": 1500.0},  # dominated
             {"recipe": "svd-llm", "rho2": 0.5, "bits": "w16a16", "kl": 0.5, "cache_bytes_per_token": 2048.0}]
-    manifest = _manifest(heal={"calib_kl_before": 0.5, "calib_kl_after": 0.25})
+    manifest = _manifest(heal={"calib_before": 0.5, "calib_after": 0.25})
     text = write_report(_artifact(tmp_path / "art", manifest, evaluation=rows)).read_text()
     _assert_png(tmp_path / "art" / "pareto.png")
     front = text.split("## KL vs cache size")[1]
     assert [line.split("|")[1].strip() for line in front.splitlines()
             if line.startswith("| ") and "recipe" not in line and "---" not in line] \
         == ["qsvd", "wsvd", "fp"]
-    assert "| calib_kl_after | 0.25 |" in text  # the healing report
+    assert "| calib_after | 0.25 |" in text  # the healing report

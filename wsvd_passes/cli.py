@@ -92,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     co.add_argument("--save-pt2", action="store_true", help="also write model.pt2 (torch.export.save)")
     co.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                     help="one decoder layer in memory at a time, read from the checkpoint directory's safetensors (the "
-                    "low-rank recipes, quantised or not; no healing). Default: on when the whole-model mode would not "
+                    "low-rank recipes, quantised or not; healing per layer). Default: on when the whole-model mode would not "
                     "fit in the available memory, which is then said in one line; --no-stream forces the whole model")
     co.add_argument("--offload-dir", help="streamed (implies --stream): where per-layer activations, statistics and "
                     "Fisher wait between passes (default: a folder in --out)")
@@ -179,8 +179,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_heal(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heal-steps", type=int, default=None, metavar="N",
-                   help="heal the factors end to end for N steps on KL(dense || compressed) over the calibration "
-                   "windows (on by default in wsvd-heal and wsvd-heal-noq; any factor recipe)")
+                   help="heal the factors for N steps over the calibration windows: end to end on KL(dense || "
+                   "compressed); with --stream, per layer on its output error against the dense layer (on by default "
+                   "in wsvd-heal and wsvd-heal-noq; any factor recipe)")
 
 
 def _with_heal(args, recipes: list):
@@ -693,6 +694,7 @@ def _stream_by_default(args) -> bool:
     """Whether ``compress`` streams without --stream/--no-stream: when --model is a safetensors checkpoint directory
     whose whole-model compression would need more than the available memory (said in one line on stderr)."""
     from .device import parse_dtype
+    from .recipes import get_recipe
     from .stream import Checkpoint, available_memory, whole_model_need
 
     if not Path(args.model).is_dir():
@@ -709,7 +711,10 @@ def _stream_by_default(args) -> bool:
     if refusal is not None:
         print(f"warning: {sizes}, and it cannot stream ({refusal})", file=sys.stderr)
         return False
-    print(f"compressing layer by layer (--stream): {sizes}; --no-stream forces the whole model", file=sys.stderr)
+    (recipe,) = _with_heal(args, [get_recipe(args.recipe)])
+    healing = "; healing per layer on its output error, not end to end" if recipe.heal_steps else ""
+    print(f"compressing layer by layer (--stream): {sizes}{healing}; --no-stream forces the whole model",
+          file=sys.stderr)
     return True
 
 
@@ -721,9 +726,6 @@ def _stream_refusal(args) -> str | None:
     ((rho1, rho2),) = _targets(args, single=True)
     if rho2 is not None or rho1 is None:
         return "--stream allocates ranks under --rho1 only: drop --rho2 (cache budgets are whole-model for now)"
-    if getattr(args, "heal_steps", None):
-        return ("--heal-steps: healing trains on the whole graph's logits; streamed healing is not built: drop --stream "
-                "or --heal-steps")
     if not Path(args.model).is_dir():
         return f"--stream reads a checkpoint directory; {args.model} is not one (save it with save_pretrained)"
     if args.tune_beta or args.calib:
@@ -753,7 +755,8 @@ def _compress_streamed(args, out: str, save_dtype: torch.dtype) -> dict:
     text, provenance = text_source(args.calib_data, "calibration")
     windows = token_windows(tokenizer, text, args.seq_len, args.calib_windows)
     provenance.update(windows=len(windows), seq_len=args.seq_len)
-    return compress_checkpoint(args.model, windows, get_recipe(args.recipe), rho1, bits, out, dtype=parse_dtype(args.dtype),
+    (recipe,) = _with_heal(args, [get_recipe(args.recipe)])
+    return compress_checkpoint(args.model, windows, recipe, rho1, bits, out, dtype=parse_dtype(args.dtype),
                                grad_samples=args.grad_samples, offload_dir=args.offload_dir, resume=args.resume,
                                calibration=provenance, environment=_environment(),
                                save_dtype=save_dtype, progress=not args.quiet)

@@ -20,7 +20,7 @@ from .evaluation import evaluate
 from .factorize import FactorizeQKV, LayerFactors, pad_heads
 from .fake_quant import FakeQuantize
 from .finetune import fisher_finetune
-from .heal import Heal
+from .heal import Heal, LayerOutputError, LogitKL
 from .pipeline import GraphPass, Pipeline
 from .graph_utils import tensor_attr
 from .lowrank import PROJECTIONS, Group, make_scaling, split_groups
@@ -196,15 +196,15 @@ class _Analysis:
 
 def recipe_passes(recipe: Recipe, bits: Bits, plan: dict[int, LayerFactors] | None = None,
                   qat_targets: dict[tuple[int, str], QATTarget] | None = None, *, replay: bool = False,
-                  heal_data: tuple[CapturedGraph, torch.Tensor | list] | None = None,
+                  heal_data: tuple[LogitKL | LayerOutputError, torch.Tensor | list] | None = None,
                   progress: bool = False) -> list[GraphPass]:
     """The passes of ``recipe`` in order: factorise, rotate (S1, V heads, online Hadamard),
     local QAT (S2), fake-quantise, heal end to end.
 
     ``replay=True`` rebuilds only the graph structure, for tensors loaded afterwards
     (:func:`wsvd_passes.artifact.load`): QAT takes no steps, the clip search is skipped and healing
-    (which changes tensors only) is left out. Healing needs ``heal_data`` = (the uncompressed capture,
-    the calibration windows).
+    (which changes tensors only) is left out. Healing needs ``heal_data`` = (its objective, its samples): (``LogitKL``
+    of the uncompressed capture, the calibration windows) for the whole graph.
     """
     passes = []
     if recipe.factor:
@@ -226,9 +226,9 @@ def recipe_passes(recipe: Recipe, bits: Bits, plan: dict[int, LayerFactors] | No
         if not recipe.factor:
             raise WsvdError(f"recipe {recipe.name} has no low-rank factors to heal: use a factor recipe such as wsvd-heal")
         if heal_data is None:
-            raise WsvdError(f"recipe {recipe.name} heals its factors: give the dense capture and calibration windows")
-        reference, windows = heal_data
-        passes.append(Heal(reference, windows, steps=recipe.heal_steps, lr=recipe.heal_lr, batch_size=recipe.heal_batch,
+            raise WsvdError(f"recipe {recipe.name} heals its factors: give its objective and calibration samples")
+        objective, windows = heal_data
+        passes.append(Heal(objective, windows, steps=recipe.heal_steps, lr=recipe.heal_lr, batch_size=recipe.heal_batch,
                            weight_bits=bits.weight if recipe.quantize else 16, s2=recipe.qat, s2_lr=recipe.qat_s2_lr,
                            progress=progress))
     return passes
@@ -239,7 +239,7 @@ def compress(captured: CapturedGraph, calib: Calibration | None, recipe: Recipe,
     """A compressed copy of ``captured`` (the original is left untouched) and its factor report."""
     plan, report = factor_plan(calib, recipe, rho1, rho2) if recipe.factor else (None, None)
     passes = recipe_passes(recipe, bits, plan, calib.qat_targets if calib else None, progress=progress,
-                           heal_data=(captured, calib.windows) if calib else None)
+                           heal_data=(LogitKL(captured), calib.windows) if calib else None)
     compressed = captured.sharing_parameters()
     Pipeline(passes)(compressed)
     qat = next((p for p in passes if isinstance(p, LocalQAT)), None)

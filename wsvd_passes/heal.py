@@ -1,4 +1,5 @@
-"""End-to-end healing: train the low-rank factors to match the dense model's next-token distributions.
+"""Healing: train the low-rank factors to match the dense model: its next-token distributions (end to end), or
+each layer's outputs (streamed compression).
 
 After factorisation (and, for quantised recipes, after rotations, local QAT and fake quantisation),
 every factored q/k/v latent of the graph has a down-projection D [n r, E] and up-projections
@@ -21,20 +22,30 @@ every ``clip_every`` steps) with a straight-through gradient; the graph's activa
 So the loss is the loss of the quantised graph that is deployed.
 
 A slice of the calibration windows (``val_fraction``, at least one) is held back: the validation
-KL is measured on the written (deployed) graph every ``eval_every`` steps, the best state is kept,
-and training stops after ``patience`` evaluations without improvement. The calibration KL is
+loss is measured on the written (deployed) graph every ``eval_every`` steps, the best state is kept,
+and training stops after ``patience`` evaluations without improvement. The calibration loss is
 measured before and after on the first ``score_windows`` training windows; the report also has the
 mean training loss between evaluations (``train_history``). Evaluation data never
 reaches this pass: it is given the calibration windows only.
 
-Layer-local healing for streamed (layer-by-layer) compression, matching each layer's output to
-the dense layer's, is not built: this pass needs the whole graph and its logits.
+The loss is the pass's objective:
+
+- :class:`LogitKL` (whole-model compression): L above, on the whole graph's logits.
+- :class:`LayerOutputError` (streamed compression, one decoder layer's graph at a time): the layer's
+  relative output error against the dense layer on the dense layer's inputs x,
+
+      e = sum ||f_c(x) - f(x)||^2 / sum ||f(x) - x||^2
+
+  (f(x) - x is the dense layer's update of the residual stream, so e = 1 is an error as large as
+  the update). Layer-local: it cannot see the logits, and each layer is healed on dense inputs,
+  not on the compressed layers below it.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import time
 
@@ -119,6 +130,55 @@ def _latents(gm: GraphModule, sites: list[AttentionSite], s2: bool) -> list[_Lat
     return list(latents.values())
 
 
+class LogitKL:
+    """KL(dense || compressed) of the next-token distributions of the whole graph (token ids [B, S] or image-text
+    kwargs -> logits [B, S, V]); ``reference`` is the uncompressed capture."""
+
+    name = "kl"
+
+    def __init__(self, reference: CapturedGraph):
+        self.reference = reference
+
+    def loss(self, gm: GraphModule, tensors: dict[str, torch.Tensor], batch, device: torch.device) -> torch.Tensor:
+        kwargs, labels = split_batch(batch, device)
+        inputs = kwargs if isinstance(batch, dict) else kwargs["input_ids"]
+        with torch.no_grad():
+            ref = _call(self.reference.gm, inputs)
+        return kl_loss(ref, _call_with(gm, tensors, inputs), labels)
+
+    def scorer(self, device: torch.device, batch_size: int):
+        """``score(gm, data)``: the mean KL of ``gm`` over ``data`` (the dense logits computed once per window)."""
+        teacher = MemoLogits(lambda x: _call(self.reference.gm, x))
+        return lambda gm, data: evaluate(lambda x: _call(gm, x), data, reference=teacher, progress=False,
+                                         device=device, batch_size=batch_size).kl
+
+
+class LayerOutputError:
+    """The relative output error of one decoder layer's graph ``gm(hidden_states [1, S, E]) -> [1, S, E]`` against
+    the dense layer, e = sum ||f_c(x) - y||^2 / sum ||y - x||^2, over samples ``{"hidden_states": x, "target": y}``
+    (the dense layer's input and output, in the graph's basis: rotated by S1 when the recipe rotates)."""
+
+    name = "layer_output_error"
+
+    def loss(self, gm: GraphModule, tensors: dict[str, torch.Tensor], batch, device: torch.device) -> torch.Tensor:
+        error, energy = self._terms(gm, tensors, batch, device)
+        return error / energy
+
+    def scorer(self, device: torch.device, batch_size: int):
+        """``score(gm, data)``: e of ``gm`` over all of ``data`` (sums of errors over sums of updates)."""
+        def score(gm: GraphModule, data) -> float:
+            with torch.no_grad():
+                terms = [self._terms(gm, {}, sample, device) for sample in data]
+            return float(sum(t[0] for t in terms) / sum(t[1] for t in terms))
+        return score
+
+    @staticmethod
+    def _terms(gm, tensors, sample, device) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = sample["hidden_states"].to(device), sample["target"].to(device)
+        out = torch.func.functional_call(gm, tensors, kwargs={"hidden_states": x}, strict=False, tie_weights=False)
+        return (out.float() - y.float()).square().sum(), (y.float() - x.float()).square().sum()
+
+
 def kl_loss(ref_logits: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean over scored positions (t < S-1, label t+1 != -100) of KL(p_ref || p), float32, differentiable in ``logits``."""
     keep = labels[:, 1:].to(logits.device) != -100
@@ -133,14 +193,15 @@ def _call(gm: torch.nn.Module, batch) -> torch.Tensor:
 
 
 class Heal(GraphPass):
-    """Train the factors of every factored q/k/v (and S2 with ``s2``) on KL(dense || compressed).
+    """Train the factors of every factored q/k/v (and S2 with ``s2``) on ``objective``'s loss.
 
-    ``reference`` is the uncompressed capture, ``windows`` the calibration windows (int64 [n, S] or
-    image-text samples); ``weight_bits`` < 16 re-quantises the factors as the deployment quantiser
-    does. ``report`` holds the KLs before/after, the steps taken and the time.
+    ``objective`` is :class:`LogitKL` (``windows``: the calibration windows, int64 [n, S] or image-text
+    samples) or :class:`LayerOutputError` (``windows``: its samples); ``weight_bits`` < 16 re-quantises the
+    factors as the deployment quantiser does. ``report`` holds the objective, its calibration and validation
+    values before/after, the steps taken and the time.
     """
 
-    def __init__(self, reference: CapturedGraph, windows, *, steps: int, lr: float = 1e-5, weight_bits: int = 16,
+    def __init__(self, objective: LogitKL | LayerOutputError, windows, *, steps: int, lr: float = 1e-5, weight_bits: int = 16,
                  s2: bool = False, s2_lr: float = 1e-3, batch_size: int = 2, val_fraction: float = 0.125,
                  eval_every: int = 10, patience: int = 3, clip_every: int = 10, score_windows: int = 8, seed: int = 0,
                  progress: bool = False):
@@ -148,11 +209,11 @@ class Heal(GraphPass):
             raise WsvdError(f"heal steps {steps} must be at least 0")
         if len(windows) < 2:
             raise WsvdError(f"healing needs at least 2 calibration windows (one held back for validation), got {len(windows)}")
-        self.reference, self.windows = reference, windows
+        self.objective, self.windows = objective, windows
         self.steps, self.lr, self.weight_bits, self.s2, self.s2_lr = steps, lr, weight_bits, s2, s2_lr
         self.batch_size, self.eval_every, self.patience, self.clip_every = batch_size, eval_every, patience, clip_every
         if not isinstance(windows, torch.Tensor):
-            self.batch_size = 1  # image-text samples differ in length: one per step
+            self.batch_size = 1  # image-text samples differ in length, layer samples are one window: one per step
         self.score_windows, self.seed, self.progress = score_windows, seed, progress
         n_val = max(1, min(len(windows) - 1, round(len(windows) * val_fraction)))
         self.train, self.val = windows[: len(windows) - n_val], windows[len(windows) - n_val:]
@@ -162,10 +223,8 @@ class Heal(GraphPass):
         start = time.perf_counter()
         latents = _latents(gm, sites, self.s2)
         device = latents[0].down_master.device
-        teacher = MemoLogits(lambda x: _call(self.reference.gm, x))
+        score = functools.partial(self.objective.scorer(device, self.batch_size * 4), gm)
         scored = self.train[: self.score_windows]
-        score = lambda data: evaluate(lambda x: _call(gm, x), data, reference=teacher, progress=False,  # noqa: E731
-                                      device=device, batch_size=self.batch_size * 4).kl
         calib_before = score(scored)
         best = (score(self.val), 0, self._snapshot(latents))
         val_before, history, stale, step = best[0], [(0, best[0])], 0, 0
@@ -187,13 +246,8 @@ class Heal(GraphPass):
                 if (step - 1) % self.clip_every == 0:
                     clips = self._clips(latents)
                 batch = self._batch(order, step - 1)
-                kwargs, labels = split_batch(batch, device)
-                inputs = kwargs if isinstance(batch, dict) else kwargs["input_ids"]
-                with torch.no_grad():
-                    ref = _call(self.reference.gm, inputs)
                 with torch.enable_grad():
-                    logits = _call_with(gm, self._quantised(gm, latents, clips), inputs)
-                    loss = kl_loss(ref, logits, labels)
+                    loss = self.objective.loss(gm, self._quantised(gm, latents, clips), batch, device)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                 opt.step()
@@ -218,14 +272,14 @@ class Heal(GraphPass):
                 p.requires_grad_(frozen[name])
         self._restore(latents, best[2])
         self._write(gm, latents)
-        self.report = {
-            "steps": self.steps, "steps_taken": step, "best_step": best[1], "lr": self.lr, "s2": bool(rotations),
-            "batch_size": self.batch_size, "train_windows": len(self.train), "val_windows": len(self.val),
-            "calib_kl_windows": len(scored), "calib_kl_before": calib_before, "calib_kl_after": score(scored),
-            "val_kl_before": val_before, "val_kl_after": best[0], "val_history": history,
+        self.report.update({  # in place: holders of the pass's report see it filled
+            "objective": self.objective.name, "steps": self.steps, "steps_taken": step, "best_step": best[1],
+            "lr": self.lr, "s2": bool(rotations), "batch_size": self.batch_size, "train_windows": len(self.train),
+            "val_windows": len(self.val), "calib_windows": len(scored), "calib_before": calib_before,
+            "calib_after": score(scored), "val_before": val_before, "val_after": best[0], "val_history": history,
             "train_history": train_history,
             "seconds": round(time.perf_counter() - start, 1),
-        }
+        })
         return True
 
     def _order(self) -> list[int]:

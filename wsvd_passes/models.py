@@ -76,7 +76,7 @@ def load_model(name_or_path: str, *, seed: int = 0, device: torch.device | str =
     elif name_or_path in VLM_NAMES:
         lm = _vlm(name_or_path, *load_vlm(name_or_path, seed=seed, dtype=dtype), dtype)
     elif name_or_path == SMOLLM2:
-        lm = _load_checkpoint(_smollm2_checkpoint(), name=SMOLLM2, dtype=dtype)
+        lm = _load_checkpoint(smollm2_checkpoint(), name=SMOLLM2, dtype=dtype)
     elif Path(name_or_path).is_dir():
         lm = _load_checkpoint(Path(name_or_path), name=str(name_or_path), dtype=dtype)
     else:
@@ -138,7 +138,7 @@ def _load_checkpoint(path: Path, *, name: str, dtype: torch.dtype) -> LoadedMode
     return LoadedModel(name, model.eval(), tokenizer)
 
 
-def _smollm2_checkpoint() -> Path:
+def smollm2_checkpoint() -> Path:
     """Return the cached float32 checkpoint of SmolLM2, dequantising the GGUF on first use."""
     target = cache_dir() / SMOLLM2
     if (target / "config.json").is_file():

@@ -26,7 +26,10 @@ the same passes rotate and quantise. For n calibration windows of S tokens and L
 Every pass is local to a layer except the residual rotation S1, which is global but fixed
 (seeded): a layer graph's input arrives in the rotated basis, the embedding and LM head are
 rotated in the no-layer graph. The result equals the whole-model compression up to float
-rounding (same ranks, factors and quantisers). Healing (end to end) and VLMs are not streamed.
+rounding (same ranks, factors and quantisers). Recipes that heal do it layer-locally here
+(:class:`~wsvd_passes.heal.LayerOutputError`: each compressed layer's output against the dense
+layer's on the stored inputs h_i, targets h_{i+1}, both rotated by S1 when the recipe rotates),
+not end to end on the logits as the whole-model mode does. VLMs are not streamed.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from .compress import Calibration, FactorReport, allocate_ranks, factor_plan, la
 from .errors import WsvdError
 from .graph_utils import FIRST_LAYER, NO_LAYERS, RESIDUAL_INPUT, tensor_attr
 from .hadamard import random_hadamard
+from .heal import Heal, LayerOutputError
 from .lowrank import PROJECTIONS, Group
 from .pipeline import GraphPass, Pipeline
 from .qat import LocalQAT, QATTarget
@@ -316,9 +320,6 @@ def unstreamable(recipe: Recipe) -> str | None:
     if not recipe.factor:
         return (f"recipe {recipe.name} has no low-rank factors: --stream runs the low-rank recipes (wsvd, wsvd-noq, "
                 "qsvd, svd-llm, ...); compress it without --stream")
-    if recipe.heal_steps:
-        return (f"recipe {recipe.name} heals on the whole graph's logits; streamed healing is not built: compress "
-                "without --stream")
     return None
 
 
@@ -349,6 +350,7 @@ def calibrate_streamed(checkpoint: Checkpoint, windows: torch.Tensor, recipe: Re
             hidden = torch.cat([captured.gm(hidden_states=h) for h in hidden.split(1)])
         del captured, site, stats
         release_memory()
+    store.put(f"input{checkpoint.config.num_hidden_layers:05d}", {"hidden": hidden})  # the last layer's output
     samples = windows if grad_samples is None else windows[:grad_samples]
     scores = _streamed_gradients(checkpoint, samples, hidden, recipe, store, progress)
     return StreamedCalibration(heads, checkpoint.config.num_hidden_layers, groups, scores, len(samples), store)
@@ -434,6 +436,16 @@ def _trainable(captured: CapturedGraph, site: AttentionSite) -> dict[str, torch.
     return {p: weights[p] for p in PROJECTIONS}
 
 
+def _heal_samples(store: LayerStore, layer: int, recipe: Recipe) -> list[dict[str, torch.Tensor]]:
+    """Layer ``layer``'s healing samples, one per window: its dense input h_i and output h_{i+1} [1, S, E], in the
+    rotated basis (h S1) when the recipe rotates, as its compressed graph sees them."""
+    x, y = (store.get(f"input{j:05d}")["hidden"] for j in (layer, layer + 1))
+    if recipe.rotate:
+        S1 = random_hadamard(x.shape[-1], S1_SEED).to(x.dtype)
+        x, y = x @ S1, y @ S1
+    return [{"hidden_states": a, "target": b} for a, b in zip(x.split(1), y.split(1))]
+
+
 def _qat_targets(store: LayerStore, layer: int) -> dict[tuple[int, str], QATTarget]:
     t = store.get(f"qat{layer:05d}")
     return {(layer, p): QATTarget(t[f"{p}.weight"], t[f"{p}.fisher"]) for p in PROJECTIONS}
@@ -454,7 +466,8 @@ def compress_streamed(checkpoint: Checkpoint, calib: StreamedCalibration, recipe
             reports.append(_report_of(shard_metadata(shard)["report"], calib.store.get(spectra)))
             shards.append(shard)
             continue
-        captured = capture_layer(checkpoint, i)
+        samples = _heal_samples(calib.store, i, recipe) if recipe.heal_steps else None
+        captured = capture_layer(checkpoint, i, *([samples[0]["hidden_states"].shape[1]] if samples else []))
         (site,) = find_sites(captured.gm)
         stats = calib.store.stats(i)
         fisher = calib.store.get(f"fisher{i:05d}") if recipe.finetune else {}
@@ -462,16 +475,17 @@ def compress_streamed(checkpoint: Checkpoint, calib: StreamedCalibration, recipe
         layer = Calibration([site], [stats], layer_groups(site, _qkv_weights(captured, site), stats, [recipe]),
                             {key: calib.scores}, {(i, p): f for p, f in fisher.items()}, calib.samples, targets)
         plan, report = factor_plan(layer, recipe, rho1, kept=kept)
-        passes = recipe_passes(recipe, bits, plan, targets)
-        report.qat = next((p.report for p in passes if isinstance(p, LocalQAT)), None)  # filled in as QAT runs
+        passes = recipe_passes(recipe, bits, plan, targets, heal_data=(LayerOutputError(), samples) if samples else None)
+        report.qat = next((p.report for p in passes if isinstance(p, LocalQAT)), None)  # filled in as the passes run
+        report.heal = next((p.report for p in passes if isinstance(p, Heal)), None)
         shards.append(_write_compressed(captured, passes, out, shard.stem, save_dtype,
                                         lambda: {"report": json.dumps(report.as_dict())}))
         calib.store.put(spectra, report.spectra)
         reports.append(report)
         del captured, site, layer, plan, passes
         release_memory()
-    shards.append(_write_compressed(capture_top(checkpoint), recipe_passes(recipe, bits, {}, {}), out, TOP_SHARD,
-                                    save_dtype))
+    top = recipe_passes(dataclasses.replace(recipe, heal_steps=0), bits, {}, {})  # it has no factors to heal
+    shards.append(_write_compressed(capture_top(checkpoint), top, out, TOP_SHARD, save_dtype))
     return _merged(reports, calib.groups, kept), shards
 
 
@@ -493,22 +507,30 @@ def _report_of(text: str, spectra: dict[str, torch.Tensor]) -> FactorReport:
     d = json.loads(text)
     return FactorReport(d["rho1"], d["rho2"], {int(k): v for k, v in d["ranks"].items()}, d["rho1_per_layer"],
                         d["rho2_per_layer"], [tuple(k) for k in d["above_break_even"]], d["finetune"],
-                        {int(k): v for k, v in d["reconstruction"].items()}, spectra, d["qat"])
+                        {int(k): v for k, v in d["reconstruction"].items()}, spectra, d["qat"], d["heal"])
 
 
 def _merged(reports: list[FactorReport], groups: list[Group], kept) -> FactorReport:
     """One report of all layers from the per-layer ones (rho1 over all groups, rho2 the mean over layers)."""
     rho2 = [r for report in reports for r in report.rho2_per_layer]
-    ft = qat = None
+    ft = qat = heal = None
     if reports[0].finetune is not None:
         ft = {k: sum(r.finetune[k] for r in reports) for k in reports[0].finetune}
     if reports[0].qat is not None:  # losses and heads summed over the layers, as one LocalQAT over the model
         qat = {**reports[0].qat, **{k: sum(r.qat[k] for r in reports) for k in ("loss_before", "loss_after", "heads")}}
+    if reports[0].heal is not None:  # layer-local: each layer's relative output error, and their mean
+        values = ("calib_before", "calib_after", "val_before", "val_after")
+        heal = {**{k: v for k, v in reports[0].heal.items() if k not in values + ("steps_taken", "best_step",
+                                                                                  "val_history", "train_history")},
+                **{k: sum(r.heal[k] for r in reports) / len(reports) for k in values},
+                "seconds": round(sum(r.heal["seconds"] for r in reports), 1),
+                "per_layer": {str(i): {k: r.heal[k] for k in ("val_before", "val_after", "best_step")}
+                              for i, r in enumerate(reports)}}
     return FactorReport(
         achieved_rho1(groups, kept), sum(rho2) / len(rho2), {k: v for r in reports for k, v in r.ranks.items()},
         [x for r in reports for x in r.rho1_per_layer], rho2, above_break_even(groups, kept), ft,
         {k: v for r in reports for k, v in r.reconstruction.items()}, {k: v for r in reports for k, v in r.spectra.items()},
-        qat)
+        qat, heal)
 
 
 def compress_checkpoint(path: str | Path, windows: torch.Tensor, recipe: Recipe, rho1: float, bits: Bits,
