@@ -25,8 +25,8 @@ import warnings
 
 import torch
 
-from kernels.latent_attention import MAX_RANK, latent_decode_attention_triton
-from kernels.reference import latent_decode_attention_torch
+from wsvd_kernels.latent_attention import MAX_RANK, latent_decode_attention_triton
+from wsvd_kernels.reference import latent_decode_attention_torch
 
 _warned: set[str] = set()
 

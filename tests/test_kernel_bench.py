@@ -1,4 +1,4 @@
-"""The kernel benchmark (kernels.bench): a quick CPU run of the real Triton kernel under TRITON_INTERPRET=1,
+"""The kernel benchmark (wsvd_kernels.bench): a quick CPU run of the real Triton kernel under TRITON_INTERPRET=1,
 its correctness gate with the kernel swapped for the PyTorch version (exact and perturbed), and bad arguments."""
 
 import json
@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-import kernels.bench as bench
-from kernels.reference import latent_decode_attention_torch
+import wsvd_kernels.bench as bench
+from wsvd_kernels.reference import latent_decode_attention_torch
 
 TIMES = ("sdpa_ms", "latent_bf16_ms", "latent_int8_ms")
 

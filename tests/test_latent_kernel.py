@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.latent_attention import CONFIGS as CONFIGS_TRITON
-from kernels.latent_attention import default_num_splits, kernel_arguments, latent_decode_attention_triton
-from kernels.reference import latent_decode_attention_reference, latent_decode_attention_torch
+from wsvd_kernels.latent_attention import CONFIGS as CONFIGS_TRITON
+from wsvd_kernels.latent_attention import default_num_splits, kernel_arguments, latent_decode_attention_triton
+from wsvd_kernels.reference import latent_decode_attention_reference, latent_decode_attention_torch
 from wsvd_passes.rope import rope_half_tables, rope_tables
 
 CUDA = torch.cuda.is_available()

@@ -142,8 +142,8 @@ def test_cuda_kernel_falls_back_to_pytorch_with_one_warning(monkeypatch):
     """A Triton kernel that cannot compile, or ranks above MAX_RANK, run the PyTorch path (never a wrong
     answer), with one warning each; bad arguments still raise their one-line error."""
     import lowering.ops as ops
-    from kernels.latent_attention import MAX_RANK
-    from kernels.reference import latent_decode_attention_torch
+    from wsvd_kernels.latent_attention import MAX_RANK
+    from wsvd_kernels.reference import latent_decode_attention_torch
 
     def broken(*args, **kwargs):
         raise RuntimeError("PassManager::run failed\ndeep compiler trace")

@@ -3,10 +3,10 @@ uses the tensor cores, spills nothing and fits in shared memory; the roofline mo
 
 import pytest
 
-from kernels.latent_attention import CONFIGS, MAX_RANK
-from kernels.roofline import dense_step, latent_step
+from wsvd_kernels.latent_attention import CONFIGS, MAX_RANK
+from wsvd_kernels.roofline import dense_step, latent_step
 
-static_check = pytest.importorskip("kernels.static_check")
+static_check = pytest.importorskip("wsvd_kernels.static_check")
 try:
     static_check._binder()
     BINDER = True

@@ -4,12 +4,13 @@ Python's import machinery but not from the reader), and no module imports anothe
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("wsvd_passes", "lowering", "kernels")
+PACKAGES = ("wsvd_passes", "lowering", "wsvd_kernels")
 
 
 def _modules() -> dict[str, Path]:
@@ -82,7 +83,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_package_has_no_import_cycles():
     graph = import_graph()
-    assert {"wsvd_passes.capture", "lowering.match", "kernels.reference"} <= set(graph)
+    assert {"wsvd_passes.capture", "lowering.match", "wsvd_kernels.reference"} <= set(graph)
     assert "wsvd_passes.artifact" in graph["wsvd_passes.serve.export"]  # imported inside a function, two levels up
     assert cycles(graph) == []
 
@@ -127,3 +128,16 @@ def test_the_private_import_finder_finds_them(tmp_path):
                                              ({"a": {"b"}, "b": {"c"}, "c": set()}, [])])
 def test_the_cycle_finder_finds_cycles(graph, expected):
     assert cycles(graph) == expected
+
+
+def clashes(packages, owners: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Our top-level package -> the other distributions that ship a package of the same import name."""
+    ours = {"wsvd-passes", "wsvd_passes"}
+    return {p: sorted(set(owners[p]) - ours) for p in packages if set(owners.get(p, ())) - ours}
+
+
+def test_no_other_installed_distribution_ships_a_top_level_package_of_ours():
+    # transformers 5.25 requires Hugging Face's `kernels`; our kernel package, once named `kernels`, shadowed it
+    # from the repository root (transformers failed to import) and was shadowed by it elsewhere
+    assert clashes(PACKAGES, importlib.metadata.packages_distributions()) == {}
+    assert clashes(("kernels", "lowering"), {"kernels": ["kernels", "wsvd-passes"]}) == {"kernels": ["kernels"]}

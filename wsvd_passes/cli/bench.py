@@ -44,7 +44,7 @@ ROOFLINE_SHAPES = ["16,32,128,8192,0.5", "4,32,128,8192,0.5", "16,32,128,32768,0
 
 
 def _bench_kernel(args, device: str) -> dict:
-    from kernels.bench import bench_kernel, parse_shape, print_kernel_table
+    from wsvd_kernels.bench import bench_kernel, parse_shape, print_kernel_table
 
     try:
         shapes = [parse_shape(s) for s in args.shape] if args.shape else None
@@ -65,8 +65,8 @@ def _bench_kernel(args, device: str) -> dict:
 
 
 def _static_kernel_check(args, shapes: list[dict]) -> dict:
-    from kernels.roofline import print_roofline, roofline_table
-    from kernels.static_check import print_static, static_check
+    from wsvd_kernels.roofline import print_roofline, roofline_table
+    from wsvd_kernels.static_check import print_static, static_check
 
     try:
         archs = tuple(int(a) for a in args.arch.split(","))

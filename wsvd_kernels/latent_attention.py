@@ -1,6 +1,6 @@
 """Fused latent-KV flash-decoding on the tensor cores: K is rebuilt from its pre-RoPE latent on-chip.
 
-The math and argument conventions are those of :mod:`kernels.reference`. Shapes: q [B, n_q, D],
+The math and argument conventions are those of :mod:`wsvd_kernels.reference`. Shapes: q [B, n_q, D],
 ck [B, n_kv, L_max, r_k] (int8: + ck_scale [B, n_kv, L_max]), bk [n_kv, r_k, D], cv [B, n_kv, L_max, r_v]
 (int8: + cv_scale), lengths [B], cos/sin [L_rope, D/2] (``cos(j * inv_freq)``, unscaled); out float32
 [B, n_q, r_v]. ck/cv may have any batch and head strides (a joint or per-projection latent shared by
@@ -44,7 +44,7 @@ from .reference import check_latent_args
 
 INTERPRETED = triton.knobs.runtime.interpret  # read when the kernels below are decorated
 # Launch configurations the autotuner picks from on CUDA (keyed on the shape); the static check
-# (kernels/static_check.py) compiles every one. Under the interpreter the first one runs.
+# (wsvd_kernels/static_check.py) compiles every one. Under the interpreter the first one runs.
 # Only spill-free ones (Triton 3.9: 64 tokens with 4 warps, or 128 tokens, spill on sm_90; on sm_80
 # 64 tokens spill, and 32 tokens with 4 warps at an odd rank and int8: only the 2nd and 3rd run there).
 CONFIGS = [
@@ -247,7 +247,7 @@ def kernel_arguments(q, ck, bk, cv, lengths, cos, sin, *, scale, attention_scali
                      cv_scale=None, num_splits=None, sm_count=132):
     """(stage-1 grid, positional args, constexpr kwargs, num_splits, (o, m, l) buffers, out) of one call.
 
-    Shared by the launcher and the static check (:mod:`kernels.static_check`), so both see the same
+    Shared by the launcher and the static check (:mod:`wsvd_kernels.static_check`), so both see the same
     specialisation: dtypes, strides, constexprs.
     """
     dims = check_latent_args(q, ck, bk, cv, lengths, cos, sin, ck_scale, cv_scale, num_splits)

@@ -4,7 +4,7 @@ Each variant is one specialisation the op can launch: latent dtype (bf16, fp16, 
 GQA group G (1: the GEMV path; 4: tensor-core score and value dots), a shared latent (joint/per-projection
 factors: head stride 0), the rank r (64, and 45: not a multiple of 16; shared latents also at the kernel's
 largest, MAX_RANK), times every autotuner
-configuration for the target (:func:`kernels.latent_attention.configs_for`). The arguments are meta tensors of the target
+configuration for the target (:func:`wsvd_kernels.latent_attention.configs_for`). The arguments are meta tensors of the target
 shape, specialised by Triton's own binder exactly as a launch would (dtypes, 16-byte alignment,
 divisibility of strides and sizes), then ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch,
 32))`` and the wheel's ``cuobjdump`` give, per variant:
@@ -176,7 +176,7 @@ def static_check(archs=ARCHS, ranks=RANKS, variants=VARIANTS, progress: bool = T
 def _in_subprocess(archs, ranks, variants, progress: bool) -> dict:
     spec = json.dumps({"archs": list(archs), "ranks": list(ranks), "variants": [dataclasses.asdict(v) for v in variants],
                        "progress": progress})
-    code = ("import json, sys; from kernels.static_check import Variant, static_check; a = json.loads(sys.argv[1]); "
+    code = ("import json, sys; from wsvd_kernels.static_check import Variant, static_check; a = json.loads(sys.argv[1]); "
             "r = static_check(a['archs'], a['ranks'], [Variant(**{**v, 'extra_ranks': tuple(v['extra_ranks'])}) "
             "for v in a['variants']], a['progress']); print('\\n' + json.dumps(r))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

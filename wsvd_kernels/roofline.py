@@ -5,7 +5,7 @@ Per decode step, B sequences of L cached tokens, n_q query heads over n_kv kv he
 dense flash decoding (SDPA over a bf16 K/V cache)
     bytes = B n_kv L 2 D 2  (+ q, out)             tensor FLOPs = B n_q L 4 D (scores and P V)
 
-latent kernel (:mod:`kernels.latent_attention`), latents of rank r_k, r_v, e bytes per value
+latent kernel (:mod:`wsvd_kernels.latent_attention`), latents of rank r_k, r_v, e bytes per value
 (bf16 2, int8 1 + a float32 scale per token and head and latent):
     bytes = B h_c L (r_k + r_v) e (+ int8: 2 * 4 B h_c L)  + bk + q + out
     h_c = n_kv per-head latents; 1 for a latent shared by every kv head (read from HBM once per

@@ -12,7 +12,7 @@ cos, sin [L_rope >= L_max, D/2] hold ``cos(j * inv_freq)``, ``sin(j * inv_freq)`
 to float32 as the model computes it (:func:`wsvd_passes.rope.rope_half_tables`). int8 latents are
 dequantised per (token, head): ``C = int8 * scale[b, h, j]``. Cache rows ``j >= lengths[b]`` may
 hold anything, infinities included, and never reach the result (a sequence of length 0 gives zeros).
-Both functions share the signature of :func:`kernels.latent_attention.latent_decode_attention_triton`;
+Both functions share the signature of :func:`wsvd_kernels.latent_attention.latent_decode_attention_triton`;
 ``num_splits`` only matters there.
 """
 

@@ -16,7 +16,7 @@ CUDA: ``triton.testing.do_bench`` median, which zeroes a 256 MB buffer before ev
 the caches are never read from L2 (``cuda_graphs``: ``do_bench_cudagraph``, each step replayed from a
 CUDA graph, launch overhead excluded); SDPA pinned to the flash backend when it is available; the
 rows' bandwidth also as a fraction of a device-to-device copy (bytes read + written over time). Each
-row also carries the roofline prediction of :mod:`kernels.roofline` for its shape. CPU
+row also carries the roofline prediction of :mod:`wsvd_kernels.roofline` for its shape. CPU
 (``TRITON_INTERPRET=1``): ``time.perf_counter`` median, a smoke test of the code path only.
 """
 
@@ -220,7 +220,7 @@ def parse_shape(text: str) -> dict:
 
 
 def _predicted(shape: dict) -> dict:
-    """Roofline speedups over dense SDPA on an H100 for this shape (kernels.roofline)."""
+    """Roofline speedups over dense SDPA on an H100 for this shape (wsvd_kernels.roofline)."""
     b, n, d, length = (shape[k] for k in ("batch", "heads", "head_dim", "seq_len"))
     dense = dense_step(b, n, n, d, length).seconds("H100 SXM")
     return {f"predicted_speedup_{v}": dense / latent_step(b, n, n, d, length, _rank(shape), _rank(shape), v)
@@ -310,7 +310,7 @@ def bench_kernel(*, device: str, shapes: list[dict] | None = None, quick: bool =
         "timer": timing,
         "tolerance": TOLERANCE,
         "copy_bandwidth_gbs": copy_gbs,
-        "roofline": "predicted_speedup_*: kernels.roofline bound on an H100 SXM (peak rates, not measured)",
+        "roofline": "predicted_speedup_*: wsvd_kernels.roofline bound on an H100 SXM (peak rates, not measured)",
         "kernels": kernels,
         "rows": rows,
     }
@@ -345,7 +345,7 @@ def print_kernel_table(result: dict) -> None:
     print(f"timing: {result['timer']}")
     print("device-to-device copy: " + ("not measured" if copy is None else
                                        f"{copy:.0f} GB/s (read + write); (%) = fraction of it"))
-    print("(roof): the roofline model's bf16 and int8 speedups on an H100 (kernels.roofline), not measured")
+    print("(roof): the roofline model's bf16 and int8 speedups on an H100 (wsvd_kernels.roofline), not measured")
     print(f"{'B':>4}{'heads':>6}{'D':>5}{'L':>7}{'ratio':>6}{'r':>5}{'sdpa ms':>10}{'bf16 ms':>10}{'int8 ms':>10}"
           f"{'x bf16':>8}{'x int8':>8}{'(roof)':>14}{'sdpa GB/s':>16}{'bf16 GB/s':>16}{'int8 GB/s':>16}{'rel err':>9}"
           "  status")
