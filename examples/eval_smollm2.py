@@ -9,7 +9,7 @@ import argparse
 import torch
 
 from wsvd_passes import capture_forward, collect_input_stats, evaluate, find_sites, load_model
-from wsvd_passes.data import pydoc_text, token_windows
+from wsvd_passes.eval.data import pydoc_text, token_windows
 
 
 def main() -> None:

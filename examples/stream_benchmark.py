@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from wsvd_passes.random_checkpoint import SHAPES, write_random_checkpoint
+from wsvd_passes.models.random_checkpoint import SHAPES, write_random_checkpoint
 
 
 def main() -> None:

@@ -43,13 +43,13 @@ import time
 
 import torch
 
-from wsvd_passes.artifact import load, read_manifest
-from wsvd_passes.capture import CapturedGraph, capture_decode
-from wsvd_passes.generation import cache_buffers
-from wsvd_passes.latent_kv import LatentKVCache
-from wsvd_passes.models import cast_parameters, load_model
-from wsvd_passes.pipeline import Pipeline
-from wsvd_passes.quantize import parse_bits
+from wsvd_passes.artifacts.artifact import load, read_manifest
+from wsvd_passes.graph.capture import CapturedGraph, capture_decode
+from wsvd_passes.eval.generation import cache_buffers
+from wsvd_passes.passes.latent_kv import LatentKVCache
+from wsvd_passes.models.registry import cast_parameters, load_model
+from wsvd_passes.graph.pipeline import Pipeline
+from wsvd_passes.algorithms.quantize import parse_bits
 
 from .bench import versions
 from .compile import compile_step, lower

@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 import torch
 
-from wsvd_passes.capture import CapturedGraph
-from wsvd_passes.pipeline import Pipeline
+from wsvd_passes.graph.capture import CapturedGraph
+from wsvd_passes.graph.pipeline import Pipeline
 
 from .match import LowerLatentAttention
 from .ops import latent_attention_traceable

@@ -2,7 +2,7 @@
 e8 LM head included; an 8-bit embedding table (``--bits ..e8``) -> :func:`int8_embedding`.
 
 Matched from the recorded quantisation state, not by shape: a linear whose
-:class:`~wsvd_passes.quant_spec.QuantSpec` says 8-bit weights and 8-bit per-token activations,
+:class:`~wsvd_passes.graph.quant_spec.QuantSpec` says 8-bit weights and 8-bit per-token activations,
 reading ``fake_quant_activation(x, 8)``,
 
     linear(fake_quant_activation(x, 8), W, b)       W = codes_w * s_w  (s_w [out]: the recorded scale)
@@ -16,11 +16,11 @@ the two agree up to float32 rounding (the int32 sum is exact; the fake path sums
 float weight is dropped, the int8 codes are a buffer beside it (``<weight>_int8``), and the spec moves to
 the new node. An 8-bit embedding table becomes an int8 lookup times its row scales (exact). A per-head
 latent up-projection (activations quantised per token and head, weight block-diagonal by head, as its
-recorded :class:`~wsvd_passes.factor_spec.FactorSpec` says) runs the same way, each output block times its
+recorded :class:`~wsvd_passes.graph.factor_spec.FactorSpec` says) runs the same way, each output block times its
 head's scale. Everything else stays simulated and is counted: linears with another bit width (W4A4, W8A4:
 no integer kernel here). Works on full-sequence, decode, latent and lowered graphs; run it
 last: the int8 node is not an ``aten.linear``, so attention sites are no longer found afterwards (it is a
-plain fx pass, not a site :class:`~wsvd_passes.pipeline.GraphPass`, for that reason).
+plain fx pass, not a site :class:`~wsvd_passes.graph.pipeline.GraphPass`, for that reason).
 
 The two are plain functions called from the graph (as ``fake_quant_activation`` is), not opaque
 ``torch.library`` ops: ``torch.compile`` traces through them and fuses the activation quantiser and the
@@ -34,12 +34,12 @@ import torch
 from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from wsvd_passes.capture import CapturedGraph
-from wsvd_passes.factor_spec import FACTOR_META
-from wsvd_passes.graph_utils import add_tensor_attr, copy_meta, get_attr_node, infer_val, remove_attr_if_unused, tensor_attr
-from wsvd_passes.pipeline import Pipeline
-from wsvd_passes.quant_spec import QUANT_META, quant_spec, weight_codes, weight_target
-from wsvd_passes.quantize import fake_quant_activation, quantize_activation
+from wsvd_passes.graph.capture import CapturedGraph
+from wsvd_passes.graph.factor_spec import FACTOR_META
+from wsvd_passes.graph.graph_utils import add_tensor_attr, copy_meta, get_attr_node, infer_val, remove_attr_if_unused, tensor_attr
+from wsvd_passes.graph.pipeline import Pipeline
+from wsvd_passes.graph.quant_spec import QUANT_META, quant_spec, weight_codes, weight_target
+from wsvd_passes.algorithms.quantize import fake_quant_activation, quantize_activation
 
 aten = torch.ops.aten
 
@@ -133,7 +133,7 @@ class Int8Linears(PassBase):
 
 def _blocks_match_groups(node, group: int | None, weight_shape: torch.Size) -> bool:
     """Whether a linear quantised per ``group`` input features is block-diagonal with one block per group (a
-    per-head up-projection, from its recorded :class:`~wsvd_passes.factor_spec.FactorSpec`): what
+    per-head up-projection, from its recorded :class:`~wsvd_passes.graph.factor_spec.FactorSpec`): what
     :func:`int8_linear` needs to apply one scale per group after the integer matmul."""
     if group is None:
         return True

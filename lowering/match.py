@@ -1,6 +1,6 @@
 """Lowering pass: attention over a latent KV cache -> one ``wsvd::latent_attention`` node.
 
-Matched per attention site (as left by :class:`wsvd_passes.latent_kv.LatentKVCache`):
+Matched per attention site (as left by :class:`wsvd_passes.passes.latent_kv.LatentKVCache`):
 
     SDPA(q_rot, GQA(RoPE_tables(unflatten(linear(flatten(CK_cache), U_k)))), GQA(CV_cache), mask)
 
@@ -11,12 +11,12 @@ cache indices up to the current one. It becomes
 
 with B_K [n_kv, r_k, D] the diagonal blocks of U_k, transposed (for a shared latent: each kv head's
 rows of U_k, transposed, and the cache an expanded view for every kv head: head stride 0, no copy),
-and cos/sin the float32 [L, D/2] tables of ``j * inv_freq`` (:func:`wsvd_passes.rope.rope_half_tables`).
+and cos/sin the float32 [L, D/2] tables of ``j * inv_freq`` (:func:`wsvd_passes.algorithms.rope.rope_half_tables`).
 Everything the K rebuild computed becomes dead and is removed.
 
 A latent that the graph fake-quantises to 8 bits or fewer before caching (``fake_quant_activation``,
 per token, or per token per head) is cached as what that quantiser computes, in integer form: int8
-codes [B, heads, L, r] and float32 scales [B, heads, L] (:func:`wsvd_passes.quantize.quantize_activation`,
+codes [B, heads, L, r] and float32 scales [B, heads, L] (:func:`wsvd_passes.algorithms.quantize.quantize_activation`,
 ``codes * scale`` equal to the fake-quant value), and the op reads them through its int8 path.
 """
 
@@ -29,13 +29,13 @@ from torch.fx import GraphModule, Node
 
 import lowering.ops  # noqa: F401  (registers torch.ops.wsvd.latent_attention)
 from wsvd_passes.errors import WsvdError
-from wsvd_passes.factor_spec import head_blocks
-from wsvd_passes.graph_utils import add_tensor_attr, copy_meta, get_attr_node, infer_val, remove_attr_if_unused, tensor_attr
-from wsvd_passes.latent_kv import ROPE_COS, ROPE_INV_FREQ, ROPE_SCALING, ROPE_SIN
-from wsvd_passes.pipeline import GraphPass
-from wsvd_passes.quantize import fake_quant_activation, quantize_activation
-from wsvd_passes.rope import rope_half_tables
-from wsvd_passes.sites import AttentionSite
+from wsvd_passes.graph.factor_spec import head_blocks
+from wsvd_passes.graph.graph_utils import add_tensor_attr, copy_meta, get_attr_node, infer_val, remove_attr_if_unused, tensor_attr
+from wsvd_passes.passes.latent_kv import ROPE_COS, ROPE_INV_FREQ, ROPE_SCALING, ROPE_SIN
+from wsvd_passes.graph.pipeline import GraphPass
+from wsvd_passes.algorithms.quantize import fake_quant_activation, quantize_activation
+from wsvd_passes.algorithms.rope import rope_half_tables
+from wsvd_passes.graph.sites import AttentionSite
 
 aten = torch.ops.aten
 ROPE_HALF_TABLES = ("wsvd_rope.cos_half", "wsvd_rope.sin_half")  # the op's float32 [L, D/2] tables

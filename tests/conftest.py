@@ -11,8 +11,8 @@ os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
 settings.load_profile("ci")
 
-from wsvd_passes.capture import capture_decode, capture_forward  # noqa: E402
-from wsvd_passes.models import SMOLLM2, load_model  # noqa: E402
+from wsvd_passes.graph.capture import capture_decode, capture_forward  # noqa: E402
+from wsvd_passes.models.registry import SMOLLM2, load_model  # noqa: E402
 
 TINY = ["tiny-llama", "tiny-llama-gqa", "tiny-mistral", "tiny-qwen2"]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from wsvd_passes.quantize import fake_quant_activation
+from wsvd_passes.algorithms.quantize import fake_quant_activation
 
 
 def served_logits(directory, ids: torch.Tensor, dtype=torch.float64) -> torch.Tensor:

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from conftest import tiny, tiny_forward
-from wsvd_passes import artifact
-from wsvd_passes.compress import calibrate, compress
+from wsvd_passes.artifacts import artifact
+from wsvd_passes.compression.compress import calibrate, compress
 from wsvd_passes.errors import WsvdError
-from wsvd_passes.generation import greedy_generate
-from wsvd_passes.quantize import parse_bits
-from wsvd_passes.recipes import RECIPES
+from wsvd_passes.eval.generation import greedy_generate
+from wsvd_passes.algorithms.quantize import parse_bits
+from wsvd_passes.compression.recipes import RECIPES
 
 MODEL = "tiny-llama-gqa"
 WINDOWS = torch.randint(0, 384, (4, 33), generator=torch.Generator().manual_seed(3))
@@ -122,7 +122,7 @@ def test_quantised_weights_are_stored_packed_and_the_rest_in_bfloat16(tmp_path, 
 
 
 def test_equal_tensors_are_stored_once():
-    from wsvd_passes.packing import pack, unpack
+    from wsvd_passes.artifacts.packing import pack, unpack
 
     embedding = torch.randn(7, 5)
     stored, layout = pack({"embed": embedding, "lm_head": embedding.clone(), "other": torch.randn(5)}, {}, {},
@@ -173,8 +173,8 @@ def test_tied_embeddings_are_stored_once_and_reload_on_the_decode_graph(tmp_path
     checkpoint = tmp_path / "tied"
     model.save_pretrained(checkpoint)
     tiny(MODEL).tokenizer.save_pretrained(checkpoint)
-    from wsvd_passes.capture import capture_forward
-    from wsvd_passes.models import load_model
+    from wsvd_passes.graph.capture import capture_forward
+    from wsvd_passes.models.registry import load_model
 
     base = capture_forward(load_model(str(checkpoint)).model)
     compressed, _ = compress(base, None, RECIPES["quarot"], None, parse_bits(bits))  # rotates the tied head
@@ -199,8 +199,8 @@ def test_tied_embeddings_are_stored_once_and_reload_on_the_decode_graph(tmp_path
 
 
 def test_a_weight_off_its_recorded_grid_is_refused_in_one_line():
-    from wsvd_passes.packing import pack
-    from wsvd_passes.quantize import quantize_weight
+    from wsvd_passes.artifacts.packing import pack
+    from wsvd_passes.algorithms.quantize import quantize_weight
 
     codes, scale = quantize_weight(torch.randn(6, 9), 8)
     pack({"w": codes * scale[:, None], "w_scale": scale}, {"w": (8, "w_scale")}, {"w_scale": scale}, {"w"},

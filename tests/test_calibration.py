@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from conftest import fresh_forward, tiny
-from wsvd_passes.capture import capture_forward
-from wsvd_passes.calibration import InsertInputObservers, RemoveObservers, collect_gradients, collect_input_stats, next_token_loss
+from wsvd_passes.graph.capture import capture_forward
+from wsvd_passes.compression.calibration import InsertInputObservers, RemoveObservers, collect_gradients, collect_input_stats, next_token_loss
 from wsvd_passes.errors import WsvdError
-from wsvd_passes.pipeline import Pipeline
-from wsvd_passes.sites import find_sites
+from wsvd_passes.graph.pipeline import Pipeline
+from wsvd_passes.graph.sites import find_sites
 
 
 def _eager_inputs(model, batches, module_name):

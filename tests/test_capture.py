@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import TINY, fresh_forward, tiny, tiny_decode, tiny_forward
-from wsvd_passes.generation import greedy_generate
+from wsvd_passes.eval.generation import greedy_generate
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -62,9 +62,9 @@ def test_generation_beyond_cache_is_refused():
 def test_compress_edits_a_copy_sharing_the_weights_it_leaves_alone():
     # svd-llm factorises q/k/v on a copy that shares the base's parameters: the base graph and its logits
     # are untouched, and the weights the recipe keeps (MLP, o_proj, embeddings) are not duplicated
-    from wsvd_passes.compress import calibrate, compress
-    from wsvd_passes.quantize import parse_bits
-    from wsvd_passes.recipes import RECIPES
+    from wsvd_passes.compression.compress import calibrate, compress
+    from wsvd_passes.algorithms.quantize import parse_bits
+    from wsvd_passes.compression.recipes import RECIPES
 
     base = fresh_forward("tiny-llama-gqa")
     ids = torch.randint(0, 384, (2, 19), generator=torch.Generator().manual_seed(1))

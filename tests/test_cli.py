@@ -98,7 +98,7 @@ def test_decoder_without_rope_is_refused_in_one_line(tmp_path):
                                intermediate_size=20, is_decoder=True)).save_pretrained(tmp_path)
     proc = _run_cli("sites", "--model", str(tmp_path), "--quiet")
     assert proc.returncode == 2 and "has no tokenizer files" in proc.stderr
-    from wsvd_passes.models import load_model
+    from wsvd_passes.models.registry import load_model
 
     load_model("tiny-llama").tokenizer.save_pretrained(tmp_path)
     proc = _run_cli("sites", "--model", str(tmp_path), "--quiet")

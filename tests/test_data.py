@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import tiny
-from wsvd_passes.data import pydoc_text, read_text, text_source, token_windows
+from wsvd_passes.eval.data import pydoc_text, read_text, text_source, token_windows
 from wsvd_passes.errors import WsvdError
 
 

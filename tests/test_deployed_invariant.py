@@ -12,13 +12,13 @@ import torch
 import lowering
 from conftest import tiny, tiny_forward
 from test_latent_kv import steps
-from wsvd_passes import artifact
-from wsvd_passes.compress import calibrate, compress
-from wsvd_passes.generation import cache_buffers
-from wsvd_passes.latent_kv import LatentKVCache
-from wsvd_passes.pipeline import Pipeline
-from wsvd_passes.quantize import fake_quant_activation, parse_bits
-from wsvd_passes.recipes import RECIPES
+from wsvd_passes.artifacts import artifact
+from wsvd_passes.compression.compress import calibrate, compress
+from wsvd_passes.eval.generation import cache_buffers
+from wsvd_passes.passes.latent_kv import LatentKVCache
+from wsvd_passes.graph.pipeline import Pipeline
+from wsvd_passes.algorithms.quantize import fake_quant_activation, parse_bits
+from wsvd_passes.compression.recipes import RECIPES
 
 MODEL = "tiny-llama-gqa"
 WINDOWS = torch.randint(0, 384, (4, 33), generator=torch.Generator().manual_seed(3))
@@ -78,8 +78,8 @@ def test_smollm2_wsvd_w8a8_artifact_decodes_what_was_evaluated(tmp_path, smollm2
     """SmolLM2-135M, full wsvd W8A8 at rho1 0.5 (4 calibration windows of 128 tokens; about 10 minutes): the reloaded
     artifact's lowered decode graph (int8 latents) reproduces the evaluated graph's logits step by step, and
     generates the same greedy tokens lowered and not lowered."""
-    from wsvd_passes.data import pydoc_text, token_windows
-    from wsvd_passes.generation import greedy_generate
+    from wsvd_passes.eval.data import pydoc_text, token_windows
+    from wsvd_passes.eval.generation import greedy_generate
 
     windows = token_windows(smollm2.tokenizer, pydoc_text("calibration"), 128, max_windows=4)
     recipe, bits = RECIPES["wsvd"], parse_bits("w8a8")

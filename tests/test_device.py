@@ -16,16 +16,16 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import lowering
 from conftest import tiny_forward
-from wsvd_passes.calibration import InsertInputObservers
-from wsvd_passes.capture import capture_decode, capture_forward
-from wsvd_passes.compress import calibrate, factor_plan
-from wsvd_passes.factorize import FactorizeQKV
-from wsvd_passes.generation import generate, reset_cache
-from wsvd_passes.latent_kv import LatentKVCache
-from wsvd_passes.models import load_model
-from wsvd_passes.pipeline import Pipeline
-from wsvd_passes.recipes import RECIPES, Recipe
-from wsvd_passes.rotate import rotation_passes
+from wsvd_passes.compression.calibration import InsertInputObservers
+from wsvd_passes.graph.capture import capture_decode, capture_forward
+from wsvd_passes.compression.compress import calibrate, factor_plan
+from wsvd_passes.passes.factorize import FactorizeQKV
+from wsvd_passes.eval.generation import generate, reset_cache
+from wsvd_passes.passes.latent_kv import LatentKVCache
+from wsvd_passes.models.registry import load_model
+from wsvd_passes.graph.pipeline import Pipeline
+from wsvd_passes.compression.recipes import RECIPES, Recipe
+from wsvd_passes.passes.rotate import rotation_passes
 
 
 class _AbsentDevice:
@@ -185,7 +185,7 @@ def test_cuda_compress_and_lowered_decode_match_cpu():
 def test_cuda_vlm_decoder_inputs_and_logits_match_cpu():
     """On a GPU: the vision tower runs on the model's device (processor outputs moved there) and the
     captured decoder gives the CPU's logits."""
-    from wsvd_passes.mm_data import load_items, prompt_inputs
+    from wsvd_passes.eval.mm_data import load_items, prompt_inputs
 
     item = load_items(Path(__file__).parent / "data" / "mc_synthetic" / "data.jsonl")[0]
     logits = {}

@@ -7,7 +7,7 @@ import torch
 
 from conftest import tiny, tiny_forward
 from wsvd_passes.errors import WsvdError
-from wsvd_passes.evaluation import evaluate
+from wsvd_passes.eval.evaluation import evaluate
 
 
 def test_perplexity_matches_hf_loss_and_self_comparison_is_exact():

@@ -9,15 +9,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import fresh_forward
-from wsvd_passes.calibration import InputStats
-from wsvd_passes.capture import capture_forward
-from wsvd_passes.compress import calibrate, factor_plan
+from wsvd_passes.compression.calibration import InputStats
+from wsvd_passes.graph.capture import capture_forward
+from wsvd_passes.compression.compress import calibrate, factor_plan
 from wsvd_passes.errors import WsvdError
-from wsvd_passes.factorize import FactorizeQKV
-from wsvd_passes.lowrank import make_scaling, svd_group, whitening_factor
-from wsvd_passes.pipeline import Pipeline, same_function
-from wsvd_passes.recipes import RECIPES
-from wsvd_passes.sites import find_sites
+from wsvd_passes.passes.factorize import FactorizeQKV
+from wsvd_passes.algorithms.lowrank import make_scaling, svd_group, whitening_factor
+from wsvd_passes.graph.pipeline import Pipeline, same_function
+from wsvd_passes.compression.recipes import RECIPES
+from wsvd_passes.graph.sites import find_sites
 
 aten = torch.ops.aten
 
@@ -109,7 +109,7 @@ def test_per_head_factors_are_block_diagonal_with_padded_ranks():
 
 
 def test_ranks_above_the_head_dim_are_refused():
-    from wsvd_passes.factorize import LayerFactors, pad_heads
+    from wsvd_passes.passes.factorize import LayerFactors, pad_heads
 
     captured = fresh_forward("tiny-llama-gqa")
     site = find_sites(captured.gm)[0]
@@ -131,7 +131,7 @@ def test_rank_accounting_matches_the_paper_formulas():
     calib = calibrate(captured, torch.randint(0, 384, (4, 40)), [RECIPES["wsvd-noft"], RECIPES["svd"]], progress=False)
     E, H = 96, 32
     # Uniform per-head rank r: rho1 = (1 + H/E) r / H, rho2 = r / H.
-    from wsvd_passes.recipes import Recipe
+    from wsvd_passes.compression.recipes import Recipe
 
     uniform_heads = Recipe("u", "head", "whiten", "uniform")
     _, report = factor_plan(calib, uniform_heads, 0.5)
@@ -205,8 +205,8 @@ def test_compress_and_table_commands(tmp_path, capsys):
 
 @pytest.mark.slow  # 35 s: SmolLM2's 30 layers factorised
 def test_smollm2_full_rank_per_head_factors_reproduce_logits_and_half_rank_stays_usable(smollm2, smollm2_forward):
-    from wsvd_passes.data import pydoc_text, token_windows
-    from wsvd_passes.evaluation import evaluate
+    from wsvd_passes.eval.data import pydoc_text, token_windows
+    from wsvd_passes.eval.evaluation import evaluate
 
     calib_windows = token_windows(smollm2.tokenizer, pydoc_text("calibration"), 128, max_windows=4)
     recipe = RECIPES["wsvd-noft"]

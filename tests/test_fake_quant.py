@@ -5,16 +5,16 @@ import copy
 import torch
 
 from conftest import tiny_forward
-from wsvd_passes.compress import calibrate, factor_plan
-from wsvd_passes.factorize import FactorizeQKV
-from wsvd_passes.fake_quant import FakeQuantize
-from wsvd_passes.graph_utils import infer_val
-from wsvd_passes.pipeline import Pipeline
-from wsvd_passes.quant_spec import quant_spec, quantized_linears
-from wsvd_passes.quantize import fake_quant_activation, parse_bits
-from wsvd_passes.recipes import RECIPES
-from wsvd_passes.rotate import OnlineHadamard, RotateResidual, RotateValueHeads
-from wsvd_passes.sites import find_sites
+from wsvd_passes.compression.compress import calibrate, factor_plan
+from wsvd_passes.passes.factorize import FactorizeQKV
+from wsvd_passes.passes.fake_quant import FakeQuantize
+from wsvd_passes.graph.graph_utils import infer_val
+from wsvd_passes.graph.pipeline import Pipeline
+from wsvd_passes.graph.quant_spec import quant_spec, quantized_linears
+from wsvd_passes.algorithms.quantize import fake_quant_activation, parse_bits
+from wsvd_passes.compression.recipes import RECIPES
+from wsvd_passes.passes.rotate import OnlineHadamard, RotateResidual, RotateValueHeads
+from wsvd_passes.graph.sites import find_sites
 
 
 def _compressed(bits, rotate=True):
@@ -82,8 +82,8 @@ def test_quantised_weights_are_exact_integer_codes_times_the_recorded_scale():
 
 
 def test_vlm_input_rotation_is_not_quantised():
-    from wsvd_passes.compress import compress
-    from wsvd_passes.residual import INPUT_ROTATION
+    from wsvd_passes.compression.compress import compress
+    from wsvd_passes.graph.residual import INPUT_ROTATION
 
     graph, _ = compress(tiny_forward("tiny-llava"), None, RECIPES["quarot"], None, parse_bits("w4a4"))
     rotation = next(n for n in graph.gm.graph.nodes if n.target is torch.ops.aten.linear.default

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from wsvd_kernels.latent_attention import CONFIGS as CONFIGS_TRITON
 from wsvd_kernels.latent_attention import default_num_splits, kernel_arguments, latent_decode_attention_triton
 from wsvd_kernels.reference import latent_decode_attention_reference, latent_decode_attention_torch
-from wsvd_passes.rope import rope_half_tables, rope_tables
+from wsvd_passes.algorithms.rope import rope_half_tables, rope_tables
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -114,7 +114,7 @@ def _config(name):
 
 
 def test_reference_matches_dense_rope_attention():
-    """The reference agrees with dense SDPA on keys roped by the model's own tables (wsvd_passes.rope)."""
+    """The reference agrees with dense SDPA on keys roped by the model's own tables (wsvd_passes.algorithms.rope)."""
     case = make_case([5, 40], **_config("gqa3-d64"))
     q, ck, bk, cv, lengths = (case[k].cpu().double() for k in ("q", "ck", "bk", "cv", "lengths"))
     max_len, half = ck.shape[2], q.shape[-1] // 2

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from conftest import tiny
-from wsvd_passes.capture import capture_decode
+from wsvd_passes.graph.capture import capture_decode
 from wsvd_passes.errors import WsvdError
-from wsvd_passes.generation import greedy_generate
-from wsvd_passes.models import load_model
+from wsvd_passes.eval.generation import greedy_generate
+from wsvd_passes.models.registry import load_model
 
 
 def test_tiny_models_are_seeded_and_reproducible():
@@ -43,8 +43,8 @@ def test_smollm2_greedy_generation_through_decode_graph(smollm2):
 
 
 def test_smollm2_forward_graph_perplexity_matches_hf(smollm2, smollm2_forward):
-    from wsvd_passes.data import pydoc_text, token_windows
-    from wsvd_passes.evaluation import evaluate
+    from wsvd_passes.eval.data import pydoc_text, token_windows
+    from wsvd_passes.eval.evaluation import evaluate
 
     windows = token_windows(smollm2.tokenizer, pydoc_text("evaluation"), 128, max_windows=4)
     result = evaluate(lambda ids: smollm2_forward.gm(input_ids=ids), windows, progress=False)

@@ -9,18 +9,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import tiny_forward
-from wsvd_passes.calibration import collect_gradients
-from wsvd_passes.compress import calibrate, compress, factor_plan
+from wsvd_passes.compression.calibration import collect_gradients
+from wsvd_passes.compression.compress import calibrate, compress, factor_plan
 from wsvd_passes.errors import WsvdError
-from wsvd_passes.factorize import FactorizeQKV
-from wsvd_passes.fake_quant import FakeQuantize
-from wsvd_passes.hadamard import random_hadamard
-from wsvd_passes.pipeline import Pipeline, same_function
-from wsvd_passes.qat import LocalQAT, local_qat, quantized_product, random_rotations, rotated_targets
-from wsvd_passes.quantize import fake_quant_activation, parse_bits
-from wsvd_passes.recipes import RECIPES
-from wsvd_passes.rotate import rotation_passes
-from wsvd_passes.sites import find_sites
+from wsvd_passes.passes.factorize import FactorizeQKV
+from wsvd_passes.passes.fake_quant import FakeQuantize
+from wsvd_passes.algorithms.hadamard import random_hadamard
+from wsvd_passes.graph.pipeline import Pipeline, same_function
+from wsvd_passes.passes.qat import LocalQAT, local_qat, quantized_product, random_rotations, rotated_targets
+from wsvd_passes.algorithms.quantize import fake_quant_activation, parse_bits
+from wsvd_passes.compression.recipes import RECIPES
+from wsvd_passes.passes.rotate import rotation_passes
+from wsvd_passes.graph.sites import find_sites
 
 WINDOWS = torch.randint(0, 384, (4, 33), generator=torch.Generator().manual_seed(7))
 
@@ -61,7 +61,7 @@ def test_qat_lowers_the_quantised_objective():
     *_, losses = local_qat(W, F, up, down, 4, steps=40, lr=1e-3, s2_lr=1e-2)
     assert losses["loss_after"] < 0.97 * losses["loss_before"]
     # the product used in training is the deployment quantiser's (value), not a differentiable stand-in
-    from wsvd_passes.quantize import fake_quant_weight, search_weight_clip
+    from wsvd_passes.algorithms.quantize import fake_quant_weight, search_weight_clip
 
     deployed = [fake_quant_weight(m.reshape(-1, m.shape[-1]), 4, clip_ratio=search_weight_clip(
         m.reshape(-1, m.shape[-1]), 4)).reshape(m.shape) for m in (up, down)]
@@ -135,7 +135,7 @@ def test_qat_refuses_joint_factors(wsvd_calibration):
 
 
 def test_beta_is_tuned_on_calibration_windows(wsvd_calibration):
-    from wsvd_passes.compress import BETA_GRID, tune_beta
+    from wsvd_passes.compression.compress import BETA_GRID, tune_beta
 
     reference, calib = wsvd_calibration
     tuned, losses = tune_beta(reference, calib, RECIPES["qsvd"], 0.6, parse_bits("w4a4"), windows=2)

@@ -8,7 +8,7 @@ from torchao.quantization.quant_primitives import (MappingType, choose_qparams_a
                                                    quantize_affine)
 
 from wsvd_passes.errors import WsvdError
-from wsvd_passes.quantize import (Bits, fake_quant_activation, fake_quant_weight, parse_bits, search_weight_clip,
+from wsvd_passes.algorithms.quantize import (Bits, fake_quant_activation, fake_quant_weight, parse_bits, search_weight_clip,
                                   ste)
 
 
@@ -144,7 +144,7 @@ def test_fused_clip_search_chooses_the_definitions_ratios(shape, bits):
 
 @pytest.mark.slow
 def test_fused_clip_search_on_smollm2_weights():
-    from wsvd_passes.models import load_model
+    from wsvd_passes.models.registry import load_model
 
     model = load_model("smollm2-135m").model
     for name in ("self_attn.q_proj", "mlp.down_proj", "mlp.gate_proj"):

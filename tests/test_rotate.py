@@ -7,13 +7,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wsvd_passes.capture import capture_decode, capture_forward
+from wsvd_passes.graph.capture import capture_decode, capture_forward
 from wsvd_passes.errors import WsvdError
-from wsvd_passes.generation import greedy_generate
-from wsvd_passes.hadamard import random_hadamard
-from wsvd_passes.pipeline import Pipeline, same_function
-from wsvd_passes.residual import find_residual_stream
-from wsvd_passes.rotate import OnlineHadamard, RotateResidual, RotateValueHeads
+from wsvd_passes.eval.generation import greedy_generate
+from wsvd_passes.algorithms.hadamard import random_hadamard
+from wsvd_passes.graph.pipeline import Pipeline, same_function
+from wsvd_passes.graph.residual import find_residual_stream
+from wsvd_passes.passes.rotate import OnlineHadamard, RotateResidual, RotateValueHeads
 
 
 def _double_llama(heads, kv_heads, head_dim, bias, seed, layers=2):
@@ -61,9 +61,9 @@ def test_hadamard_is_exactly_orthogonal_for_awkward_orders():
 
 
 def test_rotated_factored_decode_graph_generates_the_same_tokens():
-    from wsvd_passes.compress import calibrate, factor_plan
-    from wsvd_passes.factorize import FactorizeQKV
-    from wsvd_passes.recipes import RECIPES
+    from wsvd_passes.compression.compress import calibrate, factor_plan
+    from wsvd_passes.passes.factorize import FactorizeQKV
+    from wsvd_passes.compression.recipes import RECIPES
 
     model = _double_llama(6, 2, 16, False, 1).float()
     recipe = RECIPES["wsvd-noft"]
@@ -102,8 +102,8 @@ def test_smollm2_rotated_logits_match(smollm2, smollm2_forward):
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_a_tied_lm_head_stays_tied_to_the_rotated_embedding(tied):
-    from wsvd_passes.graph_utils import tensor_attr
-    from wsvd_passes.rotate import TIED_GAMMA
+    from wsvd_passes.graph.graph_utils import tensor_attr
+    from wsvd_passes.passes.rotate import TIED_GAMMA
 
     model = _double_llama(4, 2, 8, False, seed=0 if tied else 1)
     reference, rotated = capture_forward(model), capture_forward(model)

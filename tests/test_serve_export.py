@@ -11,12 +11,12 @@ from safetensors.torch import load_file
 
 from conftest import tiny, tiny_forward
 from serve_reference import served_logits
-from wsvd_passes import artifact
+from wsvd_passes.artifacts import artifact
 from wsvd_passes.cli import main
-from wsvd_passes.compress import calibrate, compress
+from wsvd_passes.compression.compress import calibrate, compress
 from wsvd_passes.errors import WsvdError
-from wsvd_passes.quantize import parse_bits
-from wsvd_passes.recipes import RECIPES
+from wsvd_passes.algorithms.quantize import parse_bits
+from wsvd_passes.compression.recipes import RECIPES
 from wsvd_passes.serve.export import export_vllm
 from wsvd_passes.serve.format import FORMAT_VERSION, check_block
 
@@ -68,8 +68,8 @@ def test_tied_embeddings_are_stored_once(tmp_path, recipe, bits):
     """Unrotated, the head is the embedding (tied); rotated, it is served untied as E S1 G (rotate.TIED_GAMMA)."""
     from transformers import LlamaForCausalLM
 
-    from wsvd_passes.capture import capture_forward
-    from wsvd_passes.models import load_model
+    from wsvd_passes.graph.capture import capture_forward
+    from wsvd_passes.models.registry import load_model
 
     config = tiny("tiny-llama-gqa").model.config.to_dict() | {"tie_word_embeddings": True}
     checkpoint = tmp_path / "tied"

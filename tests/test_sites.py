@@ -6,9 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import TINY, tiny, tiny_decode, tiny_forward
-from wsvd_passes.capture import capture_forward
+from wsvd_passes.graph.capture import capture_forward
 from wsvd_passes.errors import WsvdError
-from wsvd_passes.sites import find_sites
+from wsvd_passes.graph.sites import find_sites
 
 aten = torch.ops.aten
 

@@ -10,16 +10,16 @@ import pytest
 import torch
 
 from conftest import tiny, tiny_forward
-from wsvd_passes import artifact
+from wsvd_passes.artifacts import artifact
 from wsvd_passes.cli import main
-from wsvd_passes.compress import calibrate, compress, factor_plan
+from wsvd_passes.compression.compress import calibrate, compress, factor_plan
 from wsvd_passes.errors import WsvdError
-from wsvd_passes.quantize import parse_bits
-from wsvd_passes.recipes import RECIPES
+from wsvd_passes.algorithms.quantize import parse_bits
+from wsvd_passes.compression.recipes import RECIPES
 from safetensors.torch import load_file
 
-from wsvd_passes import stream
-from wsvd_passes.stream import Checkpoint, calibrate_streamed, compress_checkpoint, compress_streamed
+from wsvd_passes.compression import stream
+from wsvd_passes.compression.stream import Checkpoint, calibrate_streamed, compress_checkpoint, compress_streamed
 
 MODEL = "tiny-llama-gqa"
 WINDOWS = torch.randint(0, 384, (4, 33), generator=torch.Generator().manual_seed(3))
@@ -115,13 +115,13 @@ def test_streamed_healing_lowers_each_layers_output_error_and_the_artifact_has_t
     rotated basis for the rotated recipe), as reported by the pass, is the error of the reloaded artifact's layer;
     healing lowers the calibration error. q and k are scaled up so that attention is peaked and the truncation
     error of a random tiny model is large (relative error ~0.5 instead of ~5e-4)."""
-    from wsvd_passes.artifact import _put_tensors, placeholder_plan, placeholder_targets, read_weights
-    from wsvd_passes.compress import recipe_passes
-    from wsvd_passes.hadamard import random_hadamard
-    from wsvd_passes.heal import LayerOutputError
-    from wsvd_passes.pipeline import Pipeline
-    from wsvd_passes.rotate import S1_SEED
-    from wsvd_passes.sites import find_sites
+    from wsvd_passes.artifacts.artifact import _put_tensors, placeholder_plan, placeholder_targets, read_weights
+    from wsvd_passes.compression.compress import recipe_passes
+    from wsvd_passes.algorithms.hadamard import random_hadamard
+    from wsvd_passes.passes.heal import LayerOutputError
+    from wsvd_passes.graph.pipeline import Pipeline
+    from wsvd_passes.passes.rotate import S1_SEED
+    from wsvd_passes.graph.sites import find_sites
 
     model = copy.deepcopy(tiny(MODEL).model)  # tiny() is shared by the other tests
     with torch.no_grad():
@@ -160,7 +160,7 @@ def test_streamed_healing_lowers_each_layers_output_error_and_the_artifact_has_t
 
 @pytest.mark.slow  # 51 s: two streamed runs in subprocesses
 def test_a_killed_run_resumes_to_the_same_artifact(checkpoint_dir, tmp_path, monkeypatch, capsys):
-    from wsvd_passes import stream as stream_module
+    from wsvd_passes.compression import stream as stream_module
 
     argv = ["compress", "--stream", "--model", str(checkpoint_dir), "--recipe", "wsvd-noq", "--rho1", "0.6",
             "--calib-windows", "4", "--seq-len", "33", "--quiet"]
@@ -181,7 +181,7 @@ def test_a_killed_run_resumes_to_the_same_artifact(checkpoint_dir, tmp_path, mon
     assert main([a if a != "0.6" else "0.5" for a in argv] + ["--out", str(out), "--resume"]) == 2
     err = capsys.readouterr().err
     assert "error: --resume: " in err and "another rho1" in err
-    monkeypatch.setattr("wsvd_passes.stream.calibrate_streamed", None)  # resuming does not calibrate again
+    monkeypatch.setattr("wsvd_passes.compression.stream.calibrate_streamed", None)  # resuming does not calibrate again
     written.clear()
     monkeypatch.setattr(stream_module, "write_shard", lambda *a, **k: written.append(a[1]) or write_shard(*a, **k))
     assert main(argv + ["--out", str(out), "--resume"]) == 0
@@ -194,7 +194,7 @@ def test_a_killed_run_resumes_to_the_same_artifact(checkpoint_dir, tmp_path, mon
 
 def loaded_windows(checkpoint_dir):
     """The calibration windows `compress --calib-windows 4 --seq-len 33` cuts from the default text."""
-    from wsvd_passes.data import text_source, token_windows
+    from wsvd_passes.eval.data import text_source, token_windows
 
     return token_windows(tiny(MODEL).tokenizer, text_source(None, "calibration")[0], 33, 4)
 
@@ -244,7 +244,7 @@ def test_bad_checkpoints_and_recipes_are_one_line_errors(checkpoint_dir, tmp_pat
 def test_streamed_peak_memory_does_not_grow_with_depth(tmp_path):
     # random bf16 checkpoints of width 1024 with 2 and 16 layers, each compressed in its own process:
     # 14 more layers may cost at most 1.5 layers' bytes (bf16) of peak RSS
-    from wsvd_passes.random_checkpoint import write_random_checkpoint
+    from wsvd_passes.models.random_checkpoint import write_random_checkpoint
 
     peaks, layer_bytes = {}, None
     for layers in (2, 16):

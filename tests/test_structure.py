@@ -83,8 +83,8 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_package_has_no_import_cycles():
     graph = import_graph()
-    assert {"wsvd_passes.capture", "lowering.match", "wsvd_kernels.reference"} <= set(graph)
-    assert "wsvd_passes.artifact" in graph["wsvd_passes.serve.export"]  # imported inside a function, two levels up
+    assert {"wsvd_passes.graph.capture", "lowering.match", "wsvd_kernels.reference"} <= set(graph)
+    assert "wsvd_passes.artifacts.artifact" in graph["wsvd_passes.serve.export"]  # imported inside a function, two levels up
     assert cycles(graph) == []
 
 
@@ -141,3 +141,20 @@ def test_no_other_installed_distribution_ships_a_top_level_package_of_ours():
     # from the repository root (transformers failed to import) and was shadowed by it elsewhere
     assert clashes(PACKAGES, importlib.metadata.packages_distributions()) == {}
     assert clashes(("kernels", "lowering"), {"kernels": ["kernels", "wsvd-passes"]}) == {"kernels": ["kernels"]}
+
+
+def test_module_paths_from_before_the_subpackages_import_the_moved_modules():
+    from wsvd_passes.moved import MOVED
+
+    import wsvd_passes.compress as old
+    import wsvd_passes.compression.compress as new
+    from wsvd_passes.compress import calibrate  # the README's Python API of earlier releases
+    from wsvd_passes.models import load_model
+
+    assert old is new and calibrate is new.calibrate
+    assert load_model is importlib.import_module("wsvd_passes.models.registry").load_model
+    assert all(importlib.import_module(f"wsvd_passes.{o}") is importlib.import_module(f"wsvd_passes.{n}")
+               for o, n in MOVED.items())
+    grouped = {m.removeprefix("wsvd_passes.") for m in _modules() if m.count(".") == 2
+               and m.split(".")[1] in {"graph", "algorithms", "passes", "compression", "models", "eval", "artifacts"}}
+    assert grouped - set(MOVED.values()) == {"models.registry"}  # every moved module has its old path

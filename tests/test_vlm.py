@@ -12,22 +12,22 @@ import torch
 
 import lowering
 from conftest import tiny, tiny_forward
-from wsvd_passes.calibration import next_token_loss
-from wsvd_passes.capture import capture_decode, capture_forward
+from wsvd_passes.compression.calibration import next_token_loss
+from wsvd_passes.graph.capture import capture_decode, capture_forward
 from wsvd_passes.cli import main
-from wsvd_passes.compress import calibrate, compress, factor_plan
+from wsvd_passes.compression.compress import calibrate, compress, factor_plan
 from wsvd_passes.errors import WsvdError
-from wsvd_passes.factorize import FactorizeQKV
-from wsvd_passes.generation import reset_cache
-from wsvd_passes.latent_kv import LatentKVCache
-from wsvd_passes.mm_data import check_labels, image_text_samples, load_items, sample_items
-from wsvd_passes.models import load_model
-from wsvd_passes.multiple_choice import prepare, score
-from wsvd_passes.pipeline import Pipeline
-from wsvd_passes.quantize import parse_bits
-from wsvd_passes.recipes import RECIPES
-from wsvd_passes.sites import find_sites
-from wsvd_passes.vlm import VLM_NAMES, decoder_inputs
+from wsvd_passes.passes.factorize import FactorizeQKV
+from wsvd_passes.eval.generation import reset_cache
+from wsvd_passes.passes.latent_kv import LatentKVCache
+from wsvd_passes.eval.mm_data import check_labels, image_text_samples, load_items, sample_items
+from wsvd_passes.models.registry import load_model
+from wsvd_passes.eval.multiple_choice import prepare, score
+from wsvd_passes.graph.pipeline import Pipeline
+from wsvd_passes.algorithms.quantize import parse_bits
+from wsvd_passes.compression.recipes import RECIPES
+from wsvd_passes.graph.sites import find_sites
+from wsvd_passes.models.vlm import VLM_NAMES, decoder_inputs
 
 DATA = Path(__file__).parent / "data" / "mc_synthetic" / "data.jsonl"
 CACHED = ["tiny-llava", "tiny-llava-next", "tiny-smolvlm"]  # 1-D RoPE: static-cache decode graph
@@ -54,7 +54,7 @@ def _graph_kwargs(sample):
 def test_decoder_graph_reproduces_the_vlm_on_image_and_text(name):
     lm = tiny(name)
     item = load_items(DATA)[1]
-    from wsvd_passes.mm_data import _image, prompt_text
+    from wsvd_passes.eval.mm_data import _image, prompt_text
 
     processed = lm.processor(text=prompt_text(lm.processor, item), images=[_image(item)], return_tensors="pt")
     inputs = decoder_inputs(lm.model, processed)
@@ -141,7 +141,7 @@ def test_only_answer_tokens_carry_loss_shifted_once(name):
 def test_misaligned_labels_are_caught():
     lm = tiny("tiny-llava")
     item = load_items(DATA)[0]
-    from wsvd_passes.mm_data import _image, prompt_text
+    from wsvd_passes.eval.mm_data import _image, prompt_text
 
     processed = lm.processor(text=prompt_text(lm.processor, item) + "C<|end|>", images=[_image(item)],
                              return_tensors="pt")

@@ -9,7 +9,7 @@ For sequence b, query head i (kv head h = i // G, G = n_q / n_kv) and cached tok
 RoPE is Hugging Face's rotate_half convention at position j with ``a = attention_scaling``:
 ``RoPE_j(k) = a * (k * cat(cos[j], cos[j]) + rotate_half(k) * cat(sin[j], sin[j]))`` where the tables
 cos, sin [L_rope >= L_max, D/2] hold ``cos(j * inv_freq)``, ``sin(j * inv_freq)`` of the angle rounded
-to float32 as the model computes it (:func:`wsvd_passes.rope.rope_half_tables`). int8 latents are
+to float32 as the model computes it (:func:`wsvd_passes.algorithms.rope.rope_half_tables`). int8 latents are
 dequantised per (token, head): ``C = int8 * scale[b, h, j]``. Cache rows ``j >= lengths[b]`` may
 hold anything, infinities included, and never reach the result (a sequence of length 0 gives zeros).
 Both functions share the signature of :func:`wsvd_kernels.latent_attention.latent_decode_attention_triton`;

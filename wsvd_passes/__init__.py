@@ -7,15 +7,18 @@ The flow: :func:`load_model` -> :func:`capture_forward` / :func:`capture_decode`
 :func:`load` rebuilds a compressed model saved by ``wsvd compress --out DIR``.
 """
 
-from .artifact import Artifact, load
-from .calibration import InsertInputObservers, RemoveObservers, collect_gradients, collect_input_stats, next_token_loss
-from .capture import CapturedGraph, capture_decode, capture_forward
+from .artifacts.artifact import Artifact, load
+from .compression.calibration import InsertInputObservers, RemoveObservers, collect_gradients, collect_input_stats, next_token_loss
+from .graph.capture import CapturedGraph, capture_decode, capture_forward
 from .errors import WsvdError
-from .evaluation import EvalResult, evaluate
-from .generation import generate, greedy_generate
-from .models import LoadedModel, load_model
-from .pipeline import GraphPass, Pipeline, same_function
-from .sites import AttentionSite, find_sites
+from .eval.evaluation import EvalResult, evaluate
+from .eval.generation import generate, greedy_generate
+from .models.registry import LoadedModel, load_model
+from .graph.pipeline import GraphPass, Pipeline, same_function
+from .graph.sites import AttentionSite, find_sites
+from .moved import install as _install_moved_paths
+
+_install_moved_paths(__name__)  # wsvd_passes.compress, .data, ... (before the subpackages) import as before
 
 __all__ = [
     "Artifact", "AttentionSite", "CapturedGraph", "EvalResult", "GraphPass", "InsertInputObservers", "LoadedModel", "Pipeline",

@@ -142,7 +142,7 @@ def _bench_model(args, device: str) -> dict:
         raise WsvdError(f"--rounds must be at least 1, got {args.rounds}")
     if steps < 1 or min(cache_lens) <= steps + 3:
         raise WsvdError(f"--cache-len ({min(cache_lens)}) must exceed --steps ({steps}) + 3 warm-up steps")
-    from ..artifact import read_manifest
+    from ..artifacts.artifact import read_manifest
 
     read_manifest(args.artifact)  # one error line for a directory that is not an artifact
     try:

@@ -14,7 +14,7 @@ from ..errors import WsvdError
 
 
 def add_model(p: argparse.ArgumentParser) -> None:
-    from ..models import MODEL_NAMES
+    from ..models.registry import MODEL_NAMES
 
     p.add_argument("--model", help=f"one of {', '.join(MODEL_NAMES)} or a local checkpoint directory "
                    "(with --artifact: defaults to the model recorded in it)")
@@ -69,14 +69,14 @@ def run_environment() -> dict:
 def load_lm(args, name: str):
     """The model ``name`` on ``--device`` in ``--dtype``."""
     from ..device import parse_device, parse_dtype
-    from ..models import load_model
+    from ..models.registry import load_model
 
     return load_model(name, device=parse_device(args.device), dtype=parse_dtype(args.dtype))
 
 
 def load_artifact(args, **kwargs):
     """The artifact of ``--artifact`` rebuilt on the base model loaded with :func:`load_lm`."""
-    from ..artifact import load, read_manifest
+    from ..artifacts.artifact import load, read_manifest
 
     return load(args.artifact, model=load_lm(args, args.model or read_manifest(args.artifact)["model"]), **kwargs)
 
@@ -88,7 +88,7 @@ def check_runtime(args, manifest: dict | None) -> None:
     if not manifest:
         raise WsvdError("--runtime int8 runs a compressed model's W8A8 linears in integers: give --artifact DIR "
                         "(or, for generate, --recipe NAME --bits w8a8)")
-    from ..quantize import parse_bits
+    from ..algorithms.quantize import parse_bits
 
     bits = parse_bits(manifest["bits"])
     if (bits.weight, bits.activation) != (8, 8) and bits.embedding != 8:
@@ -131,10 +131,10 @@ def quiet_libraries(quiet: bool) -> None:
 
 
 def prepare(args, recipe_names: list[str]):
-    from ..capture import capture_forward
-    from ..compress import calibrate
-    from ..data import text_source, token_windows
-    from ..recipes import get_recipe
+    from ..graph.capture import capture_forward
+    from ..compression.compress import calibrate
+    from ..eval.data import text_source, token_windows
+    from ..compression.recipes import get_recipe
 
     recipes = with_heal(args, [get_recipe(n.strip()) for n in recipe_names])
     for flag in ("calib_windows", "grad_samples", "eval_windows"):
@@ -158,8 +158,8 @@ def prepare(args, recipe_names: list[str]):
 
 def image_text_calibration(args, lm):
     """Labelled image-text samples of --calib and their provenance."""
-    from ..data import text_source
-    from ..mm_data import image_text_samples, load_items, sample_items
+    from ..eval.data import text_source
+    from ..eval.mm_data import image_text_samples, load_items, sample_items
 
     if lm.processor is None:
         raise WsvdError(f"--calib takes image-text data, but {lm.name} is a text-only model: use --calib-data FILE.txt")
@@ -174,14 +174,14 @@ def image_text_calibration(args, lm):
 
 
 def bits_of(args):
-    from ..quantize import parse_bits
+    from ..algorithms.quantize import parse_bits
 
     return parse_bits(getattr(args, "bits", "w16a16"))
 
 
 def parse_ratios(text: str, flag: str) -> list[float]:
     """The values of ``--rho1``/``--rho2`` (comma-separated), each checked to lie in (0, 1]."""
-    from ..rank_allocation import check_rho2
+    from ..algorithms.rank_allocation import check_rho2
 
     try:
         values = [float(v) for v in str(text).split(",")]
@@ -212,7 +212,7 @@ def ratio_targets(args, *, single: bool) -> list[tuple[float | None, float | Non
 
 def tuned_recipe(args, captured, calib, recipe, rho1, bits, rho2=None):
     """``recipe`` with QSVD's beta tuned on calibration windows when --tune-beta applies to it."""
-    from ..compress import tune_beta
+    from ..compression.compress import tune_beta
 
     if not (getattr(args, "tune_beta", False) and recipe.factor and recipe.quantize):
         return recipe, None

@@ -1,5 +1,5 @@
 """``wsvd compress``: calibrate, run one recipe and save the artifact, whole-model or streamed
-(one decoder layer at a time, :mod:`wsvd_passes.stream`)."""
+(one decoder layer at a time, :mod:`wsvd_passes.compression.stream`)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
     co = sub.add_parser("compress", help="compress Q/K/V with one recipe and save the result")
     add_model(co)
     add_device(co)
-    co.add_argument("--recipe", required=True, help="see `wsvd_passes.recipes` (svd, asvd, svd-llm, qsvd-noq, wsvd-noft, wsvd-noq)")
+    co.add_argument("--recipe", required=True, help="see `wsvd_passes.compression.recipes` (svd, asvd, svd-llm, qsvd-noq, wsvd-noft, wsvd-noq)")
     co.add_argument("--rho1", help="kept fraction of Q/K/V parameters, in (0, 1]")
     co.add_argument("--rho2", help="kept fraction of the K+V cache, in (0, 1] (alone, or with --rho1: both budgets)")
     co.add_argument("--out", required=True, help="output directory")
@@ -57,8 +57,8 @@ def cmd_compress(args) -> dict:
 def compress_to(args, out: str):
     """Calibrate, run the whole recipe (--recipe, --rho1, --bits) and save the artifact to ``out``:
     (loaded model, manifest)."""
-    from ..artifact import save
-    from ..compress import compress
+    from ..artifacts.artifact import save
+    from ..compression.compress import compress
     from ..device import parse_dtype
 
     save_dtype = parse_dtype(getattr(args, "save_dtype", "bfloat16"), "--save-dtype")  # bad input fails before work
@@ -83,8 +83,8 @@ def _stream_by_default(args) -> bool:
     """Whether ``compress`` streams without --stream/--no-stream: when --model is a safetensors checkpoint directory
     whose whole-model compression would need more than the available memory (said in one line on stderr)."""
     from ..device import parse_dtype
-    from ..recipes import get_recipe
-    from ..stream import Checkpoint, available_memory, whole_model_need
+    from ..compression.recipes import get_recipe
+    from ..compression.stream import Checkpoint, available_memory, whole_model_need
 
     if not Path(args.model).is_dir():
         return False
@@ -109,8 +109,8 @@ def _stream_by_default(args) -> bool:
 
 def _stream_refusal(args) -> str | None:
     """Why ``compress`` cannot stream with these arguments (one line naming the fix), or None."""
-    from ..recipes import get_recipe
-    from ..stream import unstreamable
+    from ..compression.recipes import get_recipe
+    from ..compression.stream import unstreamable
 
     ((rho1, rho2),) = ratio_targets(args, single=True)
     if rho2 is not None or rho1 is None:
@@ -123,13 +123,13 @@ def _stream_refusal(args) -> str | None:
 
 
 def _compress_streamed(args, out: str, save_dtype: torch.dtype) -> dict:
-    """``compress --stream``: the checkpoint directory --model compressed layer by layer (:mod:`wsvd_passes.stream`)."""
+    """``compress --stream``: the checkpoint directory --model compressed layer by layer (:mod:`wsvd_passes.compression.stream`)."""
     import transformers
 
-    from ..data import text_source, token_windows
+    from ..eval.data import text_source, token_windows
     from ..device import parse_dtype
-    from ..recipes import get_recipe
-    from ..stream import compress_checkpoint
+    from ..compression.recipes import get_recipe
+    from ..compression.stream import compress_checkpoint
 
     if (refusal := _stream_refusal(args)) is not None:
         raise WsvdError(refusal)

@@ -38,10 +38,10 @@ def add_parser(sub) -> None:
 
 
 def cmd_eval(args) -> dict:
-    from ..artifact import read_manifest
-    from ..capture import capture_forward
-    from ..data import text_source, token_windows
-    from ..evaluation import evaluate
+    from ..artifacts.artifact import read_manifest
+    from ..graph.capture import capture_forward
+    from ..eval.data import text_source, token_windows
+    from ..eval.evaluation import evaluate
 
     if args.mc:
         return _eval_multiple_choice(args)
@@ -81,10 +81,10 @@ def cmd_eval(args) -> dict:
 
 def _eval_multiple_choice(args) -> dict:
     """Accuracy on multiple-choice image questions, uncompressed and (with --artifact) compressed side by side."""
-    from ..capture import capture_forward
-    from ..data import text_source
-    from ..mm_data import load_items, sample_items
-    from ..multiple_choice import compare, prepare
+    from ..graph.capture import capture_forward
+    from ..eval.data import text_source
+    from ..eval.mm_data import load_items, sample_items
+    from ..eval.multiple_choice import compare, prepare
 
     if args.generate < 0:
         raise WsvdError(f"--generate {args.generate} must be at least 0")

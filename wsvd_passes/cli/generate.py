@@ -41,10 +41,10 @@ def add_parser(sub) -> None:
 def cmd_generate(args) -> dict:
     import torch
 
-    from ..capture import capture_decode
-    from ..generation import cache_buffers, generate
-    from ..latent_kv import LatentKVCache
-    from ..pipeline import Pipeline
+    from ..graph.capture import capture_decode
+    from ..eval.generation import cache_buffers, generate
+    from ..passes.latent_kv import LatentKVCache
+    from ..graph.pipeline import Pipeline
 
     if args.max_new_tokens < 1:
         raise WsvdError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
@@ -54,13 +54,13 @@ def cmd_generate(args) -> dict:
         bits = bits_of(args)
         check_runtime(args, {"recipe": {"name": args.recipe}, "bits": bits.name})
     if args.artifact:
-        from ..artifact import load, read_manifest
+        from ..artifacts.artifact import load, read_manifest
 
         manifest = read_manifest(args.artifact)
         check_runtime(args, manifest)
         lm = load_lm(args, args.model or manifest["model"])
     elif args.recipe:  # the whole recipe, as compress runs it, replayed on the decode graph as an artifact is
-        from ..artifact import load
+        from ..artifacts.artifact import load
 
         args.grad_samples = args.grad_samples or min(args.calib_windows, 16)
         scratch = tempfile.TemporaryDirectory(prefix="wsvd-generate-")

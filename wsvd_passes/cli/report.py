@@ -12,6 +12,6 @@ def add_parser(sub) -> None:
 
 
 def cmd_report(args) -> None:
-    from ..report import write_report
+    from ..artifacts.report import write_report
 
     print(write_report(args.dir, args.out))

@@ -12,9 +12,9 @@ def add_parser(sub) -> None:
 
 
 def cmd_sites(args) -> dict:
-    from ..capture import capture_forward
-    from ..models import load_model
-    from ..sites import find_sites
+    from ..graph.capture import capture_forward
+    from ..models.registry import load_model
+    from ..graph.sites import find_sites
 
     lm = load_model(args.model)
     sites = find_sites(capture_forward(lm.model).gm)

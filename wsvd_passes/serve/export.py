@@ -1,9 +1,9 @@
 """``wsvd export vllm ARTIFACT OUT``: a compressed artifact as a Hugging Face-style directory vLLM serves.
 
-Everything is read from the artifact's full-sequence graph (:func:`~wsvd_passes.artifact.load`): the
-factors through :func:`~wsvd_passes.sites.find_sites` and the layout recorded on each up-projection
-(:class:`~wsvd_passes.factor_spec.FactorSpec`), RMSNorm gammas (or their absence once fused into the
-readers) through :func:`~wsvd_passes.residual.find_residual_stream`, activation quantisers from the
+Everything is read from the artifact's full-sequence graph (:func:`~wsvd_passes.artifacts.artifact.load`): the
+factors through :func:`~wsvd_passes.graph.sites.find_sites` and the layout recorded on each up-projection
+(:class:`~wsvd_passes.graph.factor_spec.FactorSpec`), RMSNorm gammas (or their absence once fused into the
+readers) through :func:`~wsvd_passes.graph.residual.find_residual_stream`, activation quantisers from the
 ``fake_quant_activation`` node in front of each linear. Written to ``OUT``:
 
 - ``config.json``: the base model's config with ``architectures: ["Wsvd<Family>ForCausalLM"]`` and a
@@ -37,12 +37,12 @@ from safetensors.torch import save_file
 from torch.fx import GraphModule, Node
 
 from ..errors import WsvdError
-from ..factor_spec import factor_spec, head_blocks
-from ..graph_utils import is_call, tensor_attr
-from ..quantize import fake_quant_activation
-from ..residual import find_residual_stream
-from ..rotate import TIED_GAMMA
-from ..sites import AttentionSite, find_sites, module_path
+from ..graph.factor_spec import factor_spec, head_blocks
+from ..graph.graph_utils import is_call, tensor_attr
+from ..algorithms.quantize import fake_quant_activation
+from ..graph.residual import find_residual_stream
+from ..passes.rotate import TIED_GAMMA
+from ..graph.sites import AttentionSite, find_sites, module_path
 from .format import ARCHITECTURES, FORMAT, FORMAT_VERSION
 
 aten = torch.ops.aten
@@ -52,14 +52,14 @@ _CAPTURE_PREFIX = "model."  # the capture wraps the HF model as ``model`` (captu
 
 def export_vllm(artifact: str | Path, out: str | Path) -> dict:
     """Write the vLLM directory of ``artifact`` to ``out``; returns the ``wsvd`` block of its config."""
-    from ..artifact import load, read_manifest
+    from ..artifacts.artifact import load, read_manifest
 
     manifest = read_manifest(artifact)
     recipe = manifest["recipe"]
     if not recipe.get("factor", True):
         raise WsvdError(f"recipe {recipe['name']} has no low-rank factors: wsvd export vllm serves the factored "
                         "recipes (svd, asvd, svd-llm, qsvd-noq, wsvd-noft, wsvd-noq, qsvd, wsvd-noqat, wsvd)")
-    from ..quantize import parse_bits
+    from ..algorithms.quantize import parse_bits
 
     if parse_bits(manifest["bits"]).embedding < 16:
         raise WsvdError(f"{artifact} quantises the embedding and LM head ({manifest['bits']}), which the vLLM plugin "
@@ -140,7 +140,7 @@ def read_graph(gm: GraphModule) -> tuple[dict[str, torch.Tensor], dict]:
         unquantised = sorted(k for k, v in quant.items() if v is None)[:1]
         raise WsvdError(f"the artifact quantises its linears' inputs unevenly ({sorted(bits)} bits"
                         f"{', ' + unquantised[0] + ' not at all' if unquantised else ''}); the vLLM plugin quantises "
-                        "every linear but the LM head at one bit width: export a recipe from wsvd_passes.recipes")
+                        "every linear but the LM head at one bit width: export a recipe from wsvd_passes.compression.recipes")
     site = sites[0]
     block = {"format": FORMAT, "format_version": FORMAT_VERSION, "granularity": granularity,
              "head_dim": site.head_dim, "activation_bits": bits.pop() if bits else None,
@@ -187,7 +187,7 @@ def _record_quant(quant: dict, name: str, linear: Node, group: int | None) -> No
     got = x.kwargs.get("group")
     if got != group:
         raise WsvdError(f"{name} quantises its input in groups of {got}, the vLLM plugin in groups of {group}: "
-                        "export a recipe from wsvd_passes.recipes")
+                        "export a recipe from wsvd_passes.compression.recipes")
     quant[name] = x.args[1]
 
 

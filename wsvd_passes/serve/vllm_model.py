@@ -14,7 +14,7 @@ head (D_p, U_p and b_p rows of the rank's heads; no extra communication); a proj
 computed whole on every rank (replicated D) and U_p is split by output heads.
 
 Quantised recipes (``activation_bits``): every linear but the LM head reads its input through
-:func:`~wsvd_passes.quantize.fake_quant_activation`, the very quantiser of the compressed graph (per
+:func:`~wsvd_passes.algorithms.quantize.fake_quant_activation`, the very quantiser of the compressed graph (per
 token; per token per head for per-head up-projections), and the MLP applies the online Hadamard
 ``h -> h H`` before down_proj; weights are the artifact's (already quantised, stored dequantised).
 Per-token scales need whole rows, so quantised models serve at tensor-parallel size 1.
@@ -40,7 +40,7 @@ from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.model_executor.utils import set_weight_attrs
 
-from ..quantize import fake_quant_activation
+from ..algorithms.quantize import fake_quant_activation
 from .format import check_block
 
 

@@ -1,0 +1,583 @@
+"""Streamed compression: one decoder layer in memory at a time (``wsvd compress --stream``).
+
+The model is built on the meta device; a decoder layer's weights are read from the checkpoint's
+safetensors (memory-mapped, :class:`Checkpoint`) only while that layer is processed, then freed.
+Each layer is exported as its own graph ``gm(hidden_states [1, S, E]) -> [1, S, E]`` (one window, static
+shapes; causal mask and RoPE computed inside, parameter names as in the whole-model capture, ``gm.meta`` saying
+which layer it is and that its input is the residual stream), so
+:func:`~wsvd_passes.graph.sites.find_sites` and the recipe's passes run on it unchanged. The embedding,
+final norm and LM head form one more graph, the model with no layers (:func:`capture_top`), which
+the same passes rotate and quantise. For n calibration windows of S tokens and L layers:
+
+1. forward, bottom up: h_0 = embed(ids); for layer i the Gram statistics of its q/k/v input and
+   o_proj input, its SVD groups, and h_{i+1} = layer_i(h_i). The inputs h_i [n, S, E] stay on
+   the CPU (or in ``offload_dir``) for step 2.
+2. backward, top down, one window at a time: the next-token loss and g_L = dL/dh_L through the
+   final norm and LM head; then for each layer its forward recomputed from h_i under autograd
+   gives the window's gradients of q/k/v (rank importance, Fisher) and g_i = dL/dh_i. Recipes
+   with local QAT also need the Fisher in the rotated basis (:func:`~wsvd_passes.passes.qat.rotated_targets`):
+   the layer graph rotated by :func:`~wsvd_passes.passes.rotate.rotation_passes` computes
+   f'(h S1) = f(h) S1, so its gradients come from the input h_i S1 and the upstream g_{i+1} S1.
+3. ranks allocated globally under rho1 (:func:`~wsvd_passes.compression.compress.factor_plan`, unchanged);
+   then per layer the recipe's passes (:func:`~wsvd_passes.compression.compress.recipe_passes`: factorise,
+   rotate, local QAT, fake-quantise) and its new tensors written packed as a shard
+   (:func:`~wsvd_passes.artifacts.artifact.packed_changes`); then the no-layer graph's.
+
+Every pass is local to a layer except the residual rotation S1, which is global but fixed
+(seeded): a layer graph's input arrives in the rotated basis, the embedding and LM head are
+rotated in the no-layer graph. The result equals the whole-model compression up to float
+rounding (same ranks, factors and quantisers). Recipes that heal do it layer-locally here
+(:class:`~wsvd_passes.passes.heal.LayerOutputError`: each compressed layer's output against the dense
+layer's on the stored inputs h_i, targets h_{i+1}, both rotated by S1 when the recipe rotates),
+not end to end on the logits as the whole-model mode does. VLMs are not streamed.
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import ctypes.util
+import dataclasses
+import functools
+import gc
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..artifacts.artifact import library_version, packed_changes, save_streamed, shard_metadata, write_shard
+from .calibration import InputStats, SiteStats, collect_input_stats, next_token_loss
+from ..graph.capture import CapturedGraph, capture_forward, unlift
+from .compress import Calibration, FactorReport, allocate_ranks, factor_plan, layer_groups, recipe_passes
+from ..errors import WsvdError
+from ..graph.graph_utils import FIRST_LAYER, NO_LAYERS, RESIDUAL_INPUT, tensor_attr
+from ..algorithms.hadamard import random_hadamard
+from ..passes.heal import Heal, LayerOutputError
+from ..algorithms.lowrank import PROJECTIONS, Group
+from ..graph.pipeline import GraphPass, Pipeline
+from ..passes.qat import LocalQAT, QATTarget
+from ..algorithms.quantize import Bits
+from ..algorithms.rank_allocation import ImportanceAccumulator, above_break_even, achieved_rho1
+from .recipes import Recipe
+from ..passes.rotate import S1_SEED, rotation_passes
+from ..graph.sites import AttentionSite, find_sites
+
+
+class Checkpoint:
+    """A Hugging Face checkpoint directory read tensor by tensor from its safetensors (memory-mapped)."""
+
+    def __init__(self, path: str | Path, dtype: torch.dtype = torch.float32):
+        import transformers
+        from safetensors import safe_open
+
+        self.path, self.dtype = Path(path), dtype
+        if not (self.path / "config.json").is_file():
+            raise WsvdError(f"--stream reads a local checkpoint: {path} has no config.json (give a directory)")
+        self.config = transformers.AutoConfig.from_pretrained(self.path)
+        self.config._attn_implementation = "sdpa"
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            where = json.loads(index.read_text())["weight_map"]
+        elif (self.path / "model.safetensors").is_file():
+            where = None
+        else:
+            raise WsvdError(f"{path} has no model.safetensors(.index.json): --stream reads safetensors checkpoints")
+        files = sorted(set(where.values())) if where else ["model.safetensors"]
+        missing = [f for f in files if not (self.path / f).is_file()]
+        if missing:
+            raise WsvdError(f"{path} lacks the shard {missing[0]} named by its index: download the whole checkpoint")
+        if where is None:
+            with safe_open(self.path / "model.safetensors", "pt") as f:
+                where = {k: "model.safetensors" for k in f.keys()}
+        self._where = where
+        with torch.device("meta"):
+            self.skeleton = transformers.AutoModelForCausalLM.from_config(self.config)
+        self.names = list(self.skeleton.state_dict())  # with a tied head both names appear
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The checkpoint tensor ``name`` (a tied LM head reads the embedding) in the model dtype, checked
+        against the model's shape."""
+        key = name
+        if key not in self._where and key == "lm_head.weight" and getattr(self.config, "tie_word_embeddings", False):
+            key = "model.embed_tokens.weight"
+        if key not in self._where:
+            raise WsvdError(f"{self.path}: the checkpoint has no tensor {key}: its shards are incomplete or belong to "
+                            "another model")
+        from safetensors import safe_open
+
+        with safe_open(self.path / self._where[key], "pt") as f:  # mapped only while read: RSS stays one tensor
+            value = f.get_tensor(key).to(self.dtype)
+        expected = self.skeleton.get_parameter(name).shape
+        if value.shape != expected:
+            raise WsvdError(f"{self.path}: {key} is {tuple(value.shape)}, the config says {tuple(expected)}: "
+                            "the shards do not match config.json")
+        return value
+
+    def module(self, path: str) -> torch.nn.Module:
+        """A real (CPU) copy of the skeleton's submodule ``path`` with its checkpoint weights."""
+        module = copy.deepcopy(self.skeleton.get_submodule(path))
+        prefix = f"{path}." if path else ""
+        state = {n: self.tensor(prefix + n) for n, _ in module.named_parameters()}
+        module.load_state_dict(state, assign=True, strict=True)
+        return module.eval()
+
+    def fingerprint(self) -> str:
+        """:func:`~wsvd_passes.artifacts.artifact.fingerprint` of the whole-model capture, one tensor at a time."""
+        digest = hashlib.sha256()
+        for name in sorted(self.names):
+            digest.update(f"model.{name}".encode())
+            digest.update(self.tensor(name).contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+
+# Peak RSS of the whole-model compression over the model's parameter bytes in its compute dtype; the least
+# measured (`/usr/bin/time -v`): 4.2 for a TinyLlama-1.1B-shaped checkpoint (wsvd-noq, 4 windows, 17.3 GiB),
+# 10 for SmolLM2-135M (wsvd W8A8e8, 4 windows, 5.47 GB).
+WHOLE_MODEL_FACTOR = 4
+
+
+def whole_model_need(checkpoint: Checkpoint) -> int:
+    """Bytes the whole-model compression of ``checkpoint`` needs at least: WHOLE_MODEL_FACTOR x its parameters
+    (a tied head counted once) in the compute dtype."""
+    numel = sum(p.numel() for p in checkpoint.skeleton.parameters())
+    return WHOLE_MODEL_FACTOR * numel * checkpoint.dtype.itemsize
+
+
+def available_memory() -> int | None:
+    """Bytes the OS can give this process now without swapping (``MemAvailable``; None where unknown)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+MMAP_THRESHOLD = 128 * 1024  # glibc's initial value, kept fixed
+
+
+def bound_heap() -> None:
+    """Keep glibc from growing its heap with depth: fix its mmap threshold at 128 KiB, so every larger
+    tensor is its own mapping, returned to the OS when freed. (After each large free glibc raises the
+    threshold, up to 32 MiB, and the next layer's tensors then come from a heap that fragments.) Process-wide,
+    for the rest of the process; called by the streamed compression. A no-op without glibc (macOS, musl)."""
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
+def release_memory() -> None:
+    """Free what a finished layer held and hand the freed heap pages back to the OS.
+
+    fx graphs are reference cycles: ``gc.collect()`` frees a layer's weights now, not at some later gen-2
+    pass; ``malloc_trim(0)`` then returns the free pages glibc keeps. Measured (width-1024 random bf16
+    checkpoints, ``wsvd-noq``, 2 windows, peak RSS of 16 layers minus 2 layers; one layer is 22.5 MB in bf16):
+    264 MB with ``gc.collect()`` alone, 60 MB with ``malloc_trim``, 37 MB with :func:`bound_heap` too, 16 MB
+    once layers were exported with static shapes (:func:`capture_layer`).
+    """
+    gc.collect()
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _libc():
+    # ctypes because neither torch nor the standard library exposes mallopt / malloc_trim
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name) if name else None
+
+
+class _LayerStack(torch.nn.Module):
+    """``model.model.layers.{i}`` and the rotary embedding, so the graph names tensors as the whole capture does."""
+
+
+class LayerForward(torch.nn.Module):
+    """One decoder layer as ``hidden_states [B, S, E] -> [B, S, E]`` with the model's causal mask and RoPE."""
+
+    def __init__(self, checkpoint: Checkpoint, index: int):
+        super().__init__()
+        self.index, self.config = index, checkpoint.config
+        self.model = _LayerStack()
+        self.model.model = _LayerStack()
+        self.model.model.layers = _LayerStack()
+        self.model.model.layers.add_module(str(index), checkpoint.module(f"model.layers.{index}"))
+        self.model.model.rotary_emb = type(checkpoint.skeleton.model.rotary_emb)(config=checkpoint.config)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        from transformers.masking_utils import create_causal_mask
+
+        positions = torch.arange(hidden_states.shape[1], device=hidden_states.device).unsqueeze(0)
+        mask = create_causal_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=None, cache=None,
+                                  position_ids=positions)
+        layer = getattr(self.model.model.layers, str(self.index))
+        return layer(hidden_states, attention_mask=mask, position_ids=positions,
+                     position_embeddings=self.model.model.rotary_emb(hidden_states, position_ids=positions))
+
+
+def capture_layer(checkpoint: Checkpoint, index: int, seq_len: int = 17) -> CapturedGraph:
+    """Export decoder layer ``index`` (its weights loaded now) for one window of ``seq_len`` tokens (the calibration
+    length; the compression step only edits the graph, so its default length is arbitrary).
+
+    Static shapes on purpose: torch.export with dynamic dims keeps each export's ShapeEnv and FakeTensorMode
+    alive for the rest of the process (torch 2.13; measured: one more of each per export, also with a bare
+    ``nn.Linear``), so memory grew with depth; the layer graphs are run one window at a time."""
+    module = LayerForward(checkpoint, index)
+    example = torch.zeros(1, seq_len, checkpoint.config.hidden_size, dtype=checkpoint.dtype)
+    with torch.no_grad():
+        ep = torch.export.export(module, (), kwargs={"hidden_states": example}, strict=False)
+    gm = unlift(ep)
+    gm.meta.update({FIRST_LAYER: index, RESIDUAL_INPUT: True})
+    return CapturedGraph(gm, "forward", {"hidden_states": example}, None, checkpoint.config)
+
+
+def capture_top(checkpoint: Checkpoint) -> CapturedGraph:
+    """The model with no decoder layers, ``input_ids -> logits`` through the embedding, the final norm and the LM
+    head (their weights loaded now): where the recipe's passes rotate and quantise those, as in the whole graph."""
+    import transformers
+
+    config = copy.deepcopy(checkpoint.config)
+    config.num_hidden_layers = 0
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = []
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    model.load_state_dict({n: checkpoint.tensor(n) for n in model.state_dict()}, assign=True, strict=True)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # its buffers were built on the meta device
+    captured = capture_forward(model.eval())
+    captured.gm.meta[NO_LAYERS] = True
+    return captured
+
+
+class LayerStore:
+    """Per-layer tensors kept on disk between the passes: one safetensors file per (layer, what) in ``directory``."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+
+    def put(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+        write_shard(self.directory, name, tensors, metadata)
+
+    def get(self, name: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(self.directory / f"{name}.safetensors")
+
+    def put_stats(self, layer: int, stats: SiteStats) -> None:
+        self.put(f"stats{layer:05d}", {f"{role}.{f}": torch.as_tensor(getattr(getattr(stats, role), f))
+                                       for role in ("qkv", "o") for f in ("gram", "absmean", "tokens")})
+
+    def stats(self, layer: int) -> SiteStats:
+        t = self.get(f"stats{layer:05d}")
+        return SiteStats(*(InputStats(t[f"{r}.gram"], t[f"{r}.absmean"], int(t[f"{r}.tokens"])) for r in ("qkv", "o")))
+
+
+@dataclasses.dataclass
+class StreamedCalibration:
+    """What rank allocation needs of every layer (sites, scores, groups without their matrices); the rest
+    (statistics, Fisher) is in ``store``, read back one layer at a time."""
+
+    heads: dict  # n_heads, n_kv_heads, head_dim, hidden_size (sites are found again in each layer's graph)
+    layers: int
+    groups: list[Group]  # all layers; weight/U/Vh on the meta device (shapes only), sigma kept
+    scores: dict[tuple, torch.Tensor]
+    samples: int
+    store: LayerStore
+
+
+def save_calibration(calib: StreamedCalibration) -> None:
+    """Keep ``calib`` in its store (``calibration.safetensors``) for ``--resume``."""
+    tensors = {f"sigma.{j}": g.sigma for j, g in enumerate(calib.groups)}
+    tensors.update({f"score.{j}": calib.scores[g.key] for j, g in enumerate(calib.groups) if g.key in calib.scores})
+    groups = [{"key": list(g.key), "shapes": [list(getattr(g, f).shape) for f in ("weight", "U", "Vh")]}
+              for g in calib.groups]
+    calib.store.put("calibration", tensors, {"groups": json.dumps(groups), "heads": json.dumps(
+        calib.heads), "layers": str(calib.layers), "samples": str(calib.samples)})
+
+
+def load_calibration(store: LayerStore) -> StreamedCalibration | None:
+    """The calibration :func:`save_calibration` kept in ``store``, or None."""
+    path = store.directory / "calibration.safetensors"
+    if not path.is_file():
+        return None
+    meta, tensors = shard_metadata(path), store.get("calibration")
+    groups, scores = [], {}
+    for j, g in enumerate(json.loads(meta["groups"])):
+        weight, U, Vh = (torch.empty(shape, device="meta") for shape in g["shapes"])
+        groups.append(Group(layer=g["key"][0], name=g["key"][1], head=g["key"][2], weight=weight, scaling=None, U=U,
+                            sigma=tensors[f"sigma.{j}"], Vh=Vh))
+        if f"score.{j}" in tensors:
+            scores[groups[-1].key] = tensors[f"score.{j}"]
+    return StreamedCalibration(json.loads(meta["heads"]), int(meta["layers"]), groups, scores, int(meta["samples"]), store)
+
+
+def unstreamable(recipe: Recipe) -> str | None:
+    """Why ``recipe`` cannot be compressed layer by layer (one line naming the fix), or None when it can."""
+    if not recipe.factor:
+        return (f"recipe {recipe.name} has no low-rank factors: --stream runs the low-rank recipes (wsvd, wsvd-noq, "
+                "qsvd, svd-llm, ...); compress it without --stream")
+    return None
+
+
+def calibrate_streamed(checkpoint: Checkpoint, windows: torch.Tensor, recipe: Recipe, work_dir: str | Path, *,
+                       grad_samples: int | None = None, progress: bool = True
+                       ) -> StreamedCalibration:
+    """What :func:`~wsvd_passes.compression.compress.calibrate` measures, layer by layer (steps 1 and 2 above)."""
+    if len(windows) < 2:
+        raise WsvdError(f"{len(windows)} calibration window(s) are too few: give at least 2 (the paper uses 256)")
+    if (refusal := unstreamable(recipe)) is not None:
+        raise WsvdError(refusal)
+    store = LayerStore(work_dir)
+    key = (recipe.granularity, recipe.scaling)
+    with torch.no_grad():
+        hidden = torch.nn.functional.embedding(windows, checkpoint.tensor("model.embed_tokens.weight"))
+    groups, heads = [], None
+    for i in tqdm(range(checkpoint.config.num_hidden_layers), desc="streamed statistics", unit="layer",
+                  disable=not progress):
+        captured = capture_layer(checkpoint, i, windows.shape[1])
+        (site,) = find_sites(captured.gm)
+        heads = heads or {k: getattr(site, k) for k in ("n_heads", "n_kv_heads", "head_dim", "hidden_size")}
+        batches = [{"hidden_states": h, "labels": None} for h in hidden.split(1)]
+        stats = collect_input_stats(captured, batches, progress=False)[0]
+        store.put_stats(i, stats)
+        store.put(f"input{i:05d}", {"hidden": hidden})
+        groups += [_shape_only(g) for g in layer_groups(site, _qkv_weights(captured, site), stats, [recipe])[key]]
+        with torch.no_grad():
+            hidden = torch.cat([captured.gm(hidden_states=h) for h in hidden.split(1)])
+        del captured, site, stats
+        release_memory()
+    store.put(f"input{checkpoint.config.num_hidden_layers:05d}", {"hidden": hidden})  # the last layer's output
+    samples = windows if grad_samples is None else windows[:grad_samples]
+    scores = _streamed_gradients(checkpoint, samples, hidden, recipe, store, progress)
+    return StreamedCalibration(heads, checkpoint.config.num_hidden_layers, groups, scores, len(samples), store)
+
+
+def _qkv_weights(captured: CapturedGraph, site) -> dict[str, torch.Tensor]:
+    return {p: tensor_attr(captured.gm, getattr(site, f"{p}_proj").weight).detach() for p in PROJECTIONS}
+
+
+def _shape_only(g: Group) -> Group:
+    """``g`` without its matrices: what rank allocation reads (key, shape, sigma)."""
+    meta = {f: torch.empty(getattr(g, f).shape, device="meta") for f in ("weight", "U", "Vh")}
+    return dataclasses.replace(g, scaling=None, **meta)
+
+
+def _streamed_gradients(checkpoint: Checkpoint, windows: torch.Tensor, top: torch.Tensor, recipe: Recipe,
+                        store: LayerStore, progress: bool) -> dict[tuple, torch.Tensor]:
+    """Importance scores (returned); Fisher E[g*g] of q/k/v (stored per layer, ``fisher{i}``) and, for recipes with
+    local QAT, the rotated dense q/k/v weights and their Fisher (``qat{i}``), from per-window gradients by a
+    layer-wise backward."""
+    if recipe.allocation != "importance" and not recipe.finetune and not recipe.qat:
+        return {}
+    norm, head = checkpoint.module("model.norm"), checkpoint.tensor("lm_head.weight")
+    upstream = []  # dL/dh at the current layer boundary, per window [1, S, E]
+    for n in range(len(windows)):
+        h = top[n:n + 1].detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = next_token_loss(torch.nn.functional.linear(norm(h), head), windows[n:n + 1])
+            upstream.append(torch.autograd.grad(loss, h)[0])
+    del norm, head
+    scores = {}
+    layers = checkpoint.config.num_hidden_layers
+    S1 = random_hadamard(checkpoint.config.hidden_size, S1_SEED).to(top.dtype) if recipe.qat else None
+    for i in tqdm(reversed(range(layers)), total=layers, desc="streamed gradients", unit="layer", disable=not progress):
+        captured = capture_layer(checkpoint, i, windows.shape[1])
+        (site,) = find_sites(captured.gm)
+        inputs = store.get(f"input{i:05d}")["hidden"]
+        weights = _trainable(captured, site)
+        rotated = captured.sharing_parameters() if recipe.qat else None
+        if rotated is not None:  # the rotated dense layer, where QAT's targets live (its q/k/v are new tensors)
+            Pipeline(rotation_passes())(rotated)
+            rotated_weights = _trainable(rotated, find_sites(rotated.gm)[0])
+            rotated_sums = {p: torch.zeros_like(w, dtype=torch.float32) for p, w in rotated_weights.items()}
+        accumulator = None
+        if recipe.allocation == "importance":  # the layer's groups again (the same SVDs), for their directions
+            groups = layer_groups(site, _qkv_weights(captured, site), store.stats(i), [recipe])
+            accumulator = ImportanceAccumulator(groups[(recipe.granularity, recipe.scaling)], site.head_dim)
+        sums = {p: torch.zeros_like(w, dtype=torch.float32) for p, w in weights.items()}
+        for n in range(len(windows)):
+            x = inputs[n:n + 1].detach().requires_grad_(True)
+            with torch.enable_grad():
+                grads = torch.autograd.grad(captured.gm(hidden_states=x), [x] + list(weights.values()), upstream[n])
+                if rotated is not None:
+                    rotated_grads = torch.autograd.grad(rotated.gm(hidden_states=x.detach() @ S1),
+                                                        list(rotated_weights.values()), upstream[n] @ S1)
+                    for p, g in zip(PROJECTIONS, rotated_grads):
+                        rotated_sums[p] += g.float().square()
+            upstream[n] = grads[0]
+            by_proj = {(i, p): g for p, g in zip(PROJECTIONS, grads[1:])}
+            if accumulator is not None:
+                accumulator(by_proj)
+            for p in PROJECTIONS:
+                sums[p] += by_proj[(i, p)].float().square()
+        if accumulator is not None:
+            scores.update(accumulator.scores())
+        store.put(f"fisher{i:05d}", {p: sums[p] / len(windows) for p in PROJECTIONS})
+        if rotated is not None:
+            store.put(f"qat{i:05d}", {**{f"{p}.weight": w.detach().float() for p, w in rotated_weights.items()},
+                                      **{f"{p}.fisher": rotated_sums[p] / len(windows) for p in PROJECTIONS}})
+        del captured, site, weights, rotated, inputs, accumulator
+        release_memory()
+    return scores
+
+
+def _trainable(captured: CapturedGraph, site: AttentionSite) -> dict[str, torch.Tensor]:
+    """The layer's q/k/v weights (``proj -> tensor``), the only parameters of the graph that require grad."""
+    names = {getattr(site, f"{p}_proj").weight: p for p in PROJECTIONS}
+    weights = {}
+    for name, param in captured.gm.named_parameters():
+        param.requires_grad_(name in names)
+        if name in names:
+            weights[names[name]] = param
+    return {p: weights[p] for p in PROJECTIONS}
+
+
+def _heal_samples(store: LayerStore, layer: int, recipe: Recipe) -> list[dict[str, torch.Tensor]]:
+    """Layer ``layer``'s healing samples, one per window: its dense input h_i and output h_{i+1} [1, S, E], in the
+    rotated basis (h S1) when the recipe rotates, as its compressed graph sees them."""
+    x, y = (store.get(f"input{j:05d}")["hidden"] for j in (layer, layer + 1))
+    if recipe.rotate:
+        S1 = random_hadamard(x.shape[-1], S1_SEED).to(x.dtype)
+        x, y = x @ S1, y @ S1
+    return [{"hidden_states": a, "target": b} for a, b in zip(x.split(1), y.split(1))]
+
+
+def _qat_targets(store: LayerStore, layer: int) -> dict[tuple[int, str], QATTarget]:
+    t = store.get(f"qat{layer:05d}")
+    return {(layer, p): QATTarget(t[f"{p}.weight"], t[f"{p}.fisher"]) for p in PROJECTIONS}
+
+
+def compress_streamed(checkpoint: Checkpoint, calib: StreamedCalibration, recipe: Recipe, rho1: float, bits: Bits,
+                      out: str | Path, *, save_dtype: torch.dtype = torch.bfloat16, progress: bool = True
+                      ) -> tuple[FactorReport, list[Path]]:
+    """Ranks allocated over all layers, then each layer compressed by the recipe's passes (step 3 above) and its new
+    tensors written packed as its own shard of ``out`` with its report (a layer whose shard exists is not redone:
+    ``--resume``), then the no-layer graph's shard. Returns the factor report of the whole model and the shards."""
+    key = (recipe.granularity, recipe.scaling)
+    kept = allocate_ranks(calib.groups, calib.scores, recipe, rho1)
+    shards, reports = [], []
+    for i in tqdm(range(calib.layers), desc="streamed compression", unit="layer", disable=not progress):
+        shard, spectra = Path(out) / f"layer{i:05d}.safetensors", f"spectra{i:05d}"
+        if shard.is_file() and (calib.store.directory / f"{spectra}.safetensors").is_file():
+            reports.append(_report_of(shard_metadata(shard)["report"], calib.store.get(spectra)))
+            shards.append(shard)
+            continue
+        samples = _heal_samples(calib.store, i, recipe) if recipe.heal_steps else None
+        captured = capture_layer(checkpoint, i, *([samples[0]["hidden_states"].shape[1]] if samples else []))
+        (site,) = find_sites(captured.gm)
+        stats = calib.store.stats(i)
+        fisher = calib.store.get(f"fisher{i:05d}") if recipe.finetune else {}
+        targets = _qat_targets(calib.store, i) if recipe.qat else None
+        layer = Calibration([site], [stats], layer_groups(site, _qkv_weights(captured, site), stats, [recipe]),
+                            {key: calib.scores}, {(i, p): f for p, f in fisher.items()}, calib.samples, targets)
+        plan, report = factor_plan(layer, recipe, rho1, kept=kept)
+        passes = recipe_passes(recipe, bits, plan, targets, heal_data=(LayerOutputError(), samples) if samples else None)
+        report.qat = next((p.report for p in passes if isinstance(p, LocalQAT)), None)  # filled in as the passes run
+        report.heal = next((p.report for p in passes if isinstance(p, Heal)), None)
+        shards.append(_write_compressed(captured, passes, out, shard.stem, save_dtype,
+                                        lambda: {"report": json.dumps(report.as_dict())}))
+        calib.store.put(spectra, report.spectra)
+        reports.append(report)
+        del captured, site, layer, plan, passes
+        release_memory()
+    top = recipe_passes(dataclasses.replace(recipe, heal_steps=0), bits, {}, {})  # it has no factors to heal
+    shards.append(_write_compressed(capture_top(checkpoint), top, out, TOP_SHARD, save_dtype))
+    return _merged(reports, calib.groups, kept), shards
+
+
+TOP_SHARD = "top"  # the shard of the no-layer graph (embedding, final norm, LM head)
+
+
+def _write_compressed(captured: CapturedGraph, passes: list[GraphPass], out: str | Path, name: str,
+                      save_dtype: torch.dtype, metadata=lambda: {}) -> Path:
+    """Run ``passes`` on ``captured`` and write what changed, packed, as the shard ``out/name.safetensors`` with
+    ``metadata()`` (called after the passes, which fill in their reports)."""
+    reference = captured.gm.state_dict()
+    Pipeline(passes)(captured)
+    stored, storage = packed_changes(reference, captured.gm, save_dtype)
+    return write_shard(out, name, stored, {**metadata(), "storage": json.dumps(storage)})
+
+
+def _report_of(text: str, spectra: dict[str, torch.Tensor]) -> FactorReport:
+    """The :class:`FactorReport` of one layer back from ``as_dict`` JSON and its spectra."""
+    d = json.loads(text)
+    return FactorReport(d["rho1"], d["rho2"], {int(k): v for k, v in d["ranks"].items()}, d["rho1_per_layer"],
+                        d["rho2_per_layer"], [tuple(k) for k in d["above_break_even"]], d["finetune"],
+                        {int(k): v for k, v in d["reconstruction"].items()}, spectra, d["qat"], d["heal"])
+
+
+def _merged(reports: list[FactorReport], groups: list[Group], kept) -> FactorReport:
+    """One report of all layers from the per-layer ones (rho1 over all groups, rho2 the mean over layers)."""
+    rho2 = [r for report in reports for r in report.rho2_per_layer]
+    ft = qat = heal = None
+    if reports[0].finetune is not None:
+        ft = {k: sum(r.finetune[k] for r in reports) for k in reports[0].finetune}
+    if reports[0].qat is not None:  # losses and heads summed over the layers, as one LocalQAT over the model
+        qat = {**reports[0].qat, **{k: sum(r.qat[k] for r in reports) for k in ("loss_before", "loss_after", "heads")}}
+    if reports[0].heal is not None:  # layer-local: each layer's relative output error, and their mean
+        values = ("calib_before", "calib_after", "val_before", "val_after")
+        heal = {**{k: v for k, v in reports[0].heal.items() if k not in values + ("steps_taken", "best_step",
+                                                                                  "val_history", "train_history")},
+                **{k: sum(r.heal[k] for r in reports) / len(reports) for k in values},
+                "seconds": round(sum(r.heal["seconds"] for r in reports), 1),
+                "per_layer": {str(i): {k: r.heal[k] for k in ("val_before", "val_after", "best_step")}
+                              for i, r in enumerate(reports)}}
+    return FactorReport(
+        achieved_rho1(groups, kept), sum(rho2) / len(rho2), {k: v for r in reports for k, v in r.ranks.items()},
+        [x for r in reports for x in r.rho1_per_layer], rho2, above_break_even(groups, kept), ft,
+        {k: v for r in reports for k, v in r.reconstruction.items()}, {k: v for r in reports for k, v in r.spectra.items()},
+        qat, heal)
+
+
+def compress_checkpoint(path: str | Path, windows: torch.Tensor, recipe: Recipe, rho1: float, bits: Bits,
+                        out: str | Path, *, dtype: torch.dtype = torch.float32, grad_samples: int | None = None,
+                        offload_dir: str | Path | None = None, resume: bool = False, calibration: dict,
+                        environment: dict, save_dtype: torch.dtype = torch.bfloat16, progress: bool = True) -> dict:
+    """Streamed compression of the checkpoint at ``path`` into the artifact directory ``out``; its manifest.
+
+    Per-layer inputs, statistics and Fisher wait in ``offload_dir/.stream-work`` (default ``out``), removed at
+    the end. ``resume`` continues a run that was killed: the same model, recipe, rho1 and calibration windows
+    (checked), with its calibration and the layers already written kept. Fixes glibc's mmap threshold for the
+    rest of the process (:func:`bound_heap`).
+    """
+    import shutil
+
+    bound_heap()
+    checkpoint = Checkpoint(path, dtype)
+    work = Path(offload_dir or out) / ".stream-work"
+    run = {"wsvd_version": library_version(),  # shards written by another version may lack what this one reads
+           "model": str(Path(path).resolve()), "config": checkpoint.config.to_dict(), "dtype": str(dtype),
+           "recipe": dataclasses.asdict(recipe), "rho1": rho1, "bits": bits.name, "grad_samples": grad_samples,
+           "windows_sha256": hashlib.sha256(windows.contiguous().numpy().tobytes()).hexdigest()}
+    if resume:
+        if not (work / "run.json").is_file():
+            raise WsvdError(f"--resume: {work} holds no interrupted run: compress without --resume")
+        started = json.loads((work / "run.json").read_text())
+        changed = [k for k in run if json.dumps(run[k], sort_keys=True, default=str) !=
+                   json.dumps(started.get(k), sort_keys=True, default=str)]
+        if changed:
+            raise WsvdError(f"--resume: {out} was started with another {changed[0].replace('_', ' ')}: give the same "
+                            "model, recipe, --rho1, --bits and calibration, or compress without --resume")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+        for stale in [*Path(out).glob("layer*.safetensors"), Path(out) / f"{TOP_SHARD}.safetensors"]:
+            stale.unlink(missing_ok=True)
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "run.json").write_text(json.dumps(run, sort_keys=True, default=str))
+    store = LayerStore(work)
+    calib = load_calibration(store) if resume else None
+    if calib is None:
+        calib = calibrate_streamed(checkpoint, windows, recipe, work, grad_samples=grad_samples, progress=progress)
+        save_calibration(calib)
+    report, shards = compress_streamed(checkpoint, calib, recipe, rho1, bits, out, save_dtype=save_dtype,
+                                       progress=progress)
+    calibration = {**calibration, "grad_samples": calib.samples}
+    manifest = save_streamed(out, model=run["model"], model_sha256=checkpoint.fingerprint(), shards=shards,
+                             heads=calib.heads, recipe=recipe, bits=bits, rho1_target=rho1, report=report,
+                             calibration=calibration, environment=environment)
+    shutil.rmtree(work, ignore_errors=True)
+    return manifest

@@ -1,0 +1,3 @@
+"""Models in: the registry of names and local checkpoints, VLM loading, random checkpoints of real shapes."""
+
+from .registry import LoadedModel, MODEL_NAMES, SMOLLM2, cache_dir, cast_parameters, load_model, smollm2_checkpoint  # the names of the former module wsvd_passes.models

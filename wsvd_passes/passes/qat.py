@@ -1,0 +1,207 @@
+"""Learnable latent rotation S2 and Fisher-weighted local QAT (WSVD section 3.3).
+
+For every head h of a per-head factored projection (after :class:`~wsvd_passes.passes.rotate.RotateResidual`
+has fused RMSNorm gamma and the Hadamard S1 into the down-projection), with the graph's
+convention ``y = x W^T``, up U_h [d, r_h], down D_h [r_h, E] and an orthogonal S2_h [r_h, r_h]:
+
+    U_h D_h = (U_h S2_h^T)(S2_h D_h)             exact: S2 only rotates the latent C_h = x D_h^T
+    min_{U, D, S2}  sum_h mean( F'_h * (W'_h - Q(U_h S2_h^T) Q(S2_h D_h))^2 )
+
+W'_h [d, E] is the dense weight in the same rotated basis, F'_h = E[g' * g'] the diagonal
+Fisher measured there (g' = dLoss/dW' on the rotated dense graph, so the basis is exactly
+the one the factors live in), and Q is the deployment weight quantiser
+(:func:`~wsvd_passes.algorithms.quantize.fake_quant_weight`, per output row with the clipping search,
+searched again at every step) with straight-through gradients. S2 is a Cayley-parametrised
+orthogonal matrix (``torch.nn.utils.parametrizations.orthogonal``) started at an independent
+random rotation per head, which also spreads the latent's energy over its channels before
+the per-token-per-head activation quantiser; A and B train with Adam (paper: lr 1e-5, 50
+steps). On exit S2 is folded into the factors, so the graph shape is unchanged. All heads of
+a projection train as one batch; the zero padding of lower-rank heads stays zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch.fx import GraphModule
+from torch.nn.utils.parametrizations import orthogonal
+from tqdm.auto import tqdm
+
+from ..compression.calibration import collect_gradients
+from ..graph.capture import CapturedGraph
+from ..errors import WsvdError
+from ..graph.factor_spec import factor_spec, head_blocks
+from ..algorithms.finetune import normalized_fisher
+from ..graph.graph_utils import tensor_attr
+from ..algorithms.lowrank import PROJECTIONS
+from ..graph.pipeline import GraphPass, Pipeline
+from ..algorithms.quantize import fake_quant_weight, search_weight_clip
+from .rotate import replace_tensor_arg, rotation_passes
+from ..graph.sites import AttentionSite, find_sites
+
+
+@dataclasses.dataclass
+class QATTarget:
+    """Dense weight W' [out, E] and its diagonal Fisher F' [out, E], both in the rotated basis."""
+
+    weight: torch.Tensor
+    fisher: torch.Tensor
+
+
+def rotated_targets(captured: CapturedGraph, samples: list[torch.Tensor], *, progress: bool = True
+                    ) -> dict[tuple[int, str], QATTarget]:
+    """Rotate a copy of the dense graph with :func:`rotation_passes` and measure F' there.
+
+    Returns ``(layer, "q"|"k"|"v") -> QATTarget``; the same seeded rotations are applied to the
+    factored graph later, so targets and factors share one basis.
+    """
+    rotated = captured.sharing_parameters()
+    Pipeline(rotation_passes())(rotated)
+    sites = find_sites(rotated.gm)
+    if any(getattr(s, f"{p}_proj").factored for s in sites for p in PROJECTIONS):
+        raise WsvdError("rotated QAT targets need the dense graph: measure them before factorising")
+    names = {getattr(s, f"{p}_proj").weight: (s.layer, p) for s in sites for p in PROJECTIONS}
+    fisher = collect_gradients(rotated, samples, list(names), progress=progress)
+    return {names[t]: QATTarget(tensor_attr(rotated.gm, t).detach().float().clone(), f.float())
+            for t, f in fisher.items()}
+
+
+def quantized_product(up: torch.Tensor, down: torch.Tensor, bits: int, clips=None) -> torch.Tensor:
+    """Q(U) Q(D) for batches U [n, d, r], D [n, r, E], per output row, straight-through gradients.
+
+    ``clips`` = (clip of U's rows, clip of D's rows) from :func:`search_clips`; None searches now.
+    """
+    if bits >= 16:
+        return up @ down
+    clips = clips or search_clips(up, down, bits)
+    return _quantize_rows(up, bits, clips[0]) @ _quantize_rows(down, bits, clips[1])
+
+
+def search_clips(up: torch.Tensor, down: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The deployment clipping search (:func:`~wsvd_passes.algorithms.quantize.search_weight_clip`) on every row."""
+    return tuple(search_weight_clip(w.detach().reshape(-1, w.shape[-1]), bits) for w in (up, down))
+
+
+def _quantize_rows(w: torch.Tensor, bits: int, clip: torch.Tensor) -> torch.Tensor:
+    flat = w.reshape(-1, w.shape[-1])
+    return fake_quant_weight(flat, bits, clip_ratio=clip, ste=True).reshape(w.shape)
+
+
+def random_rotations(n: int, r: int, generator: torch.Generator) -> torch.Tensor:
+    """n independent Haar-random orthogonal r x r matrices [n, r, r] (QR with the sign fix)."""
+    q, R = torch.linalg.qr(torch.randn(n, r, r, generator=generator, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(R, dim1=-2, dim2=-1)).unsqueeze(-2)
+
+
+class Rotation(torch.nn.Module):
+    """A batch of orthogonal matrices [n, r, r], ``start @ cayley(K)`` with K skew-symmetric.
+
+    For a head of rank r_h < r the gradient of K is masked to its top-left r_h x r_h block, so
+    K stays zero elsewhere and S2 = blockdiag(S2_h, I) when ``start`` is: heads of different
+    ranks train in one batch and the zero padding of the factors stays zero.
+    """
+
+    def __init__(self, start: torch.Tensor, ranks: list[int]):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty_like(start))
+        orthogonal(self, "weight", orthogonal_map="cayley")
+        self.weight = start  # sets the trivialisation base: weight == start, skew part 0
+        keep = torch.arange(start.shape[-1], device=start.device) < torch.tensor(ranks, device=start.device)[:, None]  # [n, r]
+        mask = (keep[:, :, None] & keep[:, None, :]).to(start.dtype)
+        self.parametrizations.weight.original.register_hook(lambda grad: grad * mask)
+
+
+def local_qat(W: torch.Tensor, F: torch.Tensor, up: torch.Tensor, down: torch.Tensor, bits: int, *,
+              steps: int = 50, lr: float = 1e-5, s2_lr: float = 1e-3, start: torch.Tensor | None = None,
+              ranks: list[int] | None = None, clip_every: int = 10
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """Train S2 [n, r, r] with up [n, d, r] and down [n, r, E] against W, F [n, d, E].
+
+    ``ranks`` (default all r): head i uses only its first ranks[i] latent channels (the rest is
+    zero padding); ``start`` must then be blockdiag(orthogonal r_i x r_i, I).
+
+    The clip ratios are searched again every ``clip_every`` steps (the search costs far more
+    than a step; between searches the weights move by about ``lr`` per step) and for the
+    final objective. Returns the rotated factors (up S2^T, S2 down) in float32, S2, and the
+    normalised objective before (at the start rotation) and after training.
+    """
+    n, r = down.shape[0], down.shape[1]
+    Fn = normalized_fisher(F)
+    W = W.float()
+    rotation = Rotation((start if start is not None else torch.eye(r, device=down.device).expand(n, r, r)).float(),
+                         ranks or [r] * n)
+    A = up.float().clone().requires_grad_(True)
+    B = down.float().clone().requires_grad_(True)
+    opt = torch.optim.Adam([{"params": [A, B], "lr": lr}, {"params": rotation.parameters(), "lr": s2_lr}])
+
+    def objective(S2, clips=None):
+        product = quantized_product(A @ S2.transpose(-1, -2), S2 @ B, bits, clips)
+        return (Fn * (W - product).square()).flatten(1).mean(1).sum()
+
+    with torch.no_grad():
+        before = float(objective(rotation.weight))
+    with torch.enable_grad():
+        for step in range(steps):
+            S2 = rotation.weight
+            if step % clip_every == 0 and bits < 16:
+                clips = search_clips(A @ S2.transpose(-1, -2), S2 @ B, bits)
+            opt.zero_grad(set_to_none=True)
+            objective(S2, clips if bits < 16 else None).backward()
+            opt.step()
+    with torch.no_grad():
+        S2 = rotation.weight.detach()
+        after = float(objective(S2))
+        return (A @ S2.transpose(-1, -2)).detach(), (S2 @ B).detach(), S2, {"loss_before": before, "loss_after": after}
+
+
+class LocalQAT(GraphPass):
+    """Per-head S2 + local QAT of every per-head factored q/k/v, against rotated dense targets.
+
+    Run after the rotation passes and before :class:`~wsvd_passes.passes.fake_quant.FakeQuantize`
+    with the same weight bits. ``report`` holds the summed objective before/after.
+    """
+
+    def __init__(self, targets: dict[tuple[int, str], QATTarget], weight_bits: int, *, steps: int = 50,
+                 lr: float = 1e-5, s2_lr: float = 1e-3, seed: int = 0, progress: bool = False):
+        self.targets = targets
+        self.progress = progress
+        self.weight_bits = weight_bits
+        self.steps, self.lr, self.s2_lr, self.seed = steps, lr, s2_lr, seed
+        self.report = {"loss_before": 0.0, "loss_after": 0.0, "steps": steps, "heads": 0}
+
+    def transform(self, gm: GraphModule, sites: list[AttentionSite]) -> bool:
+        for site in tqdm(sites, desc="local QAT", unit="layer", disable=not self.progress or not self.steps, leave=False):
+            # S2's start per layer from (seed, layer) alone: a streamed layer graph draws what the whole graph draws
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + site.layer)
+            heads = {"q": site.n_heads, "k": site.n_kv_heads, "v": site.n_kv_heads}
+            for p in PROJECTIONS:
+                proj = getattr(site, f"{p}_proj")
+                if (site.layer, p) not in self.targets:
+                    raise WsvdError(f"layer {site.layer} {p}: no QAT target; measure targets on the same model")
+                if not proj.factored or proj.up is None or not factor_spec(proj.node).per_head:
+                    raise WsvdError(f"layer {site.layer} {p}: local QAT needs per-head factors (granularity 'head')")
+                self._train(gm, site, proj, heads[p], self.targets[(site.layer, p)], generator)
+        return True
+
+    def _train(self, gm, site, proj, n, target: QATTarget, generator) -> None:
+        U, D = tensor_attr(gm, proj.up).detach(), tensor_attr(gm, proj.down).detach()
+        d, r_max = U.shape[0] // n, D.shape[0] // n
+        ranks = list(factor_spec(proj.node).ranks)
+        ups = head_blocks(U, n).float()
+        downs = D.reshape(n, r_max, -1).float()
+        W, F = (t.reshape(n, d, -1).to(U.device) for t in (target.weight, target.fisher))
+        if W.shape != (n, d, D.shape[1]):
+            raise WsvdError(f"layer {site.layer}: QAT target {tuple(target.weight.shape)} does not match the factors")
+        start = torch.eye(r_max).repeat(n, 1, 1)
+        for h, r in enumerate(ranks):  # one independent draw per head, identity on its padding
+            start[h, :r, :r] = random_rotations(1, r, generator)[0].float()
+        start = start.to(U.device)
+        ups, downs, _, losses = local_qat(W, F, ups, downs, self.weight_bits, steps=self.steps, lr=self.lr,
+                                          s2_lr=self.s2_lr, start=start, ranks=ranks)
+        self.report["loss_before"] += losses["loss_before"]
+        self.report["loss_after"] += losses["loss_after"]
+        self.report["heads"] += n
+        replace_tensor_arg(gm, proj.latent, 1, downs.reshape(n * r_max, -1).double(), "qat")
+        replace_tensor_arg(gm, proj.node, 1, torch.block_diag(*ups.unbind()).double(), "qat")
+
