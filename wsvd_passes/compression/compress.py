@@ -15,6 +15,7 @@ import torch
 
 from .calibration import SiteStats, as_batches, collect_gradients, collect_input_stats
 from ..graph.capture import CapturedGraph
+from ..graph.factor_spec import pad_rank
 from ..errors import WsvdError
 from ..eval.evaluation import evaluate
 from ..passes.factorize import FactorizeQKV, LayerFactors, pad_heads
@@ -323,8 +324,7 @@ def _layer_factors(site, groups: list[Group], kept: Kept, recipe: Recipe, calib:
 def _finetune(groups: list[Group], factors, fisher: torch.Tensor, head_dim: int, recipe: Recipe, ft: dict):
     """Fisher-weighted fine-tuning of one projection's groups, batched with padded ranks."""
     r_max = max(max(u.shape[1] for u, _ in factors), 1)
-    up = torch.stack([torch.nn.functional.pad(u, (0, r_max - u.shape[1])) for u, _ in factors])
-    down = torch.stack([torch.nn.functional.pad(d, (0, 0, 0, r_max - d.shape[0])) for _, d in factors])
+    up, down = (torch.stack(t) for t in zip(*(pad_rank(u, d, r_max) for u, d in factors)))
     W = torch.stack([g.weight for g in groups])
     F = fisher.reshape(len(groups), -1, fisher.shape[-1]) if groups[0].head is not None else fisher[None]
     up, down, losses = fisher_finetune(W, F, up, down, steps=recipe.finetune_steps, lr=recipe.finetune_lr)

@@ -48,6 +48,19 @@ def head_blocks(U: torch.Tensor, n: int, *, shared: bool = False) -> torch.Tenso
     return torch.stack([rows[h, :, h * w:(h + 1) * w] for h in range(n)])
 
 
+def from_head_blocks(blocks: torch.Tensor) -> torch.Tensor:
+    """The per-head up-projection of head blocks [n, d, w]: block-diagonal [n d, n w] (the inverse of
+    :func:`head_blocks`)."""
+    return torch.block_diag(*blocks.unbind())
+
+
+def pad_rank(up: torch.Tensor, down: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors up [.., d, r] and down [.., r, E] padded to rank ``width``: zero columns of up, zero rows of down
+    (the product is unchanged)."""
+    pad = torch.nn.functional.pad
+    return pad(up, (0, width - up.shape[-1])), pad(down, (0, 0, 0, width - down.shape[-2]))
+
+
 def ranks_target(up: str) -> str:
     """The rank buffer that goes with an up-projection target (``.../wsvd.k_up[_suffix]`` -> ``.../wsvd.k_ranks``).
 

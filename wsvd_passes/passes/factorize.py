@@ -24,7 +24,7 @@ import torch
 from torch.fx import GraphModule
 
 from ..errors import WsvdError
-from ..graph.factor_spec import FACTOR_META, FactorSpec, ranks_target
+from ..graph.factor_spec import FACTOR_META, FactorSpec, from_head_blocks, pad_rank, ranks_target
 from ..graph.graph_utils import add_tensor_attr, copy_meta, get_attr_node, infer_val, remove_attr_if_unused
 from ..algorithms.lowrank import PROJECTIONS
 from ..graph.pipeline import GraphPass
@@ -55,9 +55,8 @@ def block_diagonal(U: torch.Tensor, n: int) -> bool:
 def pad_heads(ups: list[torch.Tensor], downs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack per-head factors (up_h [H, r_h], down_h [r_h, E]) into D [n r_max, E] and block-diagonal U."""
     r_max = max(max(d.shape[0] for d in downs), 1)
-    padded_downs = [torch.nn.functional.pad(d, (0, 0, 0, r_max - d.shape[0])) for d in downs]
-    padded_ups = [torch.nn.functional.pad(u, (0, r_max - u.shape[1])) for u in ups]
-    return torch.cat(padded_downs), torch.block_diag(*padded_ups)
+    padded_ups, padded_downs = zip(*(pad_rank(u, d, r_max) for u, d in zip(ups, downs)))
+    return torch.cat(padded_downs), from_head_blocks(torch.stack(padded_ups))
 
 
 class FactorizeQKV(GraphPass):

@@ -58,7 +58,7 @@ from ..compression.calibration import split_batch
 from ..graph.capture import CapturedGraph
 from ..errors import WsvdError
 from ..eval.evaluation import MemoLogits, evaluate
-from ..graph.factor_spec import factor_spec, head_blocks
+from ..graph.factor_spec import factor_spec, from_head_blocks, head_blocks
 from ..graph.graph_utils import is_call, tensor_attr
 from ..algorithms.lowrank import PROJECTIONS
 from ..graph.pipeline import GraphPass
@@ -97,7 +97,7 @@ class _Latent:
             R = self.rotation.weight
             down, ups = R @ down, [u @ R.transpose(-1, -2) for u in ups]
         out = {self.down: down.flatten(0, 1)}
-        out.update({t: torch.block_diag(*u.unbind()) for t, u in zip(self.ups, ups)})
+        out.update({t: from_head_blocks(u) for t, u in zip(self.ups, ups)})
         return out
 
 

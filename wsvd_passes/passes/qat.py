@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ..compression.calibration import collect_gradients
 from ..graph.capture import CapturedGraph
 from ..errors import WsvdError
-from ..graph.factor_spec import factor_spec, head_blocks
+from ..graph.factor_spec import factor_spec, from_head_blocks, head_blocks
 from ..algorithms.finetune import normalized_fisher
 from ..graph.graph_utils import tensor_attr
 from ..algorithms.lowrank import PROJECTIONS
@@ -203,5 +203,5 @@ class LocalQAT(GraphPass):
         self.report["loss_after"] += losses["loss_after"]
         self.report["heads"] += n
         replace_tensor_arg(gm, proj.latent, 1, downs.reshape(n * r_max, -1).double(), "qat")
-        replace_tensor_arg(gm, proj.node, 1, torch.block_diag(*ups.unbind()).double(), "qat")
+        replace_tensor_arg(gm, proj.node, 1, from_head_blocks(ups).double(), "qat")
 
