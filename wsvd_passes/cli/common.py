@@ -131,6 +131,8 @@ def quiet_libraries(quiet: bool) -> None:
 
 
 def prepare(args, recipe_names: list[str]):
+    """Load --model, cut the calibration windows, capture and calibrate for ``recipe_names``: (lm, captured graph,
+    calibration, recipes, provenance)."""
     from ..graph.capture import capture_forward
     from ..compression.compress import calibrate
     from ..eval.data import text_source, token_windows

@@ -13,6 +13,7 @@ import dataclasses
 
 import torch
 
+from .memory import release_memory
 from .calibration import SiteStats, as_batches, collect_gradients, collect_input_stats
 from ..graph.capture import CapturedGraph
 from ..graph.factor_spec import pad_rank
@@ -56,6 +57,7 @@ def calibrate(
         raise WsvdError(f"{len(windows)} calibration window(s) are too few: give at least 2 (the paper uses 256)")
     sites = find_sites(captured.gm)
     stats = collect_input_stats(captured, as_batches(windows, batch_size), progress=progress)
+    release_memory()  # the batches' activations and logits
     weights = {s.layer: {p: tensor_attr(captured.gm, getattr(s, f"{p}_proj").weight).detach() for p in PROJECTIONS}
                for s in sites}
     groups = {}
@@ -77,9 +79,11 @@ def calibrate(
         raw = collect_gradients(captured, samples, list(targets), on_sample=on_sample, progress=progress)
         fisher = {targets[t]: f for t, f in raw.items()}
         n = len(samples)
+        release_memory()
     if any(r.qat for r in recipes):
         qat_targets = rotated_targets(captured, samples, progress=progress)
         n = len(samples)
+        release_memory()  # the rotated copy of the model (an fx graph: a reference cycle)
     scores = {key: acc.scores() for key, acc in accumulators.items()}
     return Calibration(sites, stats, groups, scores, fisher, n, qat_targets, windows)
 

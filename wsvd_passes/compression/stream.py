@@ -35,11 +35,7 @@ not end to end on the logits as the whole-model mode does. VLMs are not streamed
 from __future__ import annotations
 
 import copy
-import ctypes
-import ctypes.util
 import dataclasses
-import functools
-import gc
 import hashlib
 import json
 from pathlib import Path
@@ -50,6 +46,7 @@ from tqdm.auto import tqdm
 from ..artifacts.artifact import library_version, packed_changes, save_streamed, shard_metadata, write_shard
 from .calibration import InputStats, SiteStats, collect_input_stats, next_token_loss
 from ..graph.capture import CapturedGraph, capture_forward, unlift
+from .memory import bound_heap, release_memory
 from .compress import Calibration, FactorReport, allocate_ranks, factor_plan, layer_groups, recipe_passes
 from ..errors import WsvdError
 from ..graph.graph_utils import FIRST_LAYER, NO_LAYERS, RESIDUAL_INPUT, tensor_attr
@@ -154,42 +151,6 @@ def available_memory() -> int | None:
     except OSError:
         pass
     return None
-
-
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-MMAP_THRESHOLD = 128 * 1024  # glibc's initial value, kept fixed
-
-
-def bound_heap() -> None:
-    """Keep glibc from growing its heap with depth: fix its mmap threshold at 128 KiB, so every larger
-    tensor is its own mapping, returned to the OS when freed. (After each large free glibc raises the
-    threshold, up to 32 MiB, and the next layer's tensors then come from a heap that fragments.) Process-wide,
-    for the rest of the process; called by the streamed compression. A no-op without glibc (macOS, musl)."""
-    mallopt = getattr(_libc(), "mallopt", None)
-    if mallopt is not None:
-        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-
-
-def release_memory() -> None:
-    """Free what a finished layer held and hand the freed heap pages back to the OS.
-
-    fx graphs are reference cycles: ``gc.collect()`` frees a layer's weights now, not at some later gen-2
-    pass; ``malloc_trim(0)`` then returns the free pages glibc keeps. Measured (width-1024 random bf16
-    checkpoints, ``wsvd-noq``, 2 windows, peak RSS of 16 layers minus 2 layers; one layer is 22.5 MB in bf16):
-    264 MB with ``gc.collect()`` alone, 60 MB with ``malloc_trim``, 37 MB with :func:`bound_heap` too, 16 MB
-    once layers were exported with static shapes (:func:`capture_layer`).
-    """
-    gc.collect()
-    trim = getattr(_libc(), "malloc_trim", None)
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _libc():
-    # ctypes because neither torch nor the standard library exposes mallopt / malloc_trim
-    name = ctypes.util.find_library("c")
-    return ctypes.CDLL(name) if name else None
 
 
 class _LayerStack(torch.nn.Module):

@@ -81,23 +81,20 @@ class RotateResidual(GraphPass):
         stream = find_residual_stream(gm)
         E = stream.embedding.meta["val"].shape[-1]
         S1 = random_hadamard(E, self.seed).to(stream.embedding.meta["val"].device)
-        table = None
         tied_heads = set()
         if is_call(stream.embedding, aten.embedding.default):
             tied_heads = set(logits_linears(gm)) if gm.meta.get(TIED_HEAD, False) else set()
-            table = _weight(gm, stream.embedding, 0)
-            replace_tensor_arg(gm, stream.embedding, 0, table @ S1, "rot")
+            replace_tensor_arg(gm, stream.embedding, 0, _weight(gm, stream.embedding, 0) @ S1, "rot")
         elif not gm.meta.get(RESIDUAL_INPUT, False):  # a streamed layer's input arrives rotated
             _rotate_input(gm, stream.embedding, S1)
         for norm in stream.norms:
             gamma = (tensor_attr(gm, norm.gamma).detach().double() if norm.gamma
                      else torch.ones(E, dtype=torch.float64, device=S1.device))
             for reader in norm.readers:
-                W = _weight(gm, reader)
-                if reader in tied_heads:
-                    _keep_tied(gm, reader, table @ S1, S1.T @ torch.diag(gamma) @ S1)
+                if reader in tied_heads:  # the rotated table itself: one tensor, no float64 copies of E [V, E]
+                    _keep_tied(gm, reader, tensor_attr(gm, stream.embedding.args[0].target), S1.T @ torch.diag(gamma) @ S1)
                 else:
-                    replace_tensor_arg(gm, reader, 1, W * gamma[None, :] @ S1, "rot")
+                    replace_tensor_arg(gm, reader, 1, _weight(gm, reader) * gamma[None, :] @ S1, "rot")
             if norm.gamma:
                 norm.out.replace_all_uses_with(norm.normalised)
                 gm.graph.erase_node(norm.out)
