@@ -14,12 +14,11 @@ from wsvd_passes.compression.compress import calibrate, compress, factor_plan
 from wsvd_passes.errors import WsvdError
 from wsvd_passes.passes.factorize import FactorizeQKV
 from wsvd_passes.passes.fake_quant import FakeQuantize
-from wsvd_passes.algorithms.hadamard import random_hadamard
 from wsvd_passes.graph.pipeline import Pipeline, same_function
-from wsvd_passes.passes.qat import LocalQAT, local_qat, quantized_product, random_rotations, rotated_targets
+from wsvd_passes.passes.qat import LocalQAT, RotatedTargets, local_qat, quantized_product, random_rotations
 from wsvd_passes.algorithms.quantize import fake_quant_activation, parse_bits
 from wsvd_passes.compression.recipes import RECIPES
-from wsvd_passes.passes.rotate import rotation_passes
+from wsvd_passes.passes.rotate import qkv_bases, rotation_passes
 from wsvd_passes.graph.sites import find_sites
 
 WINDOWS = torch.randint(0, 384, (4, 33), generator=torch.Generator().manual_seed(7))
@@ -68,26 +67,42 @@ def test_qat_lowers_the_quantised_objective():
     torch.testing.assert_close(quantized_product(up, down, 4), deployed[0] @ deployed[1])
 
 
-def test_fisher_is_measured_in_the_rotated_basis():
-    captured = tiny_forward("tiny-llama-gqa")
+def test_qat_targets_equal_those_measured_on_a_rotated_copy():
+    """W' and F' of RotatedTargets (mapped from the dense per-sample gradients) against autograd on a rotated copy of
+    the model (the reference: gradients taken where the factors live), for q, k and GQA v of every layer."""
+    captured = copy.deepcopy(tiny_forward("tiny-llama-gqa"))  # the shared capture stays untouched
+    with torch.no_grad():  # gains away from one, so that diag(1/gamma) matters
+        for name, param in captured.gm.named_parameters():
+            if name.endswith("layernorm.weight"):
+                param.copy_(torch.linspace(0.5, 2.0, param.numel()))
     samples = list(WINDOWS[:3])
-    targets = rotated_targets(captured, samples, progress=False)
-    site = find_sites(captured.gm)[0]
-    E = site.hidden_size
-    S1 = random_hadamard(E, 0)
-    gamma = next(n for n in captured.gm.graph.nodes if n.op == "get_attr" and n.target.endswith("input_layernorm.weight"))
-    gamma = captured.gm.get_parameter(gamma.target).detach().double()
-    W_q = captured.gm.get_parameter(site.q_proj.weight).detach().double()
-    torch.testing.assert_close(targets[(0, "q")].weight.double(), W_q * gamma @ S1, atol=1e-5, rtol=1e-5)
-    # F' = E[(g diag(1/gamma) S1)^2] from the unrotated per-sample gradients g
-    expected = torch.zeros(W_q.shape, dtype=torch.float64)
+    sites = find_sites(captured.gm)
+    mapped = RotatedTargets(qkv_bases(captured.gm, sites))
+    names = {getattr(s, f"{p}_proj").weight: (s.layer, p) for s in sites for p in ("q", "k", "v")}
+    collect_gradients(captured, samples, list(names), progress=False,
+                      on_sample=lambda grads: mapped({names[t]: g for t, g in grads.items()}))
+    targets = mapped.targets({key: captured.gm.get_parameter(t) for t, key in names.items()})
 
-    def on_sample(grads):
-        expected.add_((grads[site.q_proj.weight].double() / gamma @ S1).square())
+    rotated = captured.sharing_parameters()
+    Pipeline(rotation_passes())(rotated)
+    rotated_names = {getattr(s, f"{p}_proj").weight: (s.layer, p) for s in find_sites(rotated.gm) for p in ("q", "k", "v")}
+    fisher = collect_gradients(rotated, samples, list(rotated_names), progress=False)
+    assert set(targets) == set(rotated_names.values())
+    for t, key in rotated_names.items():
+        torch.testing.assert_close(targets[key].weight, rotated.gm.get_parameter(t).detach().float(), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(targets[key].fisher, fisher[t], rtol=1e-3, atol=1e-4 * float(fisher[t].max()))
 
-    collect_gradients(captured, samples, [site.q_proj.weight], on_sample=on_sample, progress=False)
-    torch.testing.assert_close(targets[(0, "q")].fisher.double(), expected / len(samples), rtol=2e-3,
-                               atol=1e-3 * float(expected.max()) / len(samples))
+
+def test_qat_targets_need_the_unrotated_dense_graph():
+    captured = copy.deepcopy(tiny_forward("tiny-llama-gqa"))
+    rotated = captured.sharing_parameters()
+    Pipeline(rotation_passes())(rotated)
+    with pytest.raises(WsvdError, match="already rotated"):
+        qkv_bases(rotated.gm, find_sites(rotated.gm))
+    with torch.no_grad():
+        captured.gm.get_parameter(next(n for n, _ in captured.gm.named_parameters() if n.endswith("input_layernorm.weight")))[3] = 0
+    with pytest.raises(WsvdError, match="zero entries"):
+        qkv_bases(captured.gm, find_sites(captured.gm))
 
 
 @pytest.fixture(scope="module")

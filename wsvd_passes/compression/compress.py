@@ -27,10 +27,10 @@ from ..graph.pipeline import GraphPass, Pipeline
 from ..graph.graph_utils import tensor_attr
 from ..algorithms.lowrank import PROJECTIONS, Group, make_scaling, split_groups
 from ..algorithms.rank_allocation import ImportanceAccumulator, Kept, full_ranks, above_break_even, achieved_rho1, importance_ranks, uniform_ranks
-from ..passes.qat import LocalQAT, QATTarget, rotated_targets
+from ..passes.qat import LocalQAT, QATTarget, RotatedTargets
 from ..algorithms.quantize import Bits
 from .recipes import Recipe
-from ..passes.rotate import rotation_passes
+from ..passes.rotate import qkv_bases, rotation_passes
 from ..graph.sites import AttentionSite, find_sites
 
 
@@ -68,22 +68,24 @@ def calibrate(
                     for key in {(r.granularity, r.scaling) for r in recipes if r.factor and r.allocation == "importance"}}
     fisher, n, qat_targets = {}, 0, None
     samples = list(windows if grad_samples is None else windows[:grad_samples])
-    if accumulators or any(r.factor and r.finetune for r in recipes):
+    rotated = RotatedTargets(qkv_bases(captured.gm, sites)) if any(r.qat for r in recipes) else None
+    if accumulators or rotated is not None or any(r.factor and r.finetune for r in recipes):
         targets = {getattr(s, f"{p}_proj").weight: (s.layer, p) for s in sites for p in PROJECTIONS}
 
         def on_sample(grads):
             by_proj = {targets[t]: g for t, g in grads.items()}
             for acc in accumulators.values():
                 acc(by_proj)
+            if rotated is not None:
+                rotated(by_proj)
 
         raw = collect_gradients(captured, samples, list(targets), on_sample=on_sample, progress=progress)
         fisher = {targets[t]: f for t, f in raw.items()}
         n = len(samples)
+        if rotated is not None:
+            qat_targets = rotated.targets({(s.layer, p): weights[s.layer][p] for s in sites for p in PROJECTIONS})
+        del rotated
         release_memory()
-    if any(r.qat for r in recipes):
-        qat_targets = rotated_targets(captured, samples, progress=progress)
-        n = len(samples)
-        release_memory()  # the rotated copy of the model (an fx graph: a reference cycle)
     scores = {key: acc.scores() for key, acc in accumulators.items()}
     return Calibration(sites, stats, groups, scores, fisher, n, qat_targets, windows)
 

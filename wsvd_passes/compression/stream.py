@@ -15,9 +15,8 @@ the same passes rotate and quantise. For n calibration windows of S tokens and L
 2. backward, top down, one window at a time: the next-token loss and g_L = dL/dh_L through the
    final norm and LM head; then for each layer its forward recomputed from h_i under autograd
    gives the window's gradients of q/k/v (rank importance, Fisher) and g_i = dL/dh_i. Recipes
-   with local QAT also need the Fisher in the rotated basis (:func:`~wsvd_passes.passes.qat.rotated_targets`):
-   the layer graph rotated by :func:`~wsvd_passes.passes.rotate.rotation_passes` computes
-   f'(h S1) = f(h) S1, so its gradients come from the input h_i S1 and the upstream g_{i+1} S1.
+   with local QAT also need the Fisher in the rotated basis: :class:`~wsvd_passes.passes.qat.RotatedTargets`
+   maps the same per-window gradients there, as in the whole-model mode.
 3. ranks allocated globally under rho1 (:func:`~wsvd_passes.compression.compress.factor_plan`, unchanged);
    then per layer the recipe's passes (:func:`~wsvd_passes.compression.compress.recipe_passes`: factorise,
    rotate, local QAT, fake-quantise) and its new tensors written packed as a shard
@@ -54,11 +53,11 @@ from ..algorithms.hadamard import random_hadamard
 from ..passes.heal import Heal, LayerOutputError
 from ..algorithms.lowrank import PROJECTIONS, Group
 from ..graph.pipeline import GraphPass, Pipeline
-from ..passes.qat import LocalQAT, QATTarget
+from ..passes.qat import LocalQAT, QATTarget, RotatedTargets
 from ..algorithms.quantize import Bits
 from ..algorithms.rank_allocation import ImportanceAccumulator, above_break_even, achieved_rho1
 from .recipes import Recipe
-from ..passes.rotate import S1_SEED, rotation_passes
+from ..passes.rotate import S1_SEED, qkv_bases
 from ..graph.sites import AttentionSite, find_sites
 
 
@@ -229,12 +228,11 @@ class LayerStore:
         return load_file(self.directory / f"{name}.safetensors")
 
     def put_stats(self, layer: int, stats: SiteStats) -> None:
-        self.put(f"stats{layer:05d}", {f"{role}.{f}": torch.as_tensor(getattr(getattr(stats, role), f))
-                                       for role in ("qkv", "o") for f in ("gram", "absmean", "tokens")})
+        self.put(f"stats{layer:05d}", {f"qkv.{f}": torch.as_tensor(getattr(stats.qkv, f)) for f in ("gram", "absmean", "tokens")})
 
     def stats(self, layer: int) -> SiteStats:
         t = self.get(f"stats{layer:05d}")
-        return SiteStats(*(InputStats(t[f"{r}.gram"], t[f"{r}.absmean"], int(t[f"{r}.tokens"])) for r in ("qkv", "o")))
+        return SiteStats(InputStats(t["qkv.gram"], t["qkv.absmean"], int(t["qkv.tokens"])))
 
 
 @dataclasses.dataclass
@@ -254,7 +252,7 @@ def save_calibration(calib: StreamedCalibration) -> None:
     """Keep ``calib`` in its store (``calibration.safetensors``) for ``--resume``."""
     tensors = {f"sigma.{j}": g.sigma for j, g in enumerate(calib.groups)}
     tensors.update({f"score.{j}": calib.scores[g.key] for j, g in enumerate(calib.groups) if g.key in calib.scores})
-    groups = [{"key": list(g.key), "shapes": [list(getattr(g, f).shape) for f in ("weight", "U", "Vh")]}
+    groups = [{"key": list(g.key), "shapes": [list(getattr(g, f).shape) for f in ("source", "U", "Vh")]}
               for g in calib.groups]
     calib.store.put("calibration", tensors, {"groups": json.dumps(groups), "heads": json.dumps(
         calib.heads), "layers": str(calib.layers), "samples": str(calib.samples)})
@@ -268,8 +266,8 @@ def load_calibration(store: LayerStore) -> StreamedCalibration | None:
     meta, tensors = shard_metadata(path), store.get("calibration")
     groups, scores = [], {}
     for j, g in enumerate(json.loads(meta["groups"])):
-        weight, U, Vh = (torch.empty(shape, device="meta") for shape in g["shapes"])
-        groups.append(Group(layer=g["key"][0], name=g["key"][1], head=g["key"][2], weight=weight, scaling=None, U=U,
+        source, U, Vh = (torch.empty(shape, device="meta") for shape in g["shapes"])
+        groups.append(Group(layer=g["key"][0], name=g["key"][1], head=g["key"][2], source=source, scaling=None, U=U,
                             sigma=tensors[f"sigma.{j}"], Vh=Vh))
         if f"score.{j}" in tensors:
             scores[groups[-1].key] = tensors[f"score.{j}"]
@@ -323,7 +321,7 @@ def _qkv_weights(captured: CapturedGraph, site) -> dict[str, torch.Tensor]:
 
 def _shape_only(g: Group) -> Group:
     """``g`` without its matrices: what rank allocation reads (key, shape, sigma)."""
-    meta = {f: torch.empty(getattr(g, f).shape, device="meta") for f in ("weight", "U", "Vh")}
+    meta = {f: torch.empty(getattr(g, f).shape, device="meta") for f in ("source", "U", "Vh")}
     return dataclasses.replace(g, scaling=None, **meta)
 
 
@@ -344,17 +342,12 @@ def _streamed_gradients(checkpoint: Checkpoint, windows: torch.Tensor, top: torc
     del norm, head
     scores = {}
     layers = checkpoint.config.num_hidden_layers
-    S1 = random_hadamard(checkpoint.config.hidden_size, S1_SEED).to(top.dtype) if recipe.qat else None
     for i in tqdm(reversed(range(layers)), total=layers, desc="streamed gradients", unit="layer", disable=not progress):
         captured = capture_layer(checkpoint, i, windows.shape[1])
         (site,) = find_sites(captured.gm)
         inputs = store.get(f"input{i:05d}")["hidden"]
         weights = _trainable(captured, site)
-        rotated = captured.sharing_parameters() if recipe.qat else None
-        if rotated is not None:  # the rotated dense layer, where QAT's targets live (its q/k/v are new tensors)
-            Pipeline(rotation_passes())(rotated)
-            rotated_weights = _trainable(rotated, find_sites(rotated.gm)[0])
-            rotated_sums = {p: torch.zeros_like(w, dtype=torch.float32) for p, w in rotated_weights.items()}
+        rotated = RotatedTargets(qkv_bases(captured.gm, [site])) if recipe.qat else None
         accumulator = None
         if recipe.allocation == "importance":  # the layer's groups again (the same SVDs), for their directions
             groups = layer_groups(site, _qkv_weights(captured, site), store.stats(i), [recipe])
@@ -364,23 +357,21 @@ def _streamed_gradients(checkpoint: Checkpoint, windows: torch.Tensor, top: torc
             x = inputs[n:n + 1].detach().requires_grad_(True)
             with torch.enable_grad():
                 grads = torch.autograd.grad(captured.gm(hidden_states=x), [x] + list(weights.values()), upstream[n])
-                if rotated is not None:
-                    rotated_grads = torch.autograd.grad(rotated.gm(hidden_states=x.detach() @ S1),
-                                                        list(rotated_weights.values()), upstream[n] @ S1)
-                    for p, g in zip(PROJECTIONS, rotated_grads):
-                        rotated_sums[p] += g.float().square()
             upstream[n] = grads[0]
             by_proj = {(i, p): g for p, g in zip(PROJECTIONS, grads[1:])}
             if accumulator is not None:
                 accumulator(by_proj)
+            if rotated is not None:
+                rotated(by_proj)
             for p in PROJECTIONS:
                 sums[p] += by_proj[(i, p)].float().square()
         if accumulator is not None:
             scores.update(accumulator.scores())
         store.put(f"fisher{i:05d}", {p: sums[p] / len(windows) for p in PROJECTIONS})
         if rotated is not None:
-            store.put(f"qat{i:05d}", {**{f"{p}.weight": w.detach().float() for p, w in rotated_weights.items()},
-                                      **{f"{p}.fisher": rotated_sums[p] / len(windows) for p in PROJECTIONS}})
+            targets = rotated.targets({(i, p): w for p, w in weights.items()})
+            store.put(f"qat{i:05d}", {**{f"{p}.weight": targets[(i, p)].weight for p in PROJECTIONS},
+                                      **{f"{p}.fisher": targets[(i, p)].fisher for p in PROJECTIONS}})
         del captured, site, weights, rotated, inputs, accumulator
         release_memory()
     return scores

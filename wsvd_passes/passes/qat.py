@@ -8,8 +8,8 @@ convention ``y = x W^T``, up U_h [d, r_h], down D_h [r_h, E] and an orthogonal S
     min_{U, D, S2}  sum_h mean( F'_h * (W'_h - Q(U_h S2_h^T) Q(S2_h D_h))^2 )
 
 W'_h [d, E] is the dense weight in the same rotated basis, F'_h = E[g' * g'] the diagonal
-Fisher measured there (g' = dLoss/dW' on the rotated dense graph, so the basis is exactly
-the one the factors live in), and Q is the deployment weight quantiser
+Fisher there (g' = dLoss/dW' of the rotated dense model, the basis the factors live in, mapped
+from the dense per-sample gradients by :class:`RotatedTargets`), and Q is the deployment weight quantiser
 (:func:`~wsvd_passes.algorithms.quantize.fake_quant_weight`, per output row with the clipping search,
 searched again at every step) with straight-through gradients. S2 is a Cayley-parametrised
 orthogonal matrix (``torch.nn.utils.parametrizations.orthogonal``) started at an independent
@@ -28,17 +28,15 @@ from torch.fx import GraphModule
 from torch.nn.utils.parametrizations import orthogonal
 from tqdm.auto import tqdm
 
-from ..compression.calibration import collect_gradients
-from ..graph.capture import CapturedGraph
 from ..errors import WsvdError
 from ..graph.factor_spec import factor_spec, from_head_blocks, head_blocks
 from ..algorithms.finetune import normalized_fisher
 from ..graph.graph_utils import tensor_attr
 from ..algorithms.lowrank import PROJECTIONS
-from ..graph.pipeline import GraphPass, Pipeline
+from ..graph.pipeline import GraphPass
 from ..algorithms.quantize import fake_quant_weight, search_weight_clip
-from .rotate import replace_tensor_arg, rotation_passes
-from ..graph.sites import AttentionSite, find_sites
+from .rotate import QKVBasis, replace_tensor_arg
+from ..graph.sites import AttentionSite
 
 
 @dataclasses.dataclass
@@ -49,22 +47,33 @@ class QATTarget:
     fisher: torch.Tensor
 
 
-def rotated_targets(captured: CapturedGraph, samples: list[torch.Tensor], *, progress: bool = True
-                    ) -> dict[tuple[int, str], QATTarget]:
-    """Rotate a copy of the dense graph with :func:`rotation_passes` and measure F' there.
+class RotatedTargets:
+    """QAT targets of dense q/k/v in the rotated basis, from per-sample gradients of the unrotated graph:
+    W'_p = basis.weight(W_p) and F'_p = E_samples[g'_p * g'_p] with g'_p = basis.gradient(g_p)
+    (:class:`~wsvd_passes.passes.rotate.QKVBasis`), so neither a rotated copy of the model nor a second
+    backward pass is needed. Called once per sample with that sample's ``{(layer, proj): g [out, E]}``."""
 
-    Returns ``(layer, "q"|"k"|"v") -> QATTarget``; the same seeded rotations are applied to the
-    factored graph later, so targets and factors share one basis.
-    """
-    rotated = captured.sharing_parameters()
-    Pipeline(rotation_passes())(rotated)
-    sites = find_sites(rotated.gm)
-    if any(getattr(s, f"{p}_proj").factored for s in sites for p in PROJECTIONS):
-        raise WsvdError("rotated QAT targets need the dense graph: measure them before factorising")
-    names = {getattr(s, f"{p}_proj").weight: (s.layer, p) for s in sites for p in PROJECTIONS}
-    fisher = collect_gradients(rotated, samples, list(names), progress=progress)
-    return {names[t]: QATTarget(tensor_attr(rotated.gm, t).detach().float().clone(), f.float())
-            for t, f in fisher.items()}
+    def __init__(self, bases: dict[int, QKVBasis]):
+        self.bases = bases
+        self.sums: dict[tuple[int, str], torch.Tensor] = {}
+        self.samples = 0
+
+    def __call__(self, grads: dict[tuple[int, str], torch.Tensor]) -> None:
+        for (layer, p), g in grads.items():
+            square = self.bases[layer].gradient(p, g.detach().float()).square()
+            if (layer, p) in self.sums:
+                self.sums[(layer, p)] += square
+            else:
+                self.sums[(layer, p)] = square
+        self.samples += 1
+
+    def targets(self, weights: dict[tuple[int, str], torch.Tensor]) -> dict[tuple[int, str], QATTarget]:
+        """``(layer, proj) -> QATTarget`` for the dense ``weights`` {(layer, proj): W [out, E]} seen by the calls."""
+        if self.samples == 0:
+            raise WsvdError("no calibration samples were given for the QAT targets")
+        return {key: QATTarget(self.bases[key[0]].weight(key[1], weights[key].detach().double()).float(),
+                               self.sums[key] / self.samples)
+                for key in self.sums}
 
 
 def quantized_product(up: torch.Tensor, down: torch.Tensor, bits: int, clips=None) -> torch.Tensor:

@@ -21,6 +21,8 @@ never written in place: captures share storage with the eager model).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch.fx import GraphModule, Node
 
@@ -34,6 +36,7 @@ from ..graph.sites import AttentionSite
 
 aten = torch.ops.aten
 S1_SEED = 0  # the residual rotation of rotation_passes(): S1 = random_hadamard(E, S1_SEED)
+V_SEED = 1  # RotateValueHeads: layer i's R = random_hadamard(D, V_SEED + i)
 TIED_GAMMA = "tied_gamma"  # <LM head owner>.tied_gamma: S1^T diag(gamma) S1 in front of a tied LM head
 
 
@@ -135,8 +138,12 @@ def _rotate_input(gm: GraphModule, x: Node, S1: torch.Tensor) -> None:
 class RotateValueHeads(GraphPass):
     """Per-head Hadamard on V's output side, undone inside o_proj."""
 
-    def __init__(self, seed: int = 1):
+    def __init__(self, seed: int = V_SEED):
         self.seed = seed
+
+    def rotation(self, site: AttentionSite) -> torch.Tensor:
+        """R [D, D] (float64) of ``site``'s value heads."""
+        return random_hadamard(site.head_dim, self.seed + site.layer)
 
     def transform(self, gm: GraphModule, sites: list[AttentionSite]) -> bool:
         for site in sites:
@@ -145,7 +152,7 @@ class RotateValueHeads(GraphPass):
             D = site.head_dim
             v = site.v_proj.node  # dense W_v [n_kv D, E] or factored U_v [n_kv D, r]: rotate each head's rows
             W = _weight(gm, v)
-            R = random_hadamard(D, self.seed + site.layer).to(W.device)
+            R = self.rotation(site).to(W.device)
             replace_tensor_arg(gm, v, 1, torch.cat([R.T @ block for block in W.split(D)]), "vrot")
             if len(v.args) > 2 and v.args[2] is not None:
                 b = _weight(gm, v, 2)
@@ -164,16 +171,20 @@ class OnlineHadamard(GraphPass):
 
     def transform(self, gm: GraphModule, sites: list[AttentionSite]) -> bool:
         attention_outputs = {s.o_proj.node for s in sites}
+        hadamards: dict[int, torch.Tensor] = {}  # built once per size, not once per layer
         shared: dict[tuple, torch.Tensor] = {}  # every layer's buffer is one tensor (30 x 9.4 MB on SmolLM2 otherwise)
         for writer in find_residual_stream(gm).writers:
             if writer in attention_outputs:
                 continue
             W = _weight(gm, writer)
-            H = random_hadamard(W.shape[1], self.seed).to(W.device)
+            if W.shape[1] not in hadamards:
+                hadamards[W.shape[1]] = random_hadamard(W.shape[1], self.seed)
+            H = hadamards[W.shape[1]].to(W.device)
             owner = writer.args[1].target.rpartition(".")[0]
             dtype = tensor_attr(gm, writer.args[1].target).dtype
-            Ht = shared.setdefault((W.shape[1], W.device, dtype), H.T.to(W.device, dtype).contiguous())
-            add_tensor_attr(gm, f"{owner}.online_hadamard", Ht, parameter=False)
+            if (W.shape[1], W.device, dtype) not in shared:
+                shared[(W.shape[1], W.device, dtype)] = H.T.to(W.device, dtype).contiguous()
+            add_tensor_attr(gm, f"{owner}.online_hadamard", shared[(W.shape[1], W.device, dtype)], parameter=False)
             x = writer.args[0]
             with gm.graph.inserting_before(writer):
                 rotated = infer_val(gm, copy_meta(gm.graph.call_function(
@@ -186,3 +197,55 @@ class OnlineHadamard(GraphPass):
 def rotation_passes() -> list[GraphPass]:
     """The QuaRot / WSVD-S1 rotations in order, with their default seeds (every recipe uses these)."""
     return [RotateResidual(), RotateValueHeads(), OnlineHadamard()]
+
+
+@dataclasses.dataclass
+class QKVBasis:
+    """Where :func:`rotation_passes` take one dense site's q/k/v weights W_p [out, E], without rotating a graph::
+
+        W'_p = L_p W_p diag(gamma) S1          g'_p = dLoss/dW'_p = L_p g_p diag(1/gamma) S1
+
+    gamma [E] is the RMSNorm gain fused into them, S1 [E, E] the residual rotation, L_q = L_k = I and L_v the
+    block-diagonal of R^T over kv heads (R [D, D] of :class:`RotateValueHeads`). The rotated model computes the
+    same function, so its per-sample gradients follow from the dense ones g_p = dLoss/dW_p: with
+    W_p = L_p^T W'_p (diag(gamma) S1)^-1 the chain rule gives g'_p = L_p g_p (diag(gamma) S1)^-T, and S1 is
+    orthogonal. Both maps compute in the dtype and on the device of their input."""
+
+    gamma: torch.Tensor  # float64 [E]
+    S1: torch.Tensor  # float64 [E, E]
+    R: torch.Tensor  # float64 [D, D]
+
+    def weight(self, proj: str, W: torch.Tensor) -> torch.Tensor:
+        return self._map(proj, W, self.gamma)
+
+    def gradient(self, proj: str, g: torch.Tensor) -> torch.Tensor:
+        return self._map(proj, g, 1.0 / self.gamma)
+
+    def _map(self, proj: str, M: torch.Tensor, column_scale: torch.Tensor) -> torch.Tensor:
+        M = M * column_scale.to(M)
+        if proj == "v":
+            D = self.R.shape[0]
+            M = (self.R.T.to(M) @ M.reshape(-1, D, M.shape[-1])).reshape(M.shape)
+        return M @ self.S1.to(M)
+
+
+def qkv_bases(gm: GraphModule, sites: list[AttentionSite]) -> dict[int, QKVBasis]:
+    """:class:`QKVBasis` of every site of the dense, unrotated ``gm`` (layer -> basis)."""
+    if any(getattr(s, f"{p}_proj").factored for s in sites for p in ("q", "k", "v")):
+        raise WsvdError("the rotated basis of q/k/v is that of the dense graph: take it before factorising")
+    if any(fixed_rotation(name) for name, _ in gm.named_buffers()):
+        raise WsvdError("the graph is already rotated: take the rotated basis of q/k/v from the unrotated graph")
+    stream = find_residual_stream(gm)
+    S1 = random_hadamard(sites[0].hidden_size, S1_SEED)
+    bases = {}
+    for site in sites:
+        norm = next((n for n in stream.norms if site.q_proj.node in n.readers), None)
+        if norm is None:
+            raise WsvdError(f"layer {site.layer}: q_proj does not read an RMSNorm of the residual stream")
+        gamma = (tensor_attr(gm, norm.gamma).detach().double().cpu() if norm.gamma
+                 else torch.ones(site.hidden_size, dtype=torch.float64))
+        if not bool((gamma != 0).all()):
+            raise WsvdError(f"layer {site.layer}: the RMSNorm gain before q/k/v has zero entries, so the rotated "
+                            "Fisher of local QAT is undefined there: use a recipe without QAT (e.g. qsvd)")
+        bases[site.layer] = QKVBasis(gamma, S1, RotateValueHeads().rotation(site))
+    return bases
