@@ -30,13 +30,12 @@ def test_input_stats_match_float64_reference():
     batches = [torch.randint(0, 384, (2, 37)), torch.randint(0, 384, (3, 11)), torch.randint(0, 384, (1, 5))]
     stats = collect_input_stats(fresh_forward(name), batches, progress=False)
     model = tiny(name).model
-    for role, module in (("qkv", "q_proj"), ("o", "o_proj")):
-        for i, x in _eager_inputs(model, batches, module).items():
-            got = getattr(stats[i], role)
-            assert got.tokens == x.shape[0] == 2 * 37 + 3 * 11 + 5
-            torch.testing.assert_close(got.gram, x.T @ x / x.shape[0], atol=1e-6, rtol=1e-6)
-            torch.testing.assert_close(got.absmean, x.abs().mean(0), atol=1e-6, rtol=1e-6)
-            assert got.gram.dtype == torch.float64
+    for i, x in _eager_inputs(model, batches, "q_proj").items():
+        got = stats[i].qkv
+        assert got.tokens == x.shape[0] == 2 * 37 + 3 * 11 + 5
+        torch.testing.assert_close(got.gram, x.T @ x / x.shape[0], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(got.absmean, x.abs().mean(0), atol=1e-6, rtol=1e-6)
+        assert got.gram.dtype == torch.float64
 
 
 def test_observers_are_removed_without_trace():

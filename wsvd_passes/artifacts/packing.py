@@ -131,5 +131,5 @@ def _get(stored: dict[str, torch.Tensor], name: str, where: str) -> torch.Tensor
 
 def _digest(t: torch.Tensor) -> str:
     digest = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
-    digest.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    digest.update(t.detach().contiguous().cpu().view(torch.uint8).numpy())  # the buffer itself, not a bytes copy
     return digest.hexdigest()

@@ -1,8 +1,8 @@
 """Calibration statistics and gradients, collected on the captured graph.
 
 Input statistics (pt2e style): :class:`InsertInputObservers` puts an identity
-:class:`InputStatsObserver` module on each attention input (the normalised hidden
-state shared by q/k/v, and the input of o_proj); running calibration batches
+:class:`InputStatsObserver` module on the attention input of every site (the normalised
+hidden state shared by q/k/v, which whitening needs); running calibration batches
 through the graph accumulates, per input x of width E over N tokens,
 
     gram    = (1/N) sum_t x_t x_t^T   float64 [E, E]
@@ -69,22 +69,20 @@ class InputStats:
 @dataclasses.dataclass
 class SiteStats:
     qkv: InputStats  # shared input of q_proj, k_proj, v_proj
-    o: InputStats  # input of o_proj
 
 
 class InsertInputObservers(GraphPass):
-    """Route the qkv input and the o_proj input of every site through an observer."""
+    """Route the q/k/v input of every site through an observer."""
 
     def transform(self, gm: GraphModule, sites: list[AttentionSite]) -> bool:
         for site in sites:
-            for role, x, like in (("qkv", site.qkv_input, site.q_proj.node), ("o", site.o_proj.node.args[0], site.o_proj.node)):
-                name = f"{OBSERVER_PREFIX}{site.layer}_{role}"
-                if hasattr(gm, name):
-                    raise WsvdError(f"observers are already inserted (found {name}): run RemoveObservers first")
-                gm.add_module(name, InputStatsObserver(x.meta["val"].shape[-1], x.meta["val"].device))
-                with gm.graph.inserting_after(x):
-                    obs = copy_meta(gm.graph.call_module(name, (x,)), like, val=x.meta.get("val"))
-                x.replace_all_uses_with(obs, delete_user_cb=lambda user, obs=obs: user is not obs)
+            x, name = site.qkv_input, f"{OBSERVER_PREFIX}{site.layer}_qkv"
+            if hasattr(gm, name):
+                raise WsvdError(f"observers are already inserted (found {name}): run RemoveObservers first")
+            gm.add_module(name, InputStatsObserver(x.meta["val"].shape[-1], x.meta["val"].device))
+            with gm.graph.inserting_after(x):
+                obs = copy_meta(gm.graph.call_module(name, (x,)), site.q_proj.node, val=x.meta.get("val"))
+            x.replace_all_uses_with(obs, delete_user_cb=lambda user: user is not obs)
         return True
 
 
@@ -143,13 +141,8 @@ def collect_input_stats(captured: CapturedGraph, batches: Iterable[torch.Tensor 
         with torch.no_grad():
             for batch in tqdm(list(batches), desc="calibration statistics", disable=not progress):
                 captured.gm(**split_batch(batch, captured.device)[0])
-        return [
-            SiteStats(
-                qkv=_stats(getattr(captured.gm, f"{OBSERVER_PREFIX}{s.layer}_qkv"), f"layer {s.layer} q/k/v input"),
-                o=_stats(getattr(captured.gm, f"{OBSERVER_PREFIX}{s.layer}_o"), f"layer {s.layer} o_proj input"),
-            )
-            for s in find_sites(captured.gm)
-        ]
+        return [SiteStats(_stats(getattr(captured.gm, f"{OBSERVER_PREFIX}{s.layer}_qkv"), f"layer {s.layer} q/k/v input"))
+                for s in find_sites(captured.gm)]
     finally:
         Pipeline([RemoveObservers()])(captured)
 
