@@ -1,6 +1,7 @@
 """Greedy tokens from vLLM for a ``wsvd export vllm`` directory (run as a script: vLLM spawns its engine).
 
-    python tests/vllm_greedy.py OUT '[[ids...], ...]' NEW_TOKENS   -> prints one JSON line: [[new ids...], ...]
+    python tests/vllm_greedy.py OUT '[[ids...], ...]' NEW_TOKENS   -> prints TOKENS [[new ids...], ...] and
+                                                                      KV_TOKENS n (vLLM's KV-cache capacity)
 """
 
 import json
@@ -18,6 +19,7 @@ def main() -> None:
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                            SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True, detokenize=False))
     print("TOKENS " + json.dumps([list(o.outputs[0].token_ids) for o in outputs]), flush=True)
+    print(f"KV_TOKENS {llm.llm_engine.vllm_config.cache_config.kv_cache_size_tokens}", flush=True)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ readers) through :func:`~wsvd_passes.graph.residual.find_residual_stream`, activ
 
 - ``config.json``: the base model's config with ``architectures: ["Wsvd<Family>ForCausalLM"]`` and a
   ``wsvd`` block (format version, recipe, granularity, per-layer per-projection ranks and latent width,
-  activation bits, online Hadamard);
+  activation bits, online Hadamard, and ``kv_cache``: what vLLM's paged cache holds, ``latent`` or ``dense``);
 - ``model.safetensors`` (:func:`write_weights`), Hugging Face names plus the factors as linears, for layer i
   and p in q, k, v (``attn = model.layers.{i}.self_attn``, E hidden, D head dim, w latent width per block)::
 
@@ -43,16 +43,23 @@ from ..algorithms.quantize import fake_quant_activation
 from ..graph.residual import find_residual_stream
 from ..passes.rotate import TIED_GAMMA
 from ..graph.sites import AttentionSite, find_sites, module_path
-from .format import ARCHITECTURES, FORMAT, FORMAT_VERSION
+from .format import ARCHITECTURES, FORMAT, FORMAT_VERSION, KV_CACHES, LATENT_GRANULARITIES
 
 aten = torch.ops.aten
 
 _CAPTURE_PREFIX = "model."  # the capture wraps the HF model as ``model`` (capture.CausalLMLogits)
 
 
-def export_vllm(artifact: str | Path, out: str | Path) -> dict:
-    """Write the vLLM directory of ``artifact`` to ``out``; returns the ``wsvd`` block of its config."""
+def export_vllm(artifact: str | Path, out: str | Path, kv_cache: str | None = None) -> dict:
+    """Write the vLLM directory of ``artifact`` to ``out``; returns the ``wsvd`` block of its config.
+
+    ``kv_cache``: ``latent`` (vLLM's paged cache holds the k/v latents, 2D / (w_k + w_v) times the tokens),
+    ``dense`` (K and V, as vLLM caches any model), or None: latent where the factors allow it (per-head and
+    per-projection), dense for joint factors."""
     from ..artifacts.artifact import load, read_manifest
+
+    if kv_cache not in (None, *KV_CACHES):
+        raise WsvdError(f"kv cache {kv_cache!r}: choose one of {', '.join(KV_CACHES)}")
 
     manifest = read_manifest(artifact)
     recipe = manifest["recipe"]
@@ -75,7 +82,12 @@ def export_vllm(artifact: str | Path, out: str | Path) -> dict:
         raise WsvdError(f"{art.model.name} uses sliding-window attention ({window} tokens), which the vLLM plugin "
                         "does not reproduce: export a model without a sliding window")
     tensors, block = read_graph(art.captured.gm)
-    block.update(recipe=recipe["name"], bits=manifest["bits"], rho1=manifest.get("rho1"), rho2=manifest.get("rho2"))
+    latent_ok = block["granularity"] in LATENT_GRANULARITIES
+    if kv_cache == "latent" and not latent_ok:
+        raise WsvdError(f"{recipe['name']} has {block['granularity']} factors (one latent feeds K and V): the vLLM "
+                        f"latent cache serves {' and '.join(LATENT_GRANULARITIES)} factors; export with --kv-cache dense")
+    block.update(recipe=recipe["name"], bits=manifest["bits"], rho1=manifest.get("rho1"), rho2=manifest.get("rho2"),
+                 kv_cache=kv_cache or ("latent" if latent_ok else "dense"))
     tied = "lm_head.weight" in tensors and torch.equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"])
     if tied:
         del tensors["lm_head.weight"]

@@ -9,6 +9,12 @@ FORMAT = "wsvd-vllm"
 FORMAT_VERSION = 1
 ARCHITECTURES = {"llama": "WsvdLlamaForCausalLM", "mistral": "WsvdMistralForCausalLM", "qwen2": "WsvdQwen2ForCausalLM"}
 GRANULARITIES = ("head", "projection", "joint")
+# what vLLM's paged cache holds: "latent", per latent head and token [c_k | c_v] (head granularity: one latent
+# head per kv head; projection: one for all); "dense", K and V rebuilt before vLLM's attention (phase 1; the
+# only choice for joint factors, whose one latent feeds K and V). A block without the key is dense (format 1).
+KV_CACHES = ("latent", "dense")
+LATENT_GRANULARITIES = ("head", "projection")
+LATENT_BACKEND = "WSVD_LATENT"  # the latent cache's attention backend, as the plugin registers it with vLLM
 
 
 def check_block(block) -> dict:
@@ -23,4 +29,9 @@ def check_block(block) -> dict:
     if block.get("granularity") not in GRANULARITIES:
         raise ValueError(f"config.json's wsvd granularity {block.get('granularity')!r} is not one of "
                          f"{', '.join(GRANULARITIES)}: export the directory again")
+    kv_cache = block.setdefault("kv_cache", "dense")
+    if kv_cache not in KV_CACHES or (kv_cache == "latent" and block["granularity"] not in LATENT_GRANULARITIES):
+        raise ValueError(f"config.json's wsvd kv_cache {kv_cache!r} with {block['granularity']} factors: the plugin "
+                         f"serves a latent cache for {' and '.join(LATENT_GRANULARITIES)} factors, dense for any: "
+                         "export the directory again")
     return block

@@ -8,8 +8,10 @@ of the ``wsvd`` config block, for a token t of hidden state x [E] and p in q, k,
     projection   c_p = x D_p^T [r_p];                                  p = c_p U_p^T (+ b_p)          [n_p D]
     joint        c = x D^T [r] shared by q, k and v;                   p = c U_p^T (+ b_p)
 
-then vLLM's RoPE (``get_rope``, rotate-half) and ``Attention``: phase 1, K and V are rebuilt from the
-latents before attention and vLLM caches them as usual. Tensor parallelism partitions per-head factors by
+then vLLM's RoPE (``get_rope``, rotate-half) and attention, by the block's ``kv_cache``: ``latent``, vLLM's
+paged cache holds the (quantised, for quantised recipes) k/v latents and :mod:`.latent_cache` rebuilds K and V
+from them (:meth:`WsvdAttention.rebuild_kv`); ``dense`` (phase 1), K and V are rebuilt before vLLM's
+``Attention`` and cached as usual. Tensor parallelism partitions per-head factors by
 head (D_p, U_p and b_p rows of the rank's heads; no extra communication); a projection or joint latent is
 computed whole on every rank (replicated D) and U_p is split by output heads.
 
@@ -42,6 +44,7 @@ from vllm.model_executor.utils import set_weight_attrs
 
 from ..algorithms.quantize import fake_quant_activation
 from .format import check_block
+from .latent_cache import LatentAttention
 
 
 ATTENTION_MIN_HEAD_DIM = 32  # the smallest head size of vLLM's CPU attention backend (CPU_ATTN)
@@ -108,11 +111,19 @@ class WsvdAttention(nn.Module):
         self.o_proj = RowParallelLinear(total["q"] * D, E, bias=block["o_bias"], prefix=f"{prefix}.o_proj")
         self.rotary_emb = get_rope(D, max_position=config.max_position_embeddings,
                                    rope_parameters=getattr(config, "rope_parameters", None), is_neox_style=True)
-        # vLLM's CPU attention takes head sizes from 32: smaller heads are zero-padded (q.k and the kept
-        # output columns are unchanged; the scale stays D^-1/2)
-        self.head_dim, self.attn_dim = D, max(D, ATTENTION_MIN_HEAD_DIM)
-        self.attn = Attention(self.local["q"], self.attn_dim, D**-0.5, num_kv_heads=self.local["k"],
-                              cache_config=cache_config, prefix=f"{prefix}.attn")
+        self.latent = block["kv_cache"] == "latent"
+        if self.latent:
+            self.head_dim = self.attn_dim = D
+            latent_heads = self.local["k"] if self.granularity == "head" else 1
+            self.attn = LatentAttention(self.local["q"], D, D**-0.5, self.local["k"], latent_heads,
+                                        (layer["k"]["width"], layer["v"]["width"]), self.rebuild_kv, cache_config,
+                                        prefix=f"{prefix}.attn")
+        else:
+            # vLLM's CPU attention takes head sizes from 32: smaller heads are zero-padded (q.k and the kept
+            # output columns are unchanged; the scale stays D^-1/2)
+            self.head_dim, self.attn_dim = D, max(D, ATTENTION_MIN_HEAD_DIM)
+            self.attn = Attention(self.local["q"], self.attn_dim, D**-0.5, num_kv_heads=self.local["k"],
+                                  cache_config=cache_config, prefix=f"{prefix}.attn")
 
     def _quant(self, x: torch.Tensor, group: int | None = None) -> torch.Tensor:
         return fake_quant_activation(x, self.bits, group=group) if self.bits else x
@@ -128,12 +139,24 @@ class WsvdAttention(nn.Module):
             latents = dict.fromkeys("qkv", latent)
         else:
             latents = {p: self._linear(getattr(self, f"{p}_down"), x) for p in "qkv"}
-        q, k, v = (self._linear(getattr(self, f"{p}_up"), self._quant(latents[p], self.groups[p])) for p in "qkv")
-        q, k = self.rotary_emb(positions, q, k)
-        out = self.attn(*(self._pad(t) for t in (q, k, v)))
-        if self.attn_dim != self.head_dim:
-            out = out.unflatten(-1, (-1, self.attn_dim))[..., :self.head_dim].flatten(-2)
+        c = {p: self._quant(latents[p], self.groups[p]) for p in "qkv"}  # what the up-projections read
+        q = self._linear(self.q_up, c["q"])
+        if self.latent:
+            q, _ = self.rotary_emb(positions, q)
+            out = self.attn(q, c["k"], c["v"])
+        else:
+            k, v = self._linear(self.k_up, c["k"]), self._linear(self.v_up, c["v"])
+            q, k = self.rotary_emb(positions, q, k)
+            out = self.attn(*(self._pad(t) for t in (q, k, v)))
+            if self.attn_dim != self.head_dim:
+                out = out.unflatten(-1, (-1, self.attn_dim))[..., :self.head_dim].flatten(-2)
         return self._linear(self.o_proj, self._quant(out))
+
+    def rebuild_kv(self, c_k: torch.Tensor, c_v: torch.Tensor, positions: torch.Tensor):
+        """Cached latents c_k [L, n_lat w_k], c_v [L, n_lat w_v] at ``positions`` [L] -> K [L, n_kv D] (RoPE),
+        V [L, n_kv D]: the up-projections and rotary embedding of :meth:`forward`."""
+        k, _ = self.rotary_emb(positions, self._linear(self.k_up, c_k))
+        return k, self._linear(self.v_up, c_v)
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         """[T, heads D] -> [T, heads attn_dim], zero columns appended to every head."""

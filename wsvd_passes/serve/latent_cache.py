@@ -1,0 +1,164 @@
+"""The latent KV cache in vLLM's paged cache (imported by vLLM only): a layer, its cache spec and its backend.
+
+vLLM 0.32 lets a layer carry its own attention backend (``Attention(attn_backend=...)``; the CPU platform's
+``get_attn_backend_cls`` would otherwise give every non-MLA layer ``CPU_ATTN``, a C++ kernel over dense K/V
+pages) and declare its own cache spec (``get_kv_cache_spec``). :class:`LatentAttention` declares
+``FullAttentionSpec(num_kv_heads=n_lat, head_size=w_k, head_size_v=w_v)``: a page holds, per latent head
+(n_lat: the kv heads of per-head factors, 1 for a per-projection latent) and token, ``[c_k (w_k) | c_v (w_v)]``
+instead of ``[K (D) | V (D)]``, so the same cache memory holds ``2 n_kv D / (n_lat (w_k + w_v))`` times the
+tokens. :class:`WsvdLatentBackend` (registered by the plugin as ``format.LATENT_BACKEND``) writes the latents at
+their slots and, for request b with L = seq_lens[b] cached tokens and S new queries (positions L-S .. L-1)::
+
+    c_k, c_v = page rows 0 .. L-1                      [L, n_lat w_k], [L, n_lat w_v]
+    K = RoPE_j(c_k U_k^T (+ b_k)), V = c_v U_v^T (+ b_v)   [L, n_kv, D]  (the layer's own up-projections and
+                                                           rotary embedding, rotate-half, at positions j = 0 .. L-1)
+    out[s, i] = softmax_j<=L-S+s(scale q[s, i] . K[j, i // G]) V[j, i // G]      (causal, GQA, G = n_q / n_kv)
+
+``wsvd::latent_attention``'s math (decode) for any number of queries per request, in PyTorch: the CPU path.
+The cache holds latents in the model dtype (float; int8 latents are not built).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+from vllm.model_executor.layers.attention import Attention
+from vllm.utils.torch_utils import _encode_layer_name
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+)
+
+from .format import LATENT_BACKEND
+
+# (c_k [L, n_lat w_k], c_v [L, n_lat w_v], positions [L]) -> (K [L, n_kv D] with RoPE, V [L, n_kv D])
+Rebuild = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class LatentAttention(Attention):
+    """vLLM's ``Attention`` whose paged cache holds the k/v latents of ``latent_heads`` heads of widths
+    ``widths = (w_k, w_v)``; ``rebuild`` turns cached latents into K (with RoPE) and V."""
+
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int, latent_heads: int,
+                 widths: tuple[int, int], rebuild: Rebuild, cache_config, prefix: str):
+        super().__init__(num_heads, head_size, scale, num_kv_heads=num_kv_heads, cache_config=cache_config,
+                         prefix=prefix, attn_backend=WsvdLatentBackend)
+        self.latent_heads, (self.width_k, self.width_v) = latent_heads, widths
+        self.rebuild = rebuild
+
+    def get_kv_cache_spec(self, vllm_config):
+        spec = super().get_kv_cache_spec(vllm_config)
+        return dataclasses.replace(spec, num_kv_heads=self.latent_heads, head_size=self.width_k,
+                                   head_size_v=self.width_v)
+
+    def forward(self, query: torch.Tensor, c_k: torch.Tensor, c_v: torch.Tensor) -> torch.Tensor:
+        """query [T, n_q D] (RoPE applied), c_k [T, n_lat w_k], c_v [T, n_lat w_v] -> [T, n_q D].
+
+        vLLM's opaque attention op, as ``Attention.forward`` calls it, with the latents in place of K and V."""
+        output = torch.empty_like(query)
+        torch.ops.vllm.unified_attention_with_output(
+            query.view(-1, self.num_heads, self.head_size), c_k.view(-1, self.latent_heads, self.width_k),
+            c_v.view(-1, self.latent_heads, self.width_v), output.view(-1, self.num_heads, self.head_size),
+            _encode_layer_name(self.layer_name))
+        return output
+
+
+@dataclasses.dataclass
+class LatentMetadata:
+    num_actual_tokens: int
+    query_start_loc: list[int]  # [R + 1], host
+    seq_lens: list[int]  # [R] cached tokens per request after this step, host
+    block_table: torch.Tensor  # [R, max blocks] block ids
+    slot_mapping: torch.Tensor  # [num_actual_tokens] slot = block id * block size + offset (< 0: padding)
+
+
+class LatentMetadataBuilder(AttentionMetadataBuilder[LatentMetadata]):
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> LatentMetadata:
+        m, reqs = common_attn_metadata, common_attn_metadata.num_reqs
+        if m.causal is not True:
+            raise ValueError("the wsvd latent cache attends causally (decoder layers); this batch asks otherwise")
+        return LatentMetadata(m.num_actual_tokens, m.query_start_loc_cpu[:reqs + 1].tolist(),
+                              m.seq_lens[:reqs].cpu().tolist(), m.block_table_tensor[:reqs],
+                              m.slot_mapping[:m.num_actual_tokens])
+
+
+class WsvdLatentImpl(AttentionImpl[LatentMetadata]):
+    def __init__(self, num_heads, head_size, scale, num_kv_heads=None, alibi_slopes=None, sliding_window=None,
+                 kv_cache_dtype="auto", logits_soft_cap=None, attn_type=AttentionType.DECODER,
+                 kv_sharing_target_layer_name=None):
+        unsupported = {"alibi slopes": alibi_slopes is not None, "a sliding window": sliding_window is not None,
+                       "a logits soft cap": logits_soft_cap is not None, f"kv cache dtype {kv_cache_dtype}":
+                       kv_cache_dtype != "auto", f"attention type {attn_type}": attn_type != AttentionType.DECODER,
+                       "kv sharing": kv_sharing_target_layer_name is not None}
+        if any(unsupported.values()):
+            raise ValueError(f"the wsvd latent kv cache does not support {', '.join(k for k, v in unsupported.items() if v)}"
+                             ": export the model with --kv-cache dense")
+        self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
+        self.num_kv_heads, self.kv_cache_dtype = num_kv_heads, kv_cache_dtype
+
+    def forward(self, layer: LatentAttention, query, key, value, kv_cache, attn_metadata, output,
+                output_scale=None, output_block_scale=None):
+        """query [T, n_q, D], key c_k [T, n_lat, w_k], value c_v [T, n_lat, w_v], kv_cache [blocks, n_lat,
+        block size, w_k + w_v] -> output [T, n_q, D] (written in place)."""
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("the wsvd latent kv cache does not fuse output quantisation")
+        if attn_metadata is None:  # profiling run: no cache yet
+            return output
+        m = attn_metadata
+        n = m.num_actual_tokens
+        block_size, width_k = kv_cache.shape[2], key.shape[-1]
+        slots = m.slot_mapping.long()
+        real = slots >= 0
+        kv_cache[slots[real] // block_size, :, slots[real] % block_size] = \
+            torch.cat([key[:n][real], value[:n][real]], dim=-1).to(kv_cache.dtype)
+        for b, length in enumerate(m.seq_lens):
+            start, end = m.query_start_loc[b], m.query_start_loc[b + 1]
+            if end == start:
+                continue
+            pages = kv_cache[m.block_table[b, :-(-length // block_size)].long()]  # [blocks, n_lat, block, C]
+            latents = pages.transpose(1, 2).flatten(0, 1)[:length]  # [L, n_lat, C]
+            k, v = layer.rebuild(latents[..., :width_k].flatten(1), latents[..., width_k:].flatten(1),
+                                 torch.arange(length, device=query.device))
+            output[start:end] = causal_attention(query[start:end], k.view(length, -1, self.head_size),
+                                                 v.view(length, -1, self.head_size), self.scale)
+        return output
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [S, n_q, D] at the last S of L positions, k, v [L, n_kv, D] -> [S, n_q, D]; query head i reads kv head
+    i // (n_q / n_kv)."""
+    length, queries = k.shape[0], q.shape[0]
+    visible = torch.arange(length, device=q.device) <= torch.arange(length - queries, length, device=q.device)[:, None]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype), attn_mask=visible,
+        scale=scale, enable_gqa=True)
+    return out.transpose(0, 1)
+
+
+class WsvdLatentBackend(AttentionBackend):
+    """Attention over vLLM pages of k/v latents (PyTorch; the layer carries it, whatever the platform picks)."""
+
+    forward_includes_kv_cache_update = True  # the impl writes the latents itself
+    supported_dtypes = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes = ["auto"]
+
+    @staticmethod
+    def get_name() -> str:
+        return LATENT_BACKEND
+
+    @staticmethod
+    def get_impl_cls():
+        return WsvdLatentImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return LatentMetadataBuilder
