@@ -39,7 +39,7 @@ def make_artifact(directory, model, recipe, bits="w16a16", rho1=0.6, base=None):
                                                ("tiny-qwen2", "svd-llm", "w16a16"),
                                                ("tiny-llama-gqa", "qsvd", "w8a8"),
                                                ("tiny-mistral", "wsvd", "w8a8")])
-def test_exported_directory_computes_the_artifacts_function(tmp_path, model, recipe, bits):
+def test_exported_directory_computes_the_artifacts_function(tmp_path, capsys, model, recipe, bits):
     compressed = make_artifact(tmp_path / "art", model, recipe, bits)
     block = export_vllm(tmp_path / "art", tmp_path / "out")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -49,6 +49,12 @@ def test_exported_directory_computes_the_artifacts_function(tmp_path, model, rec
     assert block["format_version"] == FORMAT_VERSION and block["recipe"] == recipe and block["bits"] == bits
     assert block["activation_bits"] == (8 if bits == "w8a8" else None)
     assert block["online_hadamard"] == RECIPES[recipe].rotate and block["qkv_bias"] == (model == "tiny-qwen2")
+    joint = block["granularity"] == "joint"
+    assert block["kv_cache"] == ("dense" if joint else "latent")  # the default: latent where the factors allow it
+    if joint:  # one latent feeds K and V: the latent cache is refused in one line
+        assert main(["export", "vllm", str(tmp_path / "art"), str(tmp_path / "latent"), "--kv-cache", "latent"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {recipe} has joint factors") and "--kv-cache dense" in err and "\n" not in err
     for layer, ranks in enumerate(block["layers"]):
         recorded = manifest["ranks"][str(layer)]
         for p in "qkv":
@@ -112,3 +118,7 @@ def test_a_newer_format_version_is_refused_at_load():
         check_block(block | {"format_version": FORMAT_VERSION + 1})
     with pytest.raises(ValueError, match="wsvd export vllm"):
         check_block(None)
+    assert check_block(dict(block))["kv_cache"] == "dense"  # a block without kv_cache (the first format 1)
+    for granularity, kv_cache in (("head", "paged"), ("joint", "latent")):
+        with pytest.raises(ValueError, match=f"kv_cache '{kv_cache}' with {granularity} factors"):
+            check_block(block | {"granularity": granularity, "kv_cache": kv_cache})

@@ -1,8 +1,10 @@
-"""Serving through vLLM (phase 1: factored q/k/v, K and V rebuilt before vLLM's paged cache).
+"""Serving through vLLM: factored q/k/v, with the latent cache (phase 2: vLLM's pages hold the k/v latents) or
+the dense one (phase 1: K and V rebuilt before vLLM's paged cache).
 
 Marked ``vllm`` and skipped when vllm is not importable: run from the serving venv (``.ci/run``).
-vLLM's greedy tokens must equal the artifact's own greedy decode (its replayed decode graph), and
-``vllm serve`` must answer an OpenAI chat completion on 127.0.0.1.
+vLLM's greedy tokens must equal the artifact's own greedy decode (its replayed decode graph) with either cache,
+the latent cache must hold as many more tokens as its pages are smaller (vLLM's own count), the latent backend
+must equal a float64 reference, and ``vllm serve`` must answer an OpenAI chat completion on 127.0.0.1.
 """
 
 import json
@@ -14,6 +16,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,6 +28,8 @@ from test_serve_export import make_artifact  # noqa: E402
 from wsvd_passes.artifacts import artifact  # noqa: E402
 from wsvd_passes.eval.generation import greedy_generate  # noqa: E402
 from wsvd_passes.serve.export import export_vllm  # noqa: E402
+from wsvd_passes.serve.format import latent_cache_layout  # noqa: E402
+from wsvd_passes.serve.vllm_model import ATTENTION_MIN_HEAD_DIM  # noqa: E402
 
 HERE = Path(__file__).parent
 NEW = 16
@@ -32,12 +37,15 @@ PROMPTS = [[10, 20, 30, 40, 50], [100, 101, 102, 103, 104, 105, 106, 107, 108, 1
            [7, 300, 7, 300, 7, 300, 42]]
 
 
-def vllm_tokens(directory, prompts: list[list[int]], new: int = NEW) -> list[list[int]]:
+def vllm_run(directory, prompts: list[list[int]], new: int = NEW) -> dict:
+    """vLLM's greedy run of ``directory``: {"TOKENS": new ids, "LOGPROBS": their log-probabilities,
+    "KV_TOKENS": the engine's KV-cache capacity in tokens} (tests/vllm_greedy.py, VLLM_CPU_KVCACHE_SPACE=1)."""
     run = subprocess.run([sys.executable, str(HERE / "vllm_greedy.py"), str(directory), json.dumps(prompts), str(new)],
                          capture_output=True, text=True, timeout=900)
-    lines = [line for line in run.stdout.splitlines() if line.startswith("TOKENS ")]
-    assert run.returncode == 0 and lines, run.stderr[-3000:]
-    return json.loads(lines[-1].removeprefix("TOKENS "))
+    found = dict(line.split(" ", 1) for line in run.stdout.splitlines()
+                 if line.startswith(("TOKENS ", "LOGPROBS ", "KV_TOKENS ")))
+    assert run.returncode == 0 and len(found) == 3, run.stderr[-3000:]
+    return {key: json.loads(value) for key, value in found.items()}
 
 
 def artifact_tokens(directory, prompts: list[list[int]], new: int = NEW) -> list[list[int]]:
@@ -47,12 +55,89 @@ def artifact_tokens(directory, prompts: list[list[int]], new: int = NEW) -> list
     return [greedy_generate(decoder, torch.tensor([p]), new)[0, len(p):].tolist() for p in prompts]
 
 
+def cache_elements_per_token(directory) -> dict[str, int]:
+    """Cache values per token over all layers of a served directory: latent sum n_lat (w_k + w_v); dense
+    sum 2 n_kv D_attn, D_attn the head size the dense path gives vLLM's CPU attention (D zero-padded to 32);
+    unpadded sum 2 n_kv D."""
+    config = json.loads((Path(directory) / "config.json").read_text())
+    block, kv_heads = config["wsvd"], config["num_key_value_heads"]
+    layers = len(block["layers"])
+    latent = sum(n * (w_k + w_v) for n, w_k, w_v in (latent_cache_layout(block, i, kv_heads) for i in range(layers)))
+    return {"latent": latent, "dense": 2 * kv_heads * max(block["head_dim"], ATTENTION_MIN_HEAD_DIM) * layers,
+            "unpadded": 2 * kv_heads * block["head_dim"] * layers}
+
+
 @pytest.mark.parametrize("recipe,bits", [("wsvd-noq", "w16a16"), ("wsvd", "w8a8")])
 def test_vllm_greedy_tokens_equal_the_artifacts(tmp_path, recipe, bits):
+    """Latent (the default) and dense caches: the artifact's greedy tokens; float recipes: the same log-probabilities
+    (the caches differ in rounding only); the latent cache holds (dense / latent values per token) times the tokens."""
     make_artifact(tmp_path / "art", "tiny-llama-gqa", recipe, bits)
-    export_vllm(tmp_path / "art", tmp_path / "out")
     expected = artifact_tokens(tmp_path / "art", PROMPTS)
-    assert vllm_tokens(tmp_path / "out", PROMPTS) == expected
+    runs, blocks = {}, {}
+    for kv_cache in ("latent", "dense"):
+        blocks[kv_cache] = export_vllm(tmp_path / "art", tmp_path / kv_cache, None if kv_cache == "latent" else "dense")
+        assert blocks[kv_cache]["kv_cache"] == kv_cache
+        runs[kv_cache] = vllm_run(tmp_path / kv_cache, PROMPTS)
+        assert runs[kv_cache]["TOKENS"] == expected, kv_cache
+    if bits == "w16a16":
+        got, want = (torch.tensor(runs[k]["LOGPROBS"]) for k in ("latent", "dense"))
+        assert (got - want).abs().max() <= 1e-4
+    per_token = cache_elements_per_token(tmp_path / "latent")
+    capacity = {k: runs[k]["KV_TOKENS"] for k in runs}
+    print(f"\n{recipe} {bits}: vLLM KV-cache capacity (VLLM_CPU_KVCACHE_SPACE=1) latent {capacity['latent']:,} tokens, "
+          f"dense {capacity['dense']:,} tokens: x{capacity['latent'] / capacity['dense']:.3f}; cache values per token "
+          f"latent {per_token['latent']}, dense {per_token['dense']} (unpadded {per_token['unpadded']}: "
+          f"x{per_token['unpadded'] / per_token['latent']:.3f}; rho2 {blocks['latent']['rho2']})")
+    assert capacity["latent"] / capacity["dense"] == pytest.approx(per_token["dense"] / per_token["latent"], rel=0.01)
+
+
+def test_latent_backend_equals_the_float64_reference():
+    """The latent backend over a paged cache (a prefill, a decode, and a 3-token chunk after 6 cached tokens; blocks
+    shuffled, unwritten slots NaN) equals wsvd_kernels' float64 latent decode reference, query by query."""
+    from wsvd_kernels.reference import latent_decode_attention_reference, rotate_half
+    from wsvd_passes.algorithms.rope import rope_half_tables
+    from wsvd_passes.serve.latent_cache import LatentMetadata, WsvdLatentImpl
+
+    g = torch.Generator().manual_seed(0)
+    n_q, n_kv, D, w_k, w_v, block = 6, 2, 16, 5, 7, 4
+    bk, bv = torch.randn(n_kv, w_k, D, generator=g), torch.randn(n_kv, w_v, D, generator=g)
+    cos, sin = rope_half_tables(1.0 / 10000 ** (torch.arange(0, D, 2) / D), 64)
+    lengths, new = [7, 10, 9], [7, 1, 3]
+    tables = torch.randperm(12, generator=g).view(3, 4)
+    ck = [torch.randn(n, n_kv, w_k, generator=g) for n in lengths]
+    cv = [torch.randn(n, n_kv, w_v, generator=g) for n in lengths]
+    q = torch.randn(sum(new), n_q, D, generator=g)
+    cache = torch.full((12, n_kv, block, w_k + w_v), float("nan"))
+    slots = []
+    for b, (n, s) in enumerate(zip(lengths, new)):
+        for j in range(n):
+            slot = int(tables[b, j // block]) * block + j % block
+            if j < n - s:  # cached by earlier steps
+                cache[slot // block, :, slot % block] = torch.cat([ck[b][j], cv[b][j]], dim=-1)
+            else:
+                slots.append(slot)
+    starts = [0, *torch.tensor(new).cumsum(0).tolist()]
+
+    def rebuild(c_k, c_v, positions):  # per-head up-projections and rotate-half RoPE, as WsvdAttention.rebuild_kv
+        k = torch.einsum("lhr,hrd->lhd", c_k.unflatten(1, (n_kv, w_k)), bk)
+        cos_j, sin_j = (torch.cat([t[positions]] * 2, dim=-1)[:, None] for t in (cos, sin))
+        v = torch.einsum("lhr,hrd->lhd", c_v.unflatten(1, (n_kv, w_v)), bv)
+        return (k * cos_j + rotate_half(k) * sin_j).flatten(1), v.flatten(1)
+
+    key = torch.cat([c[n - s:] for c, n, s in zip(ck, lengths, new)])
+    value = torch.cat([c[n - s:] for c, n, s in zip(cv, lengths, new)])
+    out = torch.zeros(sum(new), n_q, D)
+    metadata = LatentMetadata(sum(new), starts, lengths, tables, torch.tensor(slots))
+    WsvdLatentImpl(n_q, D, D**-0.5, n_kv).forward(SimpleNamespace(rebuild=rebuild), q, key, value, cache, metadata, out)
+    group = n_q // n_kv
+    for b, (n, s) in enumerate(zip(lengths, new)):
+        for i in range(s):
+            position, t = n - s + i, starts[b] + i
+            latent = latent_decode_attention_reference(
+                q[t][None], ck[b][:position + 1].transpose(0, 1)[None], bk, cv[b][:position + 1].transpose(0, 1)[None],
+                torch.tensor([position + 1]), cos, sin, scale=D**-0.5)[0]  # [n_q, w_v]
+            expected = torch.einsum("hgr,hrd->hgd", latent.view(n_kv, group, w_v), bv.double()).reshape(n_q, D)
+            assert (out[t].double() - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
 @pytest.mark.parametrize("directory", [d for d in os.environ.get("WSVD_SERVE_ARTIFACTS", "").split(",") if d])
@@ -60,11 +145,13 @@ def test_vllm_greedy_tokens_equal_given_artifacts(tmp_path, directory):
     """Artifacts too slow to compress here (SmolLM2): WSVD_SERVE_ARTIFACTS=DIR1,DIR2 pytest -m vllm ..."""
     from transformers import AutoTokenizer
 
-    export_vllm(directory, tmp_path / "out")
+    block = export_vllm(directory, tmp_path / "out")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")  # the exported tokenizer, what vLLM would use
     prompts = [tokenizer(t).input_ids for t in ("The capital of France is", "def fibonacci(n):",
                                                  "Water boils at a temperature of")]
-    assert vllm_tokens(tmp_path / "out", prompts) == artifact_tokens(directory, prompts)
+    run = vllm_run(tmp_path / "out", prompts)
+    print(f"\n{directory}: {block['kv_cache']} cache, vLLM KV-cache capacity {run['KV_TOKENS']:,} tokens")
+    assert run["TOKENS"] == artifact_tokens(directory, prompts)
 
 
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
@@ -72,7 +159,7 @@ CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% 
 
 def test_vllm_serve_answers_a_chat_completion(tmp_path):
     make_artifact(tmp_path / "art", "tiny-llama-gqa", "wsvd-noq")
-    export_vllm(tmp_path / "art", tmp_path / "out")
+    assert export_vllm(tmp_path / "art", tmp_path / "out")["kv_cache"] == "latent"  # the server reads the latent cache
     (tmp_path / "chat.jinja").write_text(CHAT_TEMPLATE)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -17,6 +17,13 @@ LATENT_GRANULARITIES = ("head", "projection")
 LATENT_BACKEND = "WSVD_LATENT"  # the latent cache's attention backend, as the plugin registers it with vLLM
 
 
+def latent_cache_layout(block: dict, layer: int, kv_heads: int) -> tuple[int, int, int]:
+    """(latent heads n_lat, w_k, w_v) the latent cache holds per token of ``layer`` for ``kv_heads`` kv heads:
+    per-head factors one latent head per kv head, a per-projection latent one for all."""
+    widths = block["layers"][layer]
+    return kv_heads if block["granularity"] == "head" else 1, widths["k"]["width"], widths["v"]["width"]
+
+
 def check_block(block) -> dict:
     """The ``wsvd`` block of a served config, or ValueError naming the problem and the fix (vLLM shows it at load)."""
     if not isinstance(block, dict) or block.get("format") != FORMAT:

@@ -43,7 +43,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm.model_executor.utils import set_weight_attrs
 
 from ..algorithms.quantize import fake_quant_activation
-from .format import check_block
+from .format import check_block, latent_cache_layout
 from .latent_cache import LatentAttention
 
 
@@ -80,7 +80,8 @@ class WsvdAttention(nn.Module):
     def __init__(self, config, block: dict, cache_config, prefix: str):
         super().__init__()
         tp = get_tensor_model_parallel_world_size()
-        layer = block["layers"][extract_layer_index(prefix)]
+        index = extract_layer_index(prefix)
+        layer = block["layers"][index]
         self.bits = block["activation_bits"]
         self.granularity = block["granularity"]
         E, D = config.hidden_size, block["head_dim"]
@@ -114,10 +115,9 @@ class WsvdAttention(nn.Module):
         self.latent = block["kv_cache"] == "latent"
         if self.latent:
             self.head_dim = self.attn_dim = D
-            latent_heads = self.local["k"] if self.granularity == "head" else 1
-            self.attn = LatentAttention(self.local["q"], D, D**-0.5, self.local["k"], latent_heads,
-                                        (layer["k"]["width"], layer["v"]["width"]), self.rebuild_kv, cache_config,
-                                        prefix=f"{prefix}.attn")
+            latent_heads, width_k, width_v = latent_cache_layout(block, index, self.local["k"])
+            self.attn = LatentAttention(self.local["q"], D, D**-0.5, self.local["k"], latent_heads, (width_k, width_v),
+                                        self.rebuild_kv, cache_config, prefix=f"{prefix}.attn")
         else:
             # vLLM's CPU attention takes head sizes from 32: smaller heads are zero-padded (q.k and the kept
             # output columns are unchanged; the scale stays D^-1/2)
