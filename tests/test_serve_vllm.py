@@ -67,11 +67,13 @@ def cache_elements_per_token(directory) -> dict[str, int]:
             "unpadded": 2 * kv_heads * block["head_dim"] * layers}
 
 
-@pytest.mark.parametrize("recipe,bits", [("wsvd-noq", "w16a16"), ("wsvd", "w8a8")])
-def test_vllm_greedy_tokens_equal_the_artifacts(tmp_path, recipe, bits):
+@pytest.mark.parametrize("model,recipe,bits", [("tiny-llama-gqa", "wsvd-noq", "w16a16"), ("tiny-llama-gqa", "wsvd", "w8a8"),
+                                               ("tiny-qwen2", "svd-llm", "w16a16")])
+def test_vllm_greedy_tokens_equal_the_artifacts(tmp_path, model, recipe, bits):
     """Latent (the default) and dense caches: the artifact's greedy tokens; float recipes: the same log-probabilities
-    (the caches differ in rounding only); the latent cache holds (dense / latent values per token) times the tokens."""
-    make_artifact(tmp_path / "art", "tiny-llama-gqa", recipe, bits)
+    (the caches differ in rounding only); the latent cache holds (dense / latent values per token) times the tokens.
+    Per-head factors cache a latent per kv head; svd-llm's per-projection latents (with q/k/v biases) one for all."""
+    make_artifact(tmp_path / "art", model, recipe, bits)
     expected = artifact_tokens(tmp_path / "art", PROMPTS)
     runs, blocks = {}, {}
     for kv_cache in ("latent", "dense"):
@@ -84,7 +86,7 @@ def test_vllm_greedy_tokens_equal_the_artifacts(tmp_path, recipe, bits):
         assert (got - want).abs().max() <= 1e-4
     per_token = cache_elements_per_token(tmp_path / "latent")
     capacity = {k: runs[k]["KV_TOKENS"] for k in runs}
-    print(f"\n{recipe} {bits}: vLLM KV-cache capacity (VLLM_CPU_KVCACHE_SPACE=1) latent {capacity['latent']:,} tokens, "
+    print(f"\n{model} {recipe} {bits}: vLLM KV-cache capacity (VLLM_CPU_KVCACHE_SPACE=1) latent {capacity['latent']:,} tokens, "
           f"dense {capacity['dense']:,} tokens: x{capacity['latent'] / capacity['dense']:.3f}; cache values per token "
           f"latent {per_token['latent']}, dense {per_token['dense']} (unpadded {per_token['unpadded']}: "
           f"x{per_token['unpadded'] / per_token['latent']:.3f}; rho2 {blocks['latent']['rho2']})")

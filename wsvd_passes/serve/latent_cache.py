@@ -78,7 +78,7 @@ class LatentMetadata:
 
 
 class LatentMetadataBuilder(AttentionMetadataBuilder[LatentMetadata]):
-    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):  # the base __init__ is abstract
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
