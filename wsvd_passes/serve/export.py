@@ -53,7 +53,8 @@ _CAPTURE_PREFIX = "model."  # the capture wraps the HF model as ``model`` (captu
 def export_vllm(artifact: str | Path, out: str | Path, kv_cache: str | None = None) -> dict:
     """Write the vLLM directory of ``artifact`` to ``out``; returns the ``wsvd`` block of its config.
 
-    ``kv_cache``: ``latent`` (vLLM's paged cache holds the k/v latents, 2D / (w_k + w_v) times the tokens),
+    ``kv_cache``: ``latent`` (vLLM's paged cache holds the k/v latents: 2 n_kv D / (n_lat (w_k + w_v)) times the
+    tokens, n_lat = n_kv for per-head factors, 1 for per-projection ones),
     ``dense`` (K and V, as vLLM caches any model), or None: latent where the factors allow it (per-head and
     per-projection), dense for joint factors."""
     from ..artifacts.artifact import load, read_manifest
