@@ -135,9 +135,11 @@ def prepare(args, recipe_names: list[str]):
     calibration, recipes, provenance)."""
     from ..graph.capture import capture_forward
     from ..compression.compress import calibrate
+    from ..compression.memory import WHOLE_MODEL_MMAP_THRESHOLD, bound_heap
     from ..eval.data import text_source, token_windows
     from ..compression.recipes import get_recipe
 
+    bound_heap(WHOLE_MODEL_MMAP_THRESHOLD)  # the whole model's stages free large temporaries (see bound_heap)
     recipes = with_heal(args, [get_recipe(n.strip()) for n in recipe_names])
     for flag in ("calib_windows", "grad_samples", "eval_windows"):
         value = getattr(args, flag, None)

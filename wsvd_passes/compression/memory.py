@@ -15,19 +15,25 @@ import functools
 import gc
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-MMAP_THRESHOLD = 128 * 1024  # glibc's initial value, kept fixed
+STREAMED_MMAP_THRESHOLD = 128 * 1024  # glibc's initial value, kept fixed
+WHOLE_MODEL_MMAP_THRESHOLD = 1 << 20
 
 
-def bound_heap() -> None:
-    """Fix glibc's mmap threshold at 128 KiB, so every larger tensor is its own mapping, returned to the OS when
-    freed. (After each large free glibc raises the threshold, up to 32 MiB, and the next stage's tensors then come
-    from a heap that fragments.) Process-wide, for the rest of the process: called by the streamed compression.
-    Not by the whole-model one: every large tensor then costs an mmap and page faults, and on SmolLM2 ``wsvd`` W8A8
-    (16 windows) it took 2:50 instead of 1:55 wall (86 s of system time) for 3.16 instead of 3.71 GB peak RSS.
-    A no-op without glibc (macOS, musl)."""
+def bound_heap(threshold: int = STREAMED_MMAP_THRESHOLD) -> None:
+    """Fix glibc's mmap threshold at ``threshold`` bytes, so every larger tensor is its own mapping, returned to the
+    OS when freed. (After each large free glibc raises the threshold, up to 32 MiB, and the next stage's tensors
+    then come from a heap that fragments.) Process-wide, for the rest of the process; a no-op without glibc
+    (macOS, musl). Every tensor above the threshold costs an mmap and its page faults, so the two modes differ:
+
+    - streamed (:func:`~wsvd_passes.compression.stream.compress_checkpoint`): 128 KiB, glibc's initial value;
+    - whole-model (``wsvd compress --no-stream`` / ``wsvd table``): 1 MiB. SmolLM2-135M ``wsvd`` W8A8, 16
+      windows, quiet 2-core machine, peak RSS / wall / system time: glibc's default 3.62 GB / 1:33 / 8 s,
+      1 MiB 2.81 GB / 1:45 / 21 s, 512 KiB 2.68 GB / 2:00 / 37 s (128 KiB, measured before the calibration
+      changes: 0.55 GB less for 55 s more).
+    """
     mallopt = getattr(_libc(), "mallopt", None)
     if mallopt is not None:
-        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        mallopt(M_MMAP_THRESHOLD, threshold)
 
 
 def release_memory() -> None:
