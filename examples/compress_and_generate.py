@@ -6,14 +6,13 @@ torch.compile the decode step and generate, all through the Python API.
 
 import argparse
 
+import lowering
 from wsvd_passes import Pipeline, capture_decode, capture_forward, generate, load_model
 from wsvd_passes.compression.compress import calibrate, factor_plan
+from wsvd_passes.compression.recipes import RECIPES
 from wsvd_passes.eval.data import pydoc_text, token_windows
 from wsvd_passes.passes.factorize import FactorizeQKV
 from wsvd_passes.passes.latent_kv import LatentKVCache
-from wsvd_passes.compression.recipes import RECIPES
-
-import lowering
 
 
 def main() -> None:

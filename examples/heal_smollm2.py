@@ -11,13 +11,13 @@ import time
 
 import torch
 
-from wsvd_passes.graph.capture import capture_forward
+from wsvd_passes.algorithms.quantize import parse_bits
 from wsvd_passes.compression.compress import calibrate, compress
+from wsvd_passes.compression.recipes import RECIPES
 from wsvd_passes.eval.data import pydoc_text, token_windows
 from wsvd_passes.eval.evaluation import MemoLogits, evaluate
+from wsvd_passes.graph.capture import capture_forward
 from wsvd_passes.models.registry import load_model
-from wsvd_passes.algorithms.quantize import parse_bits
-from wsvd_passes.compression.recipes import RECIPES
 
 torch.set_num_threads(2)
 lm = load_model("smollm2-135m")

@@ -13,14 +13,14 @@ import time
 
 import torch
 
-from wsvd_passes.artifacts import artifact
-from wsvd_passes.graph.capture import capture_forward
-from wsvd_passes.eval.data import pydoc_text, token_windows
-from wsvd_passes.eval.evaluation import MemoLogits, evaluate
-from wsvd_passes.models.registry import load_model, smollm2_checkpoint
 from wsvd_passes.algorithms.quantize import parse_bits
+from wsvd_passes.artifacts import artifact
 from wsvd_passes.compression.recipes import RECIPES
 from wsvd_passes.compression.stream import compress_checkpoint
+from wsvd_passes.eval.data import pydoc_text, token_windows
+from wsvd_passes.eval.evaluation import MemoLogits, evaluate
+from wsvd_passes.graph.capture import capture_forward
+from wsvd_passes.models.registry import load_model, smollm2_checkpoint
 
 
 def main() -> None:

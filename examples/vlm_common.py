@@ -9,11 +9,11 @@ import argparse
 from pathlib import Path
 
 from wsvd_passes import capture_forward, load_model
+from wsvd_passes.algorithms.quantize import parse_bits
 from wsvd_passes.compression.compress import calibrate, compress
+from wsvd_passes.compression.recipes import RECIPES
 from wsvd_passes.eval.mm_data import image_text_samples, load_items, sample_items
 from wsvd_passes.eval.multiple_choice import compare, prepare
-from wsvd_passes.algorithms.quantize import parse_bits
-from wsvd_passes.compression.recipes import RECIPES
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data" / "mc_synthetic" / "data.jsonl"
 

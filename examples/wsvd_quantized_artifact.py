@@ -12,13 +12,13 @@ import torch
 
 import wsvd_passes
 from wsvd_passes import Pipeline, capture_forward, load_model
+from wsvd_passes.algorithms.quantize import parse_bits
 from wsvd_passes.artifacts.artifact import save
+from wsvd_passes.artifacts.report import write_report
 from wsvd_passes.compression.compress import calibrate, factor_plan, recipe_passes
+from wsvd_passes.compression.recipes import RECIPES
 from wsvd_passes.eval.data import pydoc_text, token_windows
 from wsvd_passes.eval.evaluation import evaluate
-from wsvd_passes.algorithms.quantize import parse_bits
-from wsvd_passes.compression.recipes import RECIPES
-from wsvd_passes.artifacts.report import write_report
 
 
 def main() -> None:

@@ -30,18 +30,18 @@ from collections.abc import Callable
 import torch
 from torch.fx import GraphModule
 
-from wsvd_passes.graph.capture import CapturedGraph, capture_decode
-from wsvd_passes.compression.compress import Calibration, factor_plan
-from wsvd_passes.graph.factor_spec import head_blocks
-from wsvd_passes.passes.factorize import FactorizeQKV, LayerFactors
-from wsvd_passes.graph.graph_utils import tensor_attr
-from wsvd_passes.passes.latent_kv import LatentKVCache
 from wsvd_passes.algorithms.lowrank import PROJECTIONS, make_scaling, split_groups
-from wsvd_passes.models.registry import cast_parameters
-from wsvd_passes.graph.pipeline import Pipeline
-from wsvd_passes.compression.recipes import Recipe
 from wsvd_passes.algorithms.rope import rope_parameters, rope_tables
+from wsvd_passes.compression.compress import Calibration, factor_plan
+from wsvd_passes.compression.recipes import Recipe
+from wsvd_passes.graph.capture import CapturedGraph, capture_decode
+from wsvd_passes.graph.factor_spec import head_blocks
+from wsvd_passes.graph.graph_utils import tensor_attr
+from wsvd_passes.graph.pipeline import Pipeline
 from wsvd_passes.graph.sites import AttentionSite, find_sites
+from wsvd_passes.models.registry import cast_parameters
+from wsvd_passes.passes.factorize import FactorizeQKV, LayerFactors
+from wsvd_passes.passes.latent_kv import LatentKVCache
 
 from .compile import compile_step, lower
 

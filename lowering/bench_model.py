@@ -43,13 +43,13 @@ import time
 
 import torch
 
-from wsvd_passes.artifacts.artifact import load, read_manifest
-from wsvd_passes.graph.capture import CapturedGraph, capture_decode
-from wsvd_passes.eval.generation import cache_buffers
-from wsvd_passes.passes.latent_kv import LatentKVCache
-from wsvd_passes.models.registry import cast_parameters, load_model
-from wsvd_passes.graph.pipeline import Pipeline
 from wsvd_passes.algorithms.quantize import parse_bits
+from wsvd_passes.artifacts.artifact import load, read_manifest
+from wsvd_passes.eval.generation import cache_buffers
+from wsvd_passes.graph.capture import CapturedGraph, capture_decode
+from wsvd_passes.graph.pipeline import Pipeline
+from wsvd_passes.models.registry import cast_parameters, load_model
+from wsvd_passes.passes.latent_kv import LatentKVCache
 
 from .bench import versions
 from .compile import compile_step, lower

@@ -34,12 +34,19 @@ import torch
 from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from wsvd_passes.algorithms.quantize import fake_quant_activation, quantize_activation
 from wsvd_passes.graph.capture import CapturedGraph
 from wsvd_passes.graph.factor_spec import FACTOR_META
-from wsvd_passes.graph.graph_utils import add_tensor_attr, copy_meta, get_attr_node, infer_val, remove_attr_if_unused, tensor_attr
+from wsvd_passes.graph.graph_utils import (
+    add_tensor_attr,
+    copy_meta,
+    get_attr_node,
+    infer_val,
+    remove_attr_if_unused,
+    tensor_attr,
+)
 from wsvd_passes.graph.pipeline import Pipeline
 from wsvd_passes.graph.quant_spec import QUANT_META, quant_spec, weight_codes, weight_target
-from wsvd_passes.algorithms.quantize import fake_quant_activation, quantize_activation
 
 aten = torch.ops.aten
 

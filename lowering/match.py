@@ -28,14 +28,21 @@ import torch
 from torch.fx import GraphModule, Node
 
 import lowering.ops  # noqa: F401  (registers torch.ops.wsvd.latent_attention)
-from wsvd_passes.errors import WsvdError
-from wsvd_passes.graph.factor_spec import head_blocks
-from wsvd_passes.graph.graph_utils import add_tensor_attr, copy_meta, get_attr_node, infer_val, remove_attr_if_unused, tensor_attr
-from wsvd_passes.passes.latent_kv import ROPE_COS, ROPE_INV_FREQ, ROPE_SCALING, ROPE_SIN
-from wsvd_passes.graph.pipeline import GraphPass
 from wsvd_passes.algorithms.quantize import fake_quant_activation, quantize_activation
 from wsvd_passes.algorithms.rope import rope_half_tables
+from wsvd_passes.errors import WsvdError
+from wsvd_passes.graph.factor_spec import head_blocks
+from wsvd_passes.graph.graph_utils import (
+    add_tensor_attr,
+    copy_meta,
+    get_attr_node,
+    infer_val,
+    remove_attr_if_unused,
+    tensor_attr,
+)
+from wsvd_passes.graph.pipeline import GraphPass
 from wsvd_passes.graph.sites import AttentionSite
+from wsvd_passes.passes.latent_kv import ROPE_COS, ROPE_INV_FREQ, ROPE_SCALING, ROPE_SIN
 
 aten = torch.ops.aten
 ROPE_HALF_TABLES = ("wsvd_rope.cos_half", "wsvd_rope.sin_half")  # the op's float32 [L, D/2] tables

@@ -6,14 +6,14 @@ import zipfile
 
 import pytest
 import torch
-
 from conftest import tiny, tiny_forward
+
+from wsvd_passes.algorithms.quantize import parse_bits
 from wsvd_passes.artifacts import artifact
 from wsvd_passes.compression.compress import calibrate, compress
+from wsvd_passes.compression.recipes import RECIPES
 from wsvd_passes.errors import WsvdError
 from wsvd_passes.eval.generation import greedy_generate
-from wsvd_passes.algorithms.quantize import parse_bits
-from wsvd_passes.compression.recipes import RECIPES
 
 MODEL = "tiny-llama-gqa"
 WINDOWS = torch.randint(0, 384, (4, 33), generator=torch.Generator().manual_seed(3))
@@ -199,8 +199,8 @@ def test_tied_embeddings_are_stored_once_and_reload_on_the_decode_graph(tmp_path
 
 
 def test_a_weight_off_its_recorded_grid_is_refused_in_one_line():
-    from wsvd_passes.artifacts.packing import pack
     from wsvd_passes.algorithms.quantize import quantize_weight
+    from wsvd_passes.artifacts.packing import pack
 
     codes, scale = quantize_weight(torch.randn(6, 9), 8)
     pack({"w": codes * scale[:, None], "w_scale": scale}, {"w": (8, "w_scale")}, {"w_scale": scale}, {"w"},

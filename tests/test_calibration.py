@@ -4,11 +4,17 @@ import copy
 
 import pytest
 import torch
-
 from conftest import fresh_forward, tiny
-from wsvd_passes.graph.capture import capture_forward
-from wsvd_passes.compression.calibration import InsertInputObservers, RemoveObservers, collect_gradients, collect_input_stats, next_token_loss
+
+from wsvd_passes.compression.calibration import (
+    InsertInputObservers,
+    RemoveObservers,
+    collect_gradients,
+    collect_input_stats,
+    next_token_loss,
+)
 from wsvd_passes.errors import WsvdError
+from wsvd_passes.graph.capture import capture_forward
 from wsvd_passes.graph.pipeline import Pipeline
 from wsvd_passes.graph.sites import find_sites
 

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from conftest import TINY, fresh_forward, tiny, tiny_decode, tiny_forward
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import TINY, fresh_forward, tiny, tiny_decode, tiny_forward
 from wsvd_passes.eval.generation import greedy_generate
 
 
@@ -62,8 +62,8 @@ def test_generation_beyond_cache_is_refused():
 def test_compress_edits_a_copy_sharing_the_weights_it_leaves_alone():
     # svd-llm factorises q/k/v on a copy that shares the base's parameters: the base graph and its logits
     # are untouched, and the weights the recipe keeps (MLP, o_proj, embeddings) are not duplicated
-    from wsvd_passes.compression.compress import calibrate, compress
     from wsvd_passes.algorithms.quantize import parse_bits
+    from wsvd_passes.compression.compress import calibrate, compress
     from wsvd_passes.compression.recipes import RECIPES
 
     base = fresh_forward("tiny-llama-gqa")

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
 from conftest import tiny
-from wsvd_passes.eval.data import pydoc_text, read_text, text_source, token_windows
+
 from wsvd_passes.errors import WsvdError
+from wsvd_passes.eval.data import pydoc_text, read_text, text_source, token_windows
 
 
 def test_pydoc_halves_are_disjoint_and_deterministic():

@@ -8,17 +8,17 @@ import functools
 
 import pytest
 import torch
-
-import lowering
 from conftest import tiny, tiny_forward
 from test_latent_kv import steps
+
+import lowering
+from wsvd_passes.algorithms.quantize import fake_quant_activation, parse_bits
 from wsvd_passes.artifacts import artifact
 from wsvd_passes.compression.compress import calibrate, compress
-from wsvd_passes.eval.generation import cache_buffers
-from wsvd_passes.passes.latent_kv import LatentKVCache
-from wsvd_passes.graph.pipeline import Pipeline
-from wsvd_passes.algorithms.quantize import fake_quant_activation, parse_bits
 from wsvd_passes.compression.recipes import RECIPES
+from wsvd_passes.eval.generation import cache_buffers
+from wsvd_passes.graph.pipeline import Pipeline
+from wsvd_passes.passes.latent_kv import LatentKVCache
 
 MODEL = "tiny-llama-gqa"
 WINDOWS = torch.randint(0, 384, (4, 33), generator=torch.Generator().manual_seed(3))

@@ -12,19 +12,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_forward
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import lowering
-from conftest import tiny_forward
 from wsvd_passes.compression.calibration import InsertInputObservers
-from wsvd_passes.graph.capture import capture_decode, capture_forward
 from wsvd_passes.compression.compress import calibrate, factor_plan
-from wsvd_passes.passes.factorize import FactorizeQKV
-from wsvd_passes.eval.generation import generate, reset_cache
-from wsvd_passes.passes.latent_kv import LatentKVCache
-from wsvd_passes.models.registry import load_model
-from wsvd_passes.graph.pipeline import Pipeline
 from wsvd_passes.compression.recipes import RECIPES, Recipe
+from wsvd_passes.eval.generation import generate, reset_cache
+from wsvd_passes.graph.capture import capture_decode, capture_forward
+from wsvd_passes.graph.pipeline import Pipeline
+from wsvd_passes.models.registry import load_model
+from wsvd_passes.passes.factorize import FactorizeQKV
+from wsvd_passes.passes.latent_kv import LatentKVCache
 from wsvd_passes.passes.rotate import rotation_passes
 
 

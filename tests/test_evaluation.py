@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import tiny, tiny_forward
+
 from wsvd_passes.errors import WsvdError
 from wsvd_passes.eval.evaluation import evaluate
 

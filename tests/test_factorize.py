@@ -5,19 +5,19 @@ import math
 
 import pytest
 import torch
+from conftest import fresh_forward
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import fresh_forward
-from wsvd_passes.compression.calibration import InputStats
-from wsvd_passes.graph.capture import capture_forward
-from wsvd_passes.compression.compress import calibrate, factor_plan
-from wsvd_passes.errors import WsvdError
-from wsvd_passes.passes.factorize import FactorizeQKV
 from wsvd_passes.algorithms.lowrank import make_scaling, svd_group, whitening_factor
-from wsvd_passes.graph.pipeline import Pipeline, same_function
+from wsvd_passes.compression.calibration import InputStats
+from wsvd_passes.compression.compress import calibrate, factor_plan
 from wsvd_passes.compression.recipes import RECIPES
+from wsvd_passes.errors import WsvdError
+from wsvd_passes.graph.capture import capture_forward
+from wsvd_passes.graph.pipeline import Pipeline, same_function
 from wsvd_passes.graph.sites import find_sites
+from wsvd_passes.passes.factorize import FactorizeQKV
 
 aten = torch.ops.aten
 

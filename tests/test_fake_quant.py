@@ -3,18 +3,18 @@
 import copy
 
 import torch
-
 from conftest import tiny_forward
+
+from wsvd_passes.algorithms.quantize import fake_quant_activation, parse_bits
 from wsvd_passes.compression.compress import calibrate, factor_plan
-from wsvd_passes.passes.factorize import FactorizeQKV
-from wsvd_passes.passes.fake_quant import FakeQuantize
+from wsvd_passes.compression.recipes import RECIPES
 from wsvd_passes.graph.graph_utils import infer_val
 from wsvd_passes.graph.pipeline import Pipeline
 from wsvd_passes.graph.quant_spec import quant_spec, quantized_linears
-from wsvd_passes.algorithms.quantize import fake_quant_activation, parse_bits
-from wsvd_passes.compression.recipes import RECIPES
-from wsvd_passes.passes.rotate import OnlineHadamard, RotateResidual, RotateValueHeads
 from wsvd_passes.graph.sites import find_sites
+from wsvd_passes.passes.factorize import FactorizeQKV
+from wsvd_passes.passes.fake_quant import FakeQuantize
+from wsvd_passes.passes.rotate import OnlineHadamard, RotateResidual, RotateValueHeads
 
 
 def _compressed(bits, rotate=True):

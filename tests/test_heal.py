@@ -9,23 +9,23 @@ import functools
 import pytest
 import torch
 
+from wsvd_passes.algorithms.lowrank import PROJECTIONS
+from wsvd_passes.algorithms.quantize import fake_quant_activation, fake_quant_weight, parse_bits
 from wsvd_passes.artifacts import artifact
-from wsvd_passes.passes import heal
-from wsvd_passes.graph.capture import capture_forward
 from wsvd_passes.cli import main
 from wsvd_passes.compression.compress import calibrate, compress, factor_plan
+from wsvd_passes.compression.recipes import RECIPES
 from wsvd_passes.eval.data import pydoc_text, token_windows
 from wsvd_passes.eval.evaluation import evaluate
+from wsvd_passes.graph.capture import capture_forward
 from wsvd_passes.graph.factor_spec import factor_spec
-from wsvd_passes.passes.factorize import FactorizeQKV
 from wsvd_passes.graph.graph_utils import tensor_attr
-from wsvd_passes.algorithms.lowrank import PROJECTIONS
-from wsvd_passes.models.registry import load_model
 from wsvd_passes.graph.pipeline import Pipeline
 from wsvd_passes.graph.quant_spec import quantized_weights
-from wsvd_passes.algorithms.quantize import fake_quant_activation, fake_quant_weight, parse_bits
-from wsvd_passes.compression.recipes import RECIPES
 from wsvd_passes.graph.sites import find_sites
+from wsvd_passes.models.registry import load_model
+from wsvd_passes.passes import heal
+from wsvd_passes.passes.factorize import FactorizeQKV
 
 MODEL = "tiny-llama-gqa"
 STEPS = 20

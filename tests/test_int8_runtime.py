@@ -7,20 +7,20 @@ import functools
 
 import pytest
 import torch
-
-import lowering
 from conftest import tiny, tiny_forward
-from lowering.int8 import int8_embedding, int8_linear, lower_int8
 from test_deployed_invariant import IDS, STORAGE, WINDOWS
 from test_latent_kv import steps
+
+import lowering
+from lowering.int8 import int8_embedding, int8_linear, lower_int8
+from wsvd_passes.algorithms.quantize import fake_quant_activation, parse_bits, quantize_weight
 from wsvd_passes.artifacts import artifact
 from wsvd_passes.cli import main
 from wsvd_passes.compression.compress import calibrate, compress
-from wsvd_passes.eval.generation import generate
-from wsvd_passes.passes.latent_kv import LatentKVCache
-from wsvd_passes.graph.pipeline import Pipeline
-from wsvd_passes.algorithms.quantize import fake_quant_activation, parse_bits, quantize_weight
 from wsvd_passes.compression.recipes import RECIPES
+from wsvd_passes.eval.generation import generate
+from wsvd_passes.graph.pipeline import Pipeline
+from wsvd_passes.passes.latent_kv import LatentKVCache
 
 MODEL = "tiny-llama-gqa"
 # The int32 sums are exact and the activation codes are the fake quantiser's own, so what differs is float32

@@ -4,16 +4,16 @@ import copy
 
 import pytest
 import torch
-
 from conftest import tiny, tiny_decode, tiny_forward
+
 from wsvd_passes.compression.compress import calibrate, factor_plan
-from wsvd_passes.errors import WsvdError
-from wsvd_passes.passes.factorize import FactorizeQKV
-from wsvd_passes.eval.generation import greedy_generate, reset_cache
-from wsvd_passes.passes.latent_kv import LatentKVCache, aligned
-from wsvd_passes.graph.pipeline import Pipeline
 from wsvd_passes.compression.recipes import RECIPES
+from wsvd_passes.errors import WsvdError
+from wsvd_passes.eval.generation import greedy_generate, reset_cache
+from wsvd_passes.graph.pipeline import Pipeline
 from wsvd_passes.graph.sites import find_sites
+from wsvd_passes.passes.factorize import FactorizeQKV
+from wsvd_passes.passes.latent_kv import LatentKVCache, aligned
 
 
 def factored_decoder(name, recipe="wsvd-noft", rho1=0.6, max_cache_len=40):

@@ -4,16 +4,15 @@ import copy
 
 import pytest
 import torch
-
 from test_latent_kv import factored_decoder, steps
-from wsvd_passes.eval.generation import generate, greedy_generate
-from wsvd_passes.passes.latent_kv import LatentKVCache
-from wsvd_passes.graph.pipeline import Pipeline
-from wsvd_passes.errors import WsvdError
-from wsvd_passes.algorithms.rope import rope_half_tables
 
 import lowering
 from lowering.ops import latent_attention
+from wsvd_passes.algorithms.rope import rope_half_tables
+from wsvd_passes.errors import WsvdError
+from wsvd_passes.eval.generation import generate, greedy_generate
+from wsvd_passes.graph.pipeline import Pipeline
+from wsvd_passes.passes.latent_kv import LatentKVCache
 
 aten = torch.ops.aten
 
@@ -86,11 +85,11 @@ def test_lowering_needs_the_latent_rewrite():
 
 @pytest.mark.slow  # 38 s: SmolLM2 compiled
 def test_smollm2_generates_the_same_tokens_through_the_lowered_op(smollm2, smollm2_forward):
-    from wsvd_passes.graph.capture import capture_decode
     from wsvd_passes.compression.compress import calibrate, factor_plan
-    from wsvd_passes.eval.data import pydoc_text, token_windows
-    from wsvd_passes.passes.factorize import FactorizeQKV
     from wsvd_passes.compression.recipes import RECIPES
+    from wsvd_passes.eval.data import pydoc_text, token_windows
+    from wsvd_passes.graph.capture import capture_decode
+    from wsvd_passes.passes.factorize import FactorizeQKV
 
     recipe = RECIPES["wsvd-noft"]
     windows = token_windows(smollm2.tokenizer, pydoc_text("calibration"), 128, max_windows=4)

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-
 from conftest import tiny
-from wsvd_passes.graph.capture import capture_decode
+
 from wsvd_passes.errors import WsvdError
 from wsvd_passes.eval.generation import greedy_generate
+from wsvd_passes.graph.capture import capture_decode
 from wsvd_passes.models.registry import load_model
 
 

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import fresh_forward
 from torch.fx import GraphModule
 
-from conftest import fresh_forward
 from wsvd_passes.errors import WsvdError
 from wsvd_passes.graph.graph_utils import add_tensor_attr, copy_meta, get_attr_node, remove_attr_if_unused, tensor_attr
 from wsvd_passes.graph.pipeline import GraphPass, Pipeline, same_function

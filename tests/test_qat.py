@@ -5,21 +5,21 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_forward
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import tiny_forward
+from wsvd_passes.algorithms.quantize import fake_quant_activation, parse_bits
 from wsvd_passes.compression.calibration import collect_gradients
 from wsvd_passes.compression.compress import calibrate, compress, factor_plan
+from wsvd_passes.compression.recipes import RECIPES
 from wsvd_passes.errors import WsvdError
+from wsvd_passes.graph.pipeline import Pipeline, same_function
+from wsvd_passes.graph.sites import find_sites
 from wsvd_passes.passes.factorize import FactorizeQKV
 from wsvd_passes.passes.fake_quant import FakeQuantize
-from wsvd_passes.graph.pipeline import Pipeline, same_function
 from wsvd_passes.passes.qat import LocalQAT, RotatedTargets, local_qat, quantized_product, random_rotations
-from wsvd_passes.algorithms.quantize import fake_quant_activation, parse_bits
-from wsvd_passes.compression.recipes import RECIPES
 from wsvd_passes.passes.rotate import qkv_bases, rotation_passes
-from wsvd_passes.graph.sites import find_sites
 
 WINDOWS = torch.randint(0, 384, (4, 33), generator=torch.Generator().manual_seed(7))
 

@@ -4,12 +4,17 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torchao.quantization.quant_primitives import (MappingType, choose_qparams_affine, dequantize_affine,
-                                                   quantize_affine)
+from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine, dequantize_affine, quantize_affine
 
+from wsvd_passes.algorithms.quantize import (
+    Bits,
+    fake_quant_activation,
+    fake_quant_weight,
+    parse_bits,
+    search_weight_clip,
+    ste,
+)
 from wsvd_passes.errors import WsvdError
-from wsvd_passes.algorithms.quantize import (Bits, fake_quant_activation, fake_quant_weight, parse_bits, search_weight_clip,
-                                  ste)
 
 
 def _randn(seed, *shape, dtype=torch.float32):

@@ -7,12 +7,18 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wsvd_passes.compression.calibration import InputStats
-from wsvd_passes.errors import WsvdError
 from wsvd_passes.algorithms.finetune import fisher_finetune, fisher_weighted_error, normalized_fisher
 from wsvd_passes.algorithms.lowrank import make_scaling, split_groups
-from wsvd_passes.algorithms.rank_allocation import (ImportanceAccumulator, above_break_even, achieved_rho1, cache_cost,
-                                         importance_ranks, uniform_ranks)
+from wsvd_passes.algorithms.rank_allocation import (
+    ImportanceAccumulator,
+    above_break_even,
+    achieved_rho1,
+    cache_cost,
+    importance_ranks,
+    uniform_ranks,
+)
+from wsvd_passes.compression.calibration import InputStats
+from wsvd_passes.errors import WsvdError
 
 
 def _groups(seed, e=20, head_dim=4, heads=(3, 1)):
@@ -195,8 +201,8 @@ def test_table_at_equal_cache_ratio_and_a_cache_budget_too_small(tmp_path, capsy
 def test_cache_bytes_of_quantised_latents_count_int8_codes_and_scales():
     from types import SimpleNamespace
 
-    from wsvd_passes.compression.compress import cache_bytes_per_token
     from wsvd_passes.algorithms.quantize import parse_bits
+    from wsvd_passes.compression.compress import cache_bytes_per_token
     from wsvd_passes.compression.recipes import RECIPES
 
     sites = [SimpleNamespace(layer=i, n_kv_heads=2, head_dim=16) for i in range(2)]

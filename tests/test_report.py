@@ -7,10 +7,10 @@ import pytest
 from PIL import Image
 from safetensors.numpy import save_file
 
-from wsvd_passes.cli import main
 from wsvd_passes.artifacts.artifact import FORMAT_VERSION
-from wsvd_passes.errors import WsvdError
 from wsvd_passes.artifacts.report import write_report
+from wsvd_passes.cli import main
+from wsvd_passes.errors import WsvdError
 
 HEADS = {"n_heads": 3, "n_kv_heads": 1, "head_dim": 8, "hidden_size": 24}
 RANKS = {"0": {"q": [3, 5, 1], "k": [7], "v": [2]},

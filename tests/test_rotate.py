@@ -7,10 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wsvd_passes.graph.capture import capture_decode, capture_forward
+from wsvd_passes.algorithms.hadamard import random_hadamard
 from wsvd_passes.errors import WsvdError
 from wsvd_passes.eval.generation import greedy_generate
-from wsvd_passes.algorithms.hadamard import random_hadamard
+from wsvd_passes.graph.capture import capture_decode, capture_forward
 from wsvd_passes.graph.pipeline import Pipeline, same_function
 from wsvd_passes.graph.residual import find_residual_stream
 from wsvd_passes.passes.rotate import OnlineHadamard, RotateResidual, RotateValueHeads
@@ -62,8 +62,8 @@ def test_hadamard_is_exactly_orthogonal_for_awkward_orders():
 
 def test_rotated_factored_decode_graph_generates_the_same_tokens():
     from wsvd_passes.compression.compress import calibrate, factor_plan
-    from wsvd_passes.passes.factorize import FactorizeQKV
     from wsvd_passes.compression.recipes import RECIPES
+    from wsvd_passes.passes.factorize import FactorizeQKV
 
     model = _double_llama(6, 2, 16, False, 1).float()
     recipe = RECIPES["wsvd-noft"]

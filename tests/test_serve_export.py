@@ -7,16 +7,16 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import tiny, tiny_forward
+from safetensors.torch import load_file
 from serve_reference import served_logits
+
+from wsvd_passes.algorithms.quantize import parse_bits
 from wsvd_passes.artifacts import artifact
 from wsvd_passes.cli import main
 from wsvd_passes.compression.compress import calibrate, compress
-from wsvd_passes.errors import WsvdError
-from wsvd_passes.algorithms.quantize import parse_bits
 from wsvd_passes.compression.recipes import RECIPES
+from wsvd_passes.errors import WsvdError
 from wsvd_passes.serve.export import export_vllm
 from wsvd_passes.serve.format import FORMAT_VERSION, check_block
 

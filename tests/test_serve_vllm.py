@@ -25,6 +25,7 @@ pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
 from test_serve_export import make_artifact  # noqa: E402
+
 from wsvd_passes.artifacts import artifact  # noqa: E402
 from wsvd_passes.eval.generation import greedy_generate  # noqa: E402
 from wsvd_passes.serve.export import export_vllm  # noqa: E402

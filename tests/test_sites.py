@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from conftest import TINY, tiny, tiny_decode, tiny_forward
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import TINY, tiny, tiny_decode, tiny_forward
-from wsvd_passes.graph.capture import capture_forward
 from wsvd_passes.errors import WsvdError
+from wsvd_passes.graph.capture import capture_forward
 from wsvd_passes.graph.sites import find_sites
 
 aten = torch.ops.aten

@@ -8,18 +8,17 @@ import sys
 
 import pytest
 import torch
-
 from conftest import tiny, tiny_forward
-from wsvd_passes.artifacts import artifact
-from wsvd_passes.cli import main
-from wsvd_passes.compression.compress import calibrate, compress, factor_plan
-from wsvd_passes.errors import WsvdError
-from wsvd_passes.algorithms.quantize import parse_bits
-from wsvd_passes.compression.recipes import RECIPES
 from safetensors.torch import load_file
 
+from wsvd_passes.algorithms.quantize import parse_bits
+from wsvd_passes.artifacts import artifact
+from wsvd_passes.cli import main
 from wsvd_passes.compression import stream
+from wsvd_passes.compression.compress import calibrate, compress, factor_plan
+from wsvd_passes.compression.recipes import RECIPES
 from wsvd_passes.compression.stream import Checkpoint, calibrate_streamed, compress_checkpoint, compress_streamed
+from wsvd_passes.errors import WsvdError
 
 MODEL = "tiny-llama-gqa"
 WINDOWS = torch.randint(0, 384, (4, 33), generator=torch.Generator().manual_seed(3))
@@ -115,13 +114,13 @@ def test_streamed_healing_lowers_each_layers_output_error_and_the_artifact_has_t
     rotated basis for the rotated recipe), as reported by the pass, is the error of the reloaded artifact's layer;
     healing lowers the calibration error. q and k are scaled up so that attention is peaked and the truncation
     error of a random tiny model is large (relative error ~0.5 instead of ~5e-4)."""
+    from wsvd_passes.algorithms.hadamard import random_hadamard
     from wsvd_passes.artifacts.artifact import _put_tensors, placeholder_plan, placeholder_targets, read_weights
     from wsvd_passes.compression.compress import recipe_passes
-    from wsvd_passes.algorithms.hadamard import random_hadamard
-    from wsvd_passes.passes.heal import LayerOutputError
     from wsvd_passes.graph.pipeline import Pipeline
-    from wsvd_passes.passes.rotate import S1_SEED
     from wsvd_passes.graph.sites import find_sites
+    from wsvd_passes.passes.heal import LayerOutputError
+    from wsvd_passes.passes.rotate import S1_SEED
 
     model = copy.deepcopy(tiny(MODEL).model)  # tiny() is shared by the other tests
     with torch.no_grad():

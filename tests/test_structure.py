@@ -144,15 +144,25 @@ def test_no_other_installed_distribution_ships_a_top_level_package_of_ours():
 
 
 def test_module_paths_from_before_the_subpackages_import_the_moved_modules():
-    from wsvd_passes.moved import MOVED
-
     import wsvd_passes.compress as old
     import wsvd_passes.compression.compress as new
     from wsvd_passes.compress import calibrate  # the README's Python API of earlier releases
     from wsvd_passes.models import load_model
+    from wsvd_passes.moved import MOVED
 
     assert old is new and calibrate is new.calibrate
     assert load_model is importlib.import_module("wsvd_passes.models.registry").load_model
     assert all(importlib.import_module(f"wsvd_passes.{o}") is importlib.import_module(f"wsvd_passes.{n}")
                for o, n in MOVED.items())
     assert not [o for o in MOVED if f"wsvd_passes.{o}" in _modules()]  # no module of the package hides an old path
+
+
+def test_imports_are_in_sorted_blocks():
+    """Standard library, third party, this project, each block sorted (ruff's isort rules, pyproject.toml)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("ruff", reason="ruff comes with the test extra: pip install -e '.[test]'")
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--select", "I", "--no-cache", "--quiet",
+                             *PACKAGES, "tests", "examples"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, f"unsorted imports (fix: ruff check --select I --fix .):\n{result.stdout}"

@@ -9,25 +9,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny, tiny_forward
 
 import lowering
-from conftest import tiny, tiny_forward
-from wsvd_passes.compression.calibration import next_token_loss
-from wsvd_passes.graph.capture import capture_decode, capture_forward
-from wsvd_passes.cli import main
-from wsvd_passes.compression.compress import calibrate, compress, factor_plan
-from wsvd_passes.errors import WsvdError
-from wsvd_passes.passes.factorize import FactorizeQKV
-from wsvd_passes.eval.generation import reset_cache
-from wsvd_passes.passes.latent_kv import LatentKVCache
-from wsvd_passes.eval.mm_data import check_labels, image_text_samples, load_items, sample_items
-from wsvd_passes.models.registry import load_model
-from wsvd_passes.eval.multiple_choice import prepare, score
-from wsvd_passes.graph.pipeline import Pipeline
 from wsvd_passes.algorithms.quantize import parse_bits
+from wsvd_passes.cli import main
+from wsvd_passes.compression.calibration import next_token_loss
+from wsvd_passes.compression.compress import calibrate, compress, factor_plan
 from wsvd_passes.compression.recipes import RECIPES
+from wsvd_passes.errors import WsvdError
+from wsvd_passes.eval.generation import reset_cache
+from wsvd_passes.eval.mm_data import check_labels, image_text_samples, load_items, sample_items
+from wsvd_passes.eval.multiple_choice import prepare, score
+from wsvd_passes.graph.capture import capture_decode, capture_forward
+from wsvd_passes.graph.pipeline import Pipeline
 from wsvd_passes.graph.sites import find_sites
+from wsvd_passes.models.registry import load_model
 from wsvd_passes.models.vlm import VLM_NAMES, decoder_inputs
+from wsvd_passes.passes.factorize import FactorizeQKV
+from wsvd_passes.passes.latent_kv import LatentKVCache
 
 DATA = Path(__file__).parent / "data" / "mc_synthetic" / "data.jsonl"
 CACHED = ["tiny-llava", "tiny-llava-next", "tiny-smolvlm"]  # 1-D RoPE: static-cache decode graph

@@ -39,7 +39,12 @@ from tqdm.auto import tqdm
 
 from wsvd_passes.algorithms.rope import rope_half_tables  # the model's own tables (one builder for passes and kernels)
 
-from .latent_attention import autotuned_split_kernel, default_num_splits, latent_decode_attention_triton, latent_split_kernel
+from .latent_attention import (
+    autotuned_split_kernel,
+    default_num_splits,
+    latent_decode_attention_triton,
+    latent_split_kernel,
+)
 from .reference import rotate_half
 from .roofline import dense_step, latent_step
 

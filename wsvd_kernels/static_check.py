@@ -31,7 +31,14 @@ import time
 import torch
 import triton
 
-from .latent_attention import INTERPRETED, MAX_RANK, configs_for, kernel_arguments, latent_split_kernel, merge_splits_kernel
+from .latent_attention import (
+    INTERPRETED,
+    MAX_RANK,
+    configs_for,
+    kernel_arguments,
+    latent_split_kernel,
+    merge_splits_kernel,
+)
 
 ARCHS = (90,)
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # largest shared memory per block (H100/H200, A100)

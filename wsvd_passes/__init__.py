@@ -8,14 +8,20 @@ The flow: :func:`load_model` -> :func:`capture_forward` / :func:`capture_decode`
 """
 
 from .artifacts.artifact import Artifact, load
-from .compression.calibration import InsertInputObservers, RemoveObservers, collect_gradients, collect_input_stats, next_token_loss
-from .graph.capture import CapturedGraph, capture_decode, capture_forward
+from .compression.calibration import (
+    InsertInputObservers,
+    RemoveObservers,
+    collect_gradients,
+    collect_input_stats,
+    next_token_loss,
+)
 from .errors import WsvdError
 from .eval.evaluation import EvalResult, evaluate
 from .eval.generation import generate, greedy_generate
-from .models.registry import LoadedModel, load_model
+from .graph.capture import CapturedGraph, capture_decode, capture_forward
 from .graph.pipeline import GraphPass, Pipeline, same_function
 from .graph.sites import AttentionSite, find_sites
+from .models.registry import LoadedModel, load_model
 from .moved import install as _install_moved_paths
 
 _install_moved_paths(__name__)  # wsvd_passes.compress, .data, ... (before the subpackages) import as before

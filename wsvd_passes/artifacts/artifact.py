@@ -37,19 +37,19 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..graph.capture import CapturedGraph, capture_decode, capture_forward
-from ..compression.compress import FactorReport, recipe_passes
-from ..errors import WsvdError
-from ..passes.factorize import LayerFactors, pad_heads
 from ..algorithms.lowrank import PROJECTIONS
-from ..models.registry import LoadedModel, load_model
-from .packing import merge_layouts, pack, unpack
-from ..graph.pipeline import Pipeline
-from ..passes.qat import QATTarget
-from ..graph.quant_spec import quantized_weights
 from ..algorithms.quantize import Bits, parse_bits
+from ..compression.compress import FactorReport, recipe_passes
 from ..compression.recipes import Recipe
+from ..errors import WsvdError
+from ..graph.capture import CapturedGraph, capture_decode, capture_forward
+from ..graph.pipeline import Pipeline
+from ..graph.quant_spec import quantized_weights
 from ..graph.sites import AttentionSite, find_sites
+from ..models.registry import LoadedModel, load_model
+from ..passes.factorize import LayerFactors, pad_heads
+from ..passes.qat import QATTarget
+from .packing import merge_layouts, pack, unpack
 
 FORMAT = "wsvd-artifact"
 FORMAT_VERSION = 3  # 3: a rotated tied LM head reads the rotated embedding (rotate.TIED_GAMMA);

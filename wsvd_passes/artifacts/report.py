@@ -19,8 +19,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .artifact import read_manifest
 from ..errors import WsvdError
+from .artifact import read_manifest
 
 _FIX = "point wsvd report at a directory written by wsvd compress --out"
 _SPECTRUM_KEY = re.compile(r"layer(\d+)\.(\w+?)(?:\.head(\d+))?\.(before|after)")

@@ -27,8 +27,8 @@ import sys
 from pathlib import Path
 
 from ..errors import WsvdError
-from .common import quiet_libraries
 from . import bench, compress, eval, export, generate, report, sites, table
+from .common import quiet_libraries
 
 COMMANDS = (eval, sites, compress, table, generate, bench, report, export)  # one module each, in --help order
 

@@ -133,11 +133,11 @@ def quiet_libraries(quiet: bool) -> None:
 def prepare(args, recipe_names: list[str]):
     """Load --model, cut the calibration windows, capture and calibrate for ``recipe_names``: (lm, captured graph,
     calibration, recipes, provenance)."""
-    from ..graph.capture import capture_forward
     from ..compression.compress import calibrate
     from ..compression.memory import WHOLE_MODEL_MMAP_THRESHOLD, bound_heap
-    from ..eval.data import text_source, token_windows
     from ..compression.recipes import get_recipe
+    from ..eval.data import text_source, token_windows
+    from ..graph.capture import capture_forward
 
     bound_heap(WHOLE_MODEL_MMAP_THRESHOLD)  # the whole model's stages free large temporaries (see bound_heap)
     recipes = with_heal(args, [get_recipe(n.strip()) for n in recipe_names])

@@ -11,8 +11,16 @@ import torch
 
 from ..errors import WsvdError
 from .common import (
-    add_calibration, add_device, add_heal, add_model, bits_of, prepare, ratio_targets, run_environment,
-    tuned_recipe, with_heal,
+    add_calibration,
+    add_device,
+    add_heal,
+    add_model,
+    bits_of,
+    prepare,
+    ratio_targets,
+    run_environment,
+    tuned_recipe,
+    with_heal,
 )
 
 
@@ -85,9 +93,9 @@ def compress_to(args, out: str):
 def _stream_by_default(args) -> bool:
     """Whether ``compress`` streams without --stream/--no-stream: when --model is a safetensors checkpoint directory
     whose whole-model compression would need more than the available memory (said in one line on stderr)."""
-    from ..device import parse_dtype
     from ..compression.recipes import get_recipe
     from ..compression.stream import Checkpoint, available_memory, whole_model_need
+    from ..device import parse_dtype
 
     if not Path(args.model).is_dir():
         return False
@@ -129,10 +137,10 @@ def _compress_streamed(args, out: str, save_dtype: torch.dtype) -> dict:
     """``compress --stream``: the checkpoint directory --model compressed layer by layer (:mod:`wsvd_passes.compression.stream`)."""
     import transformers
 
-    from ..eval.data import text_source, token_windows
-    from ..device import parse_dtype
     from ..compression.recipes import get_recipe
     from ..compression.stream import compress_checkpoint
+    from ..device import parse_dtype
+    from ..eval.data import text_source, token_windows
 
     if (refusal := _stream_refusal(args)) is not None:
         raise WsvdError(refusal)

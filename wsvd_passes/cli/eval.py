@@ -9,7 +9,13 @@ from pathlib import Path
 
 from ..errors import WsvdError
 from .common import (
-    add_device, add_model, check_runtime, int8_runtime, load_artifact, load_lm, require_text_model,
+    add_device,
+    add_model,
+    check_runtime,
+    int8_runtime,
+    load_artifact,
+    load_lm,
+    require_text_model,
     run_environment,
 )
 
@@ -39,9 +45,9 @@ def add_parser(sub) -> None:
 
 def cmd_eval(args) -> dict:
     from ..artifacts.artifact import read_manifest
-    from ..graph.capture import capture_forward
     from ..eval.data import text_source, token_windows
     from ..eval.evaluation import evaluate
+    from ..graph.capture import capture_forward
 
     if args.mc:
         return _eval_multiple_choice(args)
@@ -81,10 +87,10 @@ def cmd_eval(args) -> dict:
 
 def _eval_multiple_choice(args) -> dict:
     """Accuracy on multiple-choice image questions, uncompressed and (with --artifact) compressed side by side."""
-    from ..graph.capture import capture_forward
     from ..eval.data import text_source
     from ..eval.mm_data import load_items, sample_items
     from ..eval.multiple_choice import compare, prepare
+    from ..graph.capture import capture_forward
 
     if args.generate < 0:
         raise WsvdError(f"--generate {args.generate} must be at least 0")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 
-
 def add_parser(sub) -> None:
     ex = sub.add_parser("export", help="write a compressed artifact in a format a serving engine loads")
     ex.add_argument("target", choices=["vllm"], help="vllm: a Hugging Face-style directory for the wsvd vLLM plugin")

@@ -7,7 +7,14 @@ import time
 
 from ..errors import WsvdError
 from .common import (
-    add_calibration, add_device, add_model, bits_of, check_runtime, int8_runtime, load_lm, require_text_model,
+    add_calibration,
+    add_device,
+    add_model,
+    bits_of,
+    check_runtime,
+    int8_runtime,
+    load_lm,
+    require_text_model,
     run_environment,
 )
 from .compress import compress_to
@@ -41,10 +48,10 @@ def add_parser(sub) -> None:
 def cmd_generate(args) -> dict:
     import torch
 
-    from ..graph.capture import capture_decode
     from ..eval.generation import cache_buffers, generate
-    from ..passes.latent_kv import LatentKVCache
+    from ..graph.capture import capture_decode
     from ..graph.pipeline import Pipeline
+    from ..passes.latent_kv import LatentKVCache
 
     if args.max_new_tokens < 1:
         raise WsvdError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 
-
 def add_parser(sub) -> None:
     rp = sub.add_parser("report", help="markdown report with PNG plots of a `wsvd compress --out` directory")
     rp.add_argument("dir", help="directory written by wsvd compress --out")

@@ -13,8 +13,8 @@ def add_parser(sub) -> None:
 
 def cmd_sites(args) -> dict:
     from ..graph.capture import capture_forward
-    from ..models.registry import load_model
     from ..graph.sites import find_sites
+    from ..models.registry import load_model
 
     lm = load_model(args.model)
     sites = find_sites(capture_forward(lm.model).gm)

@@ -29,11 +29,11 @@ def add_parser(sub) -> None:
 
 
 def cmd_table(args) -> list[dict]:
+    from ..algorithms.quantize import parse_bits
     from ..compression.compress import cache_bytes_per_token, compress
-    from ..graph.sites import find_sites
     from ..eval.data import text_source, token_windows
     from ..eval.evaluation import MemoLogits, evaluate
-    from ..algorithms.quantize import parse_bits
+    from ..graph.sites import find_sites
 
     points = ratio_targets(args, single=False)
     settings = [parse_bits(b.strip()) for b in args.bits.split(",")]

@@ -31,8 +31,8 @@ import torch
 from torch.fx import GraphModule
 from tqdm.auto import tqdm
 
-from ..graph.capture import CapturedGraph
 from ..errors import WsvdError
+from ..graph.capture import CapturedGraph
 from ..graph.graph_utils import copy_meta
 from ..graph.pipeline import GraphPass, Pipeline
 from ..graph.sites import PASSTHROUGH_MODULE_PREFIX as OBSERVER_PREFIX

@@ -13,25 +13,33 @@ import dataclasses
 
 import torch
 
-from .memory import release_memory
-from .calibration import SiteStats, as_batches, collect_gradients, collect_input_stats
-from ..graph.capture import CapturedGraph
-from ..graph.factor_spec import pad_rank
+from ..algorithms.finetune import fisher_finetune
+from ..algorithms.lowrank import PROJECTIONS, Group, make_scaling, split_groups
+from ..algorithms.quantize import Bits
+from ..algorithms.rank_allocation import (
+    ImportanceAccumulator,
+    Kept,
+    above_break_even,
+    achieved_rho1,
+    full_ranks,
+    importance_ranks,
+    uniform_ranks,
+)
 from ..errors import WsvdError
 from ..eval.evaluation import evaluate
+from ..graph.capture import CapturedGraph
+from ..graph.factor_spec import pad_rank
+from ..graph.graph_utils import tensor_attr
+from ..graph.pipeline import GraphPass, Pipeline
+from ..graph.sites import AttentionSite, find_sites
 from ..passes.factorize import FactorizeQKV, LayerFactors, pad_heads
 from ..passes.fake_quant import FakeQuantize
-from ..algorithms.finetune import fisher_finetune
 from ..passes.heal import Heal, LayerOutputError, LogitKL
-from ..graph.pipeline import GraphPass, Pipeline
-from ..graph.graph_utils import tensor_attr
-from ..algorithms.lowrank import PROJECTIONS, Group, make_scaling, split_groups
-from ..algorithms.rank_allocation import ImportanceAccumulator, Kept, full_ranks, above_break_even, achieved_rho1, importance_ranks, uniform_ranks
 from ..passes.qat import LocalQAT, QATTarget, RotatedTargets
-from ..algorithms.quantize import Bits
-from .recipes import Recipe
 from ..passes.rotate import qkv_bases, rotation_passes
-from ..graph.sites import AttentionSite, find_sites
+from .calibration import SiteStats, as_batches, collect_gradients, collect_input_stats
+from .memory import release_memory
+from .recipes import Recipe
 
 
 @dataclasses.dataclass

@@ -42,23 +42,23 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..artifacts.artifact import library_version, packed_changes, save_streamed, shard_metadata, write_shard
-from .calibration import InputStats, SiteStats, collect_input_stats, next_token_loss
-from ..graph.capture import CapturedGraph, capture_forward, unlift
-from .memory import bound_heap, release_memory
-from .compress import Calibration, FactorReport, allocate_ranks, factor_plan, layer_groups, recipe_passes
-from ..errors import WsvdError
-from ..graph.graph_utils import FIRST_LAYER, NO_LAYERS, RESIDUAL_INPUT, tensor_attr
 from ..algorithms.hadamard import random_hadamard
-from ..passes.heal import Heal, LayerOutputError
 from ..algorithms.lowrank import PROJECTIONS, Group
-from ..graph.pipeline import GraphPass, Pipeline
-from ..passes.qat import LocalQAT, QATTarget, RotatedTargets
 from ..algorithms.quantize import Bits
 from ..algorithms.rank_allocation import ImportanceAccumulator, above_break_even, achieved_rho1
-from .recipes import Recipe
-from ..passes.rotate import S1_SEED, qkv_bases
+from ..artifacts.artifact import library_version, packed_changes, save_streamed, shard_metadata, write_shard
+from ..errors import WsvdError
+from ..graph.capture import CapturedGraph, capture_forward, unlift
+from ..graph.graph_utils import FIRST_LAYER, NO_LAYERS, RESIDUAL_INPUT, tensor_attr
+from ..graph.pipeline import GraphPass, Pipeline
 from ..graph.sites import AttentionSite, find_sites
+from ..passes.heal import Heal, LayerOutputError
+from ..passes.qat import LocalQAT, QATTarget, RotatedTargets
+from ..passes.rotate import S1_SEED, qkv_bases
+from .calibration import InputStats, SiteStats, collect_input_stats, next_token_loss
+from .compress import Calibration, FactorReport, allocate_ranks, factor_plan, layer_groups, recipe_passes
+from .memory import bound_heap, release_memory
+from .recipes import Recipe
 
 
 class Checkpoint:

@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 import torch
 
-from ..graph.capture import CapturedGraph
 from ..errors import WsvdError
+from ..graph.capture import CapturedGraph
 from ..graph.sites import CACHE_WRITES
 
 

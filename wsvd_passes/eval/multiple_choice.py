@@ -22,8 +22,8 @@ from collections.abc import Callable
 import torch
 
 from ..errors import WsvdError
-from .mm_data import LETTERS, MMItem, prompt_inputs, prompt_text
 from ..models.vlm import append_token
+from .mm_data import LETTERS, MMItem, prompt_inputs, prompt_text
 
 GraphLogits = Callable[[dict], torch.Tensor]  # graph kwargs (inputs_embeds, ...) -> logits [B, S, V]
 

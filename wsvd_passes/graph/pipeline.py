@@ -21,8 +21,8 @@ from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.fx.passes.infra.pass_manager import PassManager
 
-from .capture import CapturedGraph
 from ..errors import WsvdError
+from .capture import CapturedGraph
 from .sites import AttentionSite, find_sites
 
 

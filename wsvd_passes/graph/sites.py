@@ -21,9 +21,9 @@ import dataclasses
 import torch
 from torch.fx import GraphModule, Node
 
+from ..algorithms.quantize import fake_quant_activation  # quantise-dequantise keeps shapes: walked through like a view
 from ..errors import WsvdError
 from .graph_utils import FIRST_LAYER, NO_LAYERS, is_call
-from ..algorithms.quantize import fake_quant_activation  # quantise-dequantise keeps shapes: walked through like a view
 
 aten = torch.ops.aten
 

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from ..graph.capture import model_device, uses_mrope
 from ..errors import WsvdError
+from ..graph.capture import model_device, uses_mrope
 
 # The text decoder of every tiny VLM: GQA 3:1, head_dim 16, random weights.
 _TEXT = dict(vocab_size=400, hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=6,
@@ -67,7 +67,13 @@ def _clip_vision(**kw):
 
 
 def _tiny_llava(tok):
-    from transformers import CLIPImageProcessorPil, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import (
+        CLIPImageProcessorPil,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     config = LlavaConfig(vision_config=_clip_vision(), text_config=LlamaConfig(**_TEXT),
                          image_token_index=tok.convert_tokens_to_ids("<image>"), image_seq_length=16)
@@ -78,8 +84,13 @@ def _tiny_llava(tok):
 
 
 def _tiny_llava_next(tok):
-    from transformers import (LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil,
-                              LlavaNextProcessor)
+    from transformers import (
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
 
     pinpoints = [[28, 28], [28, 56], [56, 28], [56, 56]]  # any-resolution grid: up to 2x2 tiles of 28 px
     config = LlavaNextConfig(vision_config=_clip_vision(), text_config=LlamaConfig(**_TEXT),
@@ -92,8 +103,14 @@ def _tiny_llava_next(tok):
 
 
 def _tiny_smolvlm(tok):
-    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil,
-                              Idefics3Processor, Idefics3VisionConfig, LlamaConfig)
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+        Idefics3VisionConfig,
+        LlamaConfig,
+    )
 
     vision = Idefics3VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                   image_size=32, patch_size=8)
@@ -106,8 +123,13 @@ def _tiny_smolvlm(tok):
 
 
 def _tiny_qwen2_vl(tok):
-    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil,
-                              Qwen2VLTextConfig, Qwen2VLVisionConfig)
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessorPil,
+        Qwen2VLTextConfig,
+        Qwen2VLVisionConfig,
+    )
 
     ids = tok.convert_tokens_to_ids
     vision = Qwen2VLVisionConfig(depth=2, embed_dim=32, hidden_size=_TEXT["hidden_size"], num_heads=2, patch_size=7,

@@ -23,10 +23,10 @@ import dataclasses
 import torch
 from torch.fx import GraphModule
 
+from ..algorithms.lowrank import PROJECTIONS
 from ..errors import WsvdError
 from ..graph.factor_spec import FACTOR_META, FactorSpec, from_head_blocks, pad_rank, ranks_target
 from ..graph.graph_utils import add_tensor_attr, copy_meta, get_attr_node, infer_val, remove_attr_if_unused
-from ..algorithms.lowrank import PROJECTIONS
 from ..graph.pipeline import GraphPass
 from ..graph.sites import AttentionSite
 

@@ -32,13 +32,13 @@ import torch
 from torch.fx import GraphModule, Node
 from tqdm.auto import tqdm
 
+from ..algorithms.quantize import Bits, fake_quant_activation, quantize_weight, search_weight_clip
 from ..graph.factor_spec import factor_spec
 from ..graph.graph_utils import add_tensor_attr, copy_meta, is_call, logits_linears, tensor_attr, val_like
 from ..graph.pipeline import GraphPass
 from ..graph.quant_spec import QUANT_META, QuantSpec
-from ..algorithms.quantize import Bits, fake_quant_activation, quantize_weight, search_weight_clip
-from .rotate import fixed_rotation, replace_tensor_arg
 from ..graph.sites import AttentionSite
+from .rotate import fixed_rotation, replace_tensor_arg
 
 aten = torch.ops.aten
 HEAD_ACTIVATION_BITS = 8  # an e8/e4 LM head reads its input at 8 bits per token (int8 x int8 in the int8 runtime)

@@ -54,18 +54,18 @@ import torch.nn.functional as F
 from torch.fx import GraphModule
 from tqdm.auto import tqdm
 
+from ..algorithms.lowrank import PROJECTIONS
+from ..algorithms.quantize import fake_quant_activation, fake_quant_weight, quantize_weight, search_weight_clip
 from ..compression.calibration import split_batch
-from ..graph.capture import CapturedGraph
 from ..errors import WsvdError
 from ..eval.evaluation import MemoLogits, evaluate
+from ..graph.capture import CapturedGraph
 from ..graph.factor_spec import factor_spec, from_head_blocks, head_blocks
 from ..graph.graph_utils import is_call, tensor_attr
-from ..algorithms.lowrank import PROJECTIONS
 from ..graph.pipeline import GraphPass
-from .qat import Rotation
 from ..graph.quant_spec import quantized_weights
-from ..algorithms.quantize import fake_quant_activation, fake_quant_weight, quantize_weight, search_weight_clip
 from ..graph.sites import AttentionSite
+from .qat import Rotation
 
 
 @dataclasses.dataclass

@@ -33,12 +33,20 @@ import dataclasses
 import torch
 from torch.fx import GraphModule, Node
 
-from ..errors import WsvdError
-from ..graph.factor_spec import factor_spec, head_blocks
-from ..graph.graph_utils import add_tensor_attr, copy_meta, get_attr_node, infer_val, is_call, remove_attr_if_unused, tensor_attr
-from ..graph.pipeline import GraphPass
 from ..algorithms.quantize import fake_quant_activation
 from ..algorithms.rope import rope_parameters, rope_tables
+from ..errors import WsvdError
+from ..graph.factor_spec import factor_spec, head_blocks
+from ..graph.graph_utils import (
+    add_tensor_attr,
+    copy_meta,
+    get_attr_node,
+    infer_val,
+    is_call,
+    remove_attr_if_unused,
+    tensor_attr,
+)
+from ..graph.pipeline import GraphPass
 from ..graph.sites import AttentionSite
 
 aten = torch.ops.aten

@@ -28,15 +28,15 @@ from torch.fx import GraphModule
 from torch.nn.utils.parametrizations import orthogonal
 from tqdm.auto import tqdm
 
+from ..algorithms.finetune import normalized_fisher
+from ..algorithms.lowrank import PROJECTIONS
+from ..algorithms.quantize import fake_quant_weight, search_weight_clip
 from ..errors import WsvdError
 from ..graph.factor_spec import factor_spec, from_head_blocks, head_blocks
-from ..algorithms.finetune import normalized_fisher
 from ..graph.graph_utils import tensor_attr
-from ..algorithms.lowrank import PROJECTIONS
 from ..graph.pipeline import GraphPass
-from ..algorithms.quantize import fake_quant_weight, search_weight_clip
-from .rotate import QKVBasis, replace_tensor_arg
 from ..graph.sites import AttentionSite
+from .rotate import QKVBasis, replace_tensor_arg
 
 
 @dataclasses.dataclass

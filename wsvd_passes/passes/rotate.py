@@ -26,10 +26,20 @@ import dataclasses
 import torch
 from torch.fx import GraphModule, Node
 
-from ..errors import WsvdError
-from ..graph.graph_utils import (RESIDUAL_INPUT, TIED_HEAD, add_tensor_attr, copy_meta, get_attr_node, infer_val, is_call,
-                          logits_linears, remove_attr_if_unused, tensor_attr)
 from ..algorithms.hadamard import random_hadamard
+from ..errors import WsvdError
+from ..graph.graph_utils import (
+    RESIDUAL_INPUT,
+    TIED_HEAD,
+    add_tensor_attr,
+    copy_meta,
+    get_attr_node,
+    infer_val,
+    is_call,
+    logits_linears,
+    remove_attr_if_unused,
+    tensor_attr,
+)
 from ..graph.pipeline import GraphPass
 from ..graph.residual import INPUT_ROTATION, find_residual_stream
 from ..graph.sites import AttentionSite

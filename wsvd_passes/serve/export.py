@@ -36,13 +36,13 @@ import torch
 from safetensors.torch import save_file
 from torch.fx import GraphModule, Node
 
+from ..algorithms.quantize import fake_quant_activation
 from ..errors import WsvdError
 from ..graph.factor_spec import factor_spec, head_blocks
 from ..graph.graph_utils import is_call, tensor_attr
-from ..algorithms.quantize import fake_quant_activation
 from ..graph.residual import find_residual_stream
-from ..passes.rotate import TIED_GAMMA
 from ..graph.sites import AttentionSite, find_sites, module_path
+from ..passes.rotate import TIED_GAMMA
 from .format import ARCHITECTURES, FORMAT, FORMAT_VERSION, KV_CACHES, LATENT_GRANULARITIES
 
 aten = torch.ops.aten

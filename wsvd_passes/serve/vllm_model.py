@@ -46,7 +46,6 @@ from ..algorithms.quantize import fake_quant_activation
 from .format import check_block, latent_cache_layout
 from .latent_cache import LatentAttention
 
-
 ATTENTION_MIN_HEAD_DIM = 32  # the smallest head size of vLLM's CPU attention backend (CPU_ATTN)
 
 
