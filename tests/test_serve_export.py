@@ -18,7 +18,7 @@ from wsvd_passes.compression.compress import calibrate, compress
 from wsvd_passes.compression.recipes import RECIPES
 from wsvd_passes.errors import WsvdError
 from wsvd_passes.serve.export import export_vllm
-from wsvd_passes.serve.format import FORMAT_VERSION, check_block
+from wsvd_passes.serve.format import FORMAT_VERSION, check_block, latent_cache_layout
 
 WINDOWS = torch.randint(0, 384, (4, 33), generator=torch.Generator().manual_seed(3))
 IDS = torch.randint(0, 384, (19,), generator=torch.Generator().manual_seed(5))
@@ -122,3 +122,15 @@ def test_a_newer_format_version_is_refused_at_load():
     for granularity, kv_cache in (("head", "paged"), ("joint", "latent")):
         with pytest.raises(ValueError, match=f"kv_cache '{kv_cache}' with {granularity} factors"):
             check_block(block | {"granularity": granularity, "kv_cache": kv_cache})
+
+
+def test_latent_cache_layout_keeps_the_real_channels():
+    """Per-head latents [T, n w] (head h's r_h real columns first): the cache keeps those, sum_h r_h per token;
+    over tensor-parallel ranks each keeps its own heads', zero-filled to the widest rank; a projection latent whole."""
+    layer = {"k": {"ranks": [4, 1, 3, 3], "width": 4}, "v": {"ranks": [2, 2, 0, 1], "width": 2}}
+    block = {"granularity": "head", "layers": [layer]}
+    assert latent_cache_layout(block, 0) == {"k": ([0, 1, 2, 3, 4, 8, 9, 10, 12, 13, 14], 11), "v": ([0, 1, 2, 3, 6], 5)}
+    assert latent_cache_layout(block, 0, tp_size=2, tp_rank=0) == {"k": ([0, 1, 2, 3, 4], 6), "v": ([0, 1, 2, 3], 4)}
+    assert latent_cache_layout(block, 0, tp_size=2, tp_rank=1) == {"k": ([0, 1, 2, 4, 5, 6], 6), "v": ([2], 4)}
+    projection = {"granularity": "projection", "layers": [{"k": {"ranks": [5], "width": 5}, "v": {"ranks": [3], "width": 3}}]}
+    assert latent_cache_layout(projection, 0, tp_size=2, tp_rank=1) == {"k": ([0, 1, 2, 3, 4], 5), "v": ([0, 1, 2], 3)}

@@ -29,7 +29,6 @@ from test_serve_export import make_artifact  # noqa: E402
 from wsvd_passes.artifacts import artifact  # noqa: E402
 from wsvd_passes.eval.generation import greedy_generate  # noqa: E402
 from wsvd_passes.serve.export import export_vllm  # noqa: E402
-from wsvd_passes.serve.format import latent_cache_layout  # noqa: E402
 from wsvd_passes.serve.vllm_model import ATTENTION_MIN_HEAD_DIM  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -57,13 +56,13 @@ def artifact_tokens(directory, prompts: list[list[int]], new: int = NEW) -> list
 
 
 def cache_elements_per_token(directory) -> dict[str, int]:
-    """Cache values per token over all layers of a served directory: latent sum n_lat (w_k + w_v); dense
-    sum 2 n_kv D_attn, D_attn the head size the dense path gives vLLM's CPU attention (D zero-padded to 32);
-    unpadded sum 2 n_kv D."""
+    """Cache values per token over all layers of a served directory, from its recorded ranks: latent
+    sum (sum_h r_k,h + sum_h r_v,h) (a projection latent: r_k + r_v); dense sum 2 n_kv D_attn, D_attn the head
+    size the dense path gives vLLM's CPU attention (D zero-padded to 32); unpadded sum 2 n_kv D."""
     config = json.loads((Path(directory) / "config.json").read_text())
     block, kv_heads = config["wsvd"], config["num_key_value_heads"]
     layers = len(block["layers"])
-    latent = sum(n * (w_k + w_v) for n, w_k, w_v in (latent_cache_layout(block, i, kv_heads) for i in range(layers)))
+    latent = sum(sum(layer[p]["ranks"]) for layer in block["layers"] for p in ("k", "v"))
     return {"latent": latent, "dense": 2 * kv_heads * max(block["head_dim"], ATTENTION_MIN_HEAD_DIM) * layers,
             "unpadded": 2 * kv_heads * block["head_dim"] * layers}
 
@@ -96,39 +95,53 @@ def test_vllm_greedy_tokens_equal_the_artifacts(tmp_path, model, recipe, bits):
 
 def test_latent_backend_equals_the_float64_reference():
     """The latent backend over a paged cache (a prefill, a decode, and a 3-token chunk after 6 cached tokens; blocks
-    shuffled, unwritten slots NaN) equals wsvd_kernels' float64 latent decode reference, query by query."""
+    shuffled, unwritten slots NaN) equals wsvd_kernels' float64 latent decode reference, query by query, for
+    per-head latents of unequal ranks: the pages hold the packed real channels (garbage in the padding is dropped)."""
     from wsvd_kernels.reference import latent_decode_attention_reference, rotate_half
     from wsvd_passes.algorithms.rope import rope_half_tables
-    from wsvd_passes.serve.latent_cache import LatentMetadata, WsvdLatentImpl
+    from wsvd_passes.serve.format import latent_cache_layout
+    from wsvd_passes.serve.latent_cache import LatentMetadata, WsvdLatentImpl, pack_latent, unpack_latent
 
     g = torch.Generator().manual_seed(0)
-    n_q, n_kv, D, w_k, w_v, block = 6, 2, 16, 5, 7, 4
-    bk, bv = torch.randn(n_kv, w_k, D, generator=g), torch.randn(n_kv, w_v, D, generator=g)
+    n_q, n_kv, D, block = 6, 2, 16, 4
+    ranks = {"k": [5, 2], "v": [3, 7]}
+    layout = latent_cache_layout({"granularity": "head", "layers": [{p: {"ranks": r, "width": max(r)}
+                                                                      for p, r in ranks.items()}]}, 0)
+    (w_k, w_v), (m_k, m_v) = (max(r) for r in ranks.values()), (layout[p][1] for p in ranks)
+    channels = {p: torch.tensor(layout[p][0]) for p in ranks}
+    up = {}
+    for p, w in (("k", w_k), ("v", w_v)):  # U_h [w, D] with zero rows beyond r_h, as the padded factors hold
+        up[p] = torch.randn(n_kv, w, D, generator=g) * (torch.arange(w)[:, None] < torch.tensor(ranks[p])[:, None, None])
+    bk, bv = up["k"], up["v"]
     cos, sin = rope_half_tables(1.0 / 10000 ** (torch.arange(0, D, 2) / D), 64)
     lengths, new = [7, 10, 9], [7, 1, 3]
     tables = torch.randperm(12, generator=g).view(3, 4)
-    ck = [torch.randn(n, n_kv, w_k, generator=g) for n in lengths]
-    cv = [torch.randn(n, n_kv, w_v, generator=g) for n in lengths]
+    ck = [100 * torch.randn(n, n_kv, w_k, generator=g) for n in lengths]  # the padding holds garbage U ignores
+    cv = [100 * torch.randn(n, n_kv, w_v, generator=g) for n in lengths]
+
+    def pack(c, p):  # [.., n_kv, w] -> [.., m_p]
+        return pack_latent(c.flatten(-2), channels[p], layout[p][1])
+
     q = torch.randn(sum(new), n_q, D, generator=g)
-    cache = torch.full((12, n_kv, block, w_k + w_v), float("nan"))
+    cache = torch.full((12, 1, block, m_k + m_v), float("nan"))
     slots = []
     for b, (n, s) in enumerate(zip(lengths, new)):
         for j in range(n):
             slot = int(tables[b, j // block]) * block + j % block
             if j < n - s:  # cached by earlier steps
-                cache[slot // block, :, slot % block] = torch.cat([ck[b][j], cv[b][j]], dim=-1)
+                cache[slot // block, 0, slot % block] = torch.cat([pack(ck[b][j], "k"), pack(cv[b][j], "v")])
             else:
                 slots.append(slot)
     starts = [0, *torch.tensor(new).cumsum(0).tolist()]
 
-    def rebuild(c_k, c_v, positions):  # per-head up-projections and rotate-half RoPE, as WsvdAttention.rebuild_kv
-        k = torch.einsum("lhr,hrd->lhd", c_k.unflatten(1, (n_kv, w_k)), bk)
+    def rebuild(c_k, c_v, positions):  # unpacked latents, per-head up-projections, rotate-half RoPE: rebuild_kv's math
+        k, v = (torch.einsum("lhr,hrd->lhd", unpack_latent(c, channels[p], n_kv * w).unflatten(1, (n_kv, w)), up[p])
+                for p, c, w in (("k", c_k, w_k), ("v", c_v, w_v)))
         cos_j, sin_j = (torch.cat([t[positions]] * 2, dim=-1)[:, None] for t in (cos, sin))
-        v = torch.einsum("lhr,hrd->lhd", c_v.unflatten(1, (n_kv, w_v)), bv)
         return (k * cos_j + rotate_half(k) * sin_j).flatten(1), v.flatten(1)
 
-    key = torch.cat([c[n - s:] for c, n, s in zip(ck, lengths, new)])
-    value = torch.cat([c[n - s:] for c, n, s in zip(cv, lengths, new)])
+    key = pack(torch.cat([c[n - s:] for c, n, s in zip(ck, lengths, new)]), "k")[:, None]
+    value = pack(torch.cat([c[n - s:] for c, n, s in zip(cv, lengths, new)]), "v")[:, None]
     out = torch.zeros(sum(new), n_q, D)
     metadata = LatentMetadata(sum(new), starts, lengths, tables, torch.tensor(slots))
     WsvdLatentImpl(n_q, D, D**-0.5, n_kv).forward(SimpleNamespace(rebuild=rebuild), q, key, value, cache, metadata, out)

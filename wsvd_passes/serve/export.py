@@ -53,8 +53,8 @@ _CAPTURE_PREFIX = "model."  # the capture wraps the HF model as ``model`` (captu
 def export_vllm(artifact: str | Path, out: str | Path, kv_cache: str | None = None) -> dict:
     """Write the vLLM directory of ``artifact`` to ``out``; returns the ``wsvd`` block of its config.
 
-    ``kv_cache``: ``latent`` (vLLM's paged cache holds the k/v latents: 2 n_kv D / (n_lat (w_k + w_v)) times the
-    tokens, n_lat = n_kv for per-head factors, 1 for per-projection ones),
+    ``kv_cache``: ``latent`` (vLLM's paged cache holds the real channels of the k/v latents: 2 n_kv D / (m_k + m_v)
+    times the tokens, m_p = sum_h r_p,h for per-head factors, r_p for per-projection ones),
     ``dense`` (K and V, as vLLM caches any model), or None: latent where the factors allow it (per-head and
     per-projection), dense for joint factors."""
     from ..artifacts.artifact import load, read_manifest

@@ -9,19 +9,35 @@ FORMAT = "wsvd-vllm"
 FORMAT_VERSION = 1
 ARCHITECTURES = {"llama": "WsvdLlamaForCausalLM", "mistral": "WsvdMistralForCausalLM", "qwen2": "WsvdQwen2ForCausalLM"}
 GRANULARITIES = ("head", "projection", "joint")
-# what vLLM's paged cache holds: "latent", per latent head and token [c_k | c_v] (head granularity: one latent
-# head per kv head; projection: one for all); "dense", K and V rebuilt before vLLM's attention (phase 1; the
-# only choice for joint factors, whose one latent feeds K and V). A block without the key is dense (format 1).
+# what vLLM's paged cache holds: "latent", per token and layer one latent head [c_k | c_v] of the real (unpadded)
+# latent channels (latent_cache_layout); "dense", K and V rebuilt before vLLM's attention (phase 1; the only
+# choice for joint factors, whose one latent feeds K and V). A block without the key is dense (format 1).
 KV_CACHES = ("latent", "dense")
 LATENT_GRANULARITIES = ("head", "projection")
 LATENT_BACKEND = "WSVD_LATENT"  # the latent cache's attention backend, as the plugin registers it with vLLM
 
 
-def latent_cache_layout(block: dict, layer: int, kv_heads: int) -> tuple[int, int, int]:
-    """(latent heads n_lat, w_k, w_v) the latent cache holds per token of ``layer`` for ``kv_heads`` kv heads:
-    per-head factors one latent head per kv head, a per-projection latent one for all."""
-    widths = block["layers"][layer]
-    return kv_heads if block["granularity"] == "head" else 1, widths["k"]["width"], widths["v"]["width"]
+def latent_cache_layout(block: dict, layer: int, tp_size: int = 1, tp_rank: int = 0) -> dict[str, tuple[list[int], int]]:
+    """What the latent cache holds per token of ``layer`` on tensor-parallel rank ``tp_rank`` of ``tp_size``: one
+    latent head [c_k | c_v]; for p in k, v, ``(channels, width)``: the columns of the rank's latent c_p kept, in
+    order, then zeros up to ``width`` values.
+
+    Per-head factors: the rank's n = n_kv / tp_size heads (global tp_rank n + h) give c_p [T, n w], head h's
+    r_p,h real columns at h w .. h w + r_p,h - 1 and zeros to the layer's largest rank w (zero rows of D, zero
+    columns of U); kept: the real columns, width: the largest sum_h r_p,h over the ranks (every rank declares
+    the same page), sum_h r_p,h over all heads at tp_size 1. Per-projection: c_p [T, r_p], whole on every rank,
+    all kept, width r_p. Read from the block's ranks alone (never from the tensors)."""
+    layout = {}
+    for p in ("k", "v"):
+        ranks, w = block["layers"][layer][p]["ranks"], block["layers"][layer][p]["width"]
+        if block["granularity"] != "head":
+            layout[p] = list(range(w)), w
+            continue
+        n = len(ranks) // tp_size
+        local = ranks[tp_rank * n:(tp_rank + 1) * n]
+        layout[p] = [h * w + j for h, r in enumerate(local) for j in range(r)], \
+            max(sum(ranks[t * n:(t + 1) * n]) for t in range(tp_size))
+    return layout
 
 
 def check_block(block) -> dict:

@@ -3,15 +3,17 @@
 vLLM 0.32 lets a layer carry its own attention backend (``Attention(attn_backend=...)``; the CPU platform's
 ``get_attn_backend_cls`` would otherwise give every non-MLA layer ``CPU_ATTN``, a C++ kernel over dense K/V
 pages) and declare its own cache spec (``get_kv_cache_spec``). :class:`LatentAttention` declares
-``FullAttentionSpec(num_kv_heads=n_lat, head_size=w_k, head_size_v=w_v)``: a page holds, per latent head
-(n_lat: the kv heads of per-head factors, 1 for a per-projection latent) and token, ``[c_k (w_k) | c_v (w_v)]``
-instead of ``[K (D) | V (D)]``, so the same cache memory holds ``2 n_kv D / (n_lat (w_k + w_v))`` times the
-tokens. :class:`WsvdLatentBackend` (registered by the plugin as ``format.LATENT_BACKEND``) writes the latents at
-their slots and, for request b with L = seq_lens[b] cached tokens and S new queries (positions L-S .. L-1)::
+``FullAttentionSpec(num_kv_heads=1, head_size=m_k, head_size_v=m_v)``: a page holds per token one latent head
+``[c_k (m_k) | c_v (m_v)]``, the real latent channels (:func:`pack_latent`, ``format.latent_cache_layout``:
+m_p = sum_h r_p,h for per-head factors, r_p for a per-projection latent), instead of ``[K (D) | V (D)]`` per kv
+head, so the same cache memory holds ``2 n_kv D / (m_k + m_v)`` times the tokens. :class:`WsvdLatentBackend`
+(registered by the plugin as ``format.LATENT_BACKEND``) writes the latents at their slots and, for request b
+with L = seq_lens[b] cached tokens and S new queries (positions L-S .. L-1)::
 
-    c_k, c_v = page rows 0 .. L-1                      [L, n_lat w_k], [L, n_lat w_v]
-    K = RoPE_j(c_k U_k^T (+ b_k)), V = c_v U_v^T (+ b_v)   [L, n_kv, D]  (the layer's own up-projections and
-                                                           rotary embedding, rotate-half, at positions j = 0 .. L-1)
+    c_k, c_v = page rows 0 .. L-1                      [L, m_k], [L, m_v]
+    K = RoPE_j(c_k U_k^T (+ b_k)), V = c_v U_v^T (+ b_v)   [L, n_kv, D]  (the layer's ``rebuild``: its own up-projections
+                                                           on the unpacked latents and rotary embedding, rotate-half,
+                                                           at positions j = 0 .. L-1)
     out[s, i] = softmax_j<=L-S+s(scale q[s, i] . K[j, i // G]) V[j, i // G]      (causal, GQA, G = n_q / n_kv)
 
 ``wsvd::latent_attention``'s math (decode) for any number of queries per request, in PyTorch: the CPU path.
@@ -36,34 +38,44 @@ from vllm.v1.attention.backend import (
 
 from .format import LATENT_BACKEND
 
-# (c_k [L, n_lat w_k], c_v [L, n_lat w_v], positions [L]) -> (K [L, n_kv D] with RoPE, V [L, n_kv D])
+# (cached c_k [L, m_k], c_v [L, m_v], positions [L]) -> (K [L, n_kv D] with RoPE, V [L, n_kv D])
 Rebuild = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-class LatentAttention(Attention):
-    """vLLM's ``Attention`` whose paged cache holds the k/v latents of ``latent_heads`` heads of widths
-    ``widths = (w_k, w_v)``; ``rebuild`` turns cached latents into K (with RoPE) and V."""
+def pack_latent(c: torch.Tensor, channels: torch.Tensor, width: int) -> torch.Tensor:
+    """c [T, P] (a padded latent) -> [T, width]: its columns ``channels`` [m] in order, then width - m zeros."""
+    return torch.nn.functional.pad(c.index_select(-1, channels), (0, width - channels.numel()))
 
-    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int, latent_heads: int,
-                 widths: tuple[int, int], rebuild: Rebuild, cache_config, prefix: str):
+
+def unpack_latent(c: torch.Tensor, channels: torch.Tensor, padded: int) -> torch.Tensor:
+    """[L, width] -> [L, padded]: column i < m back at ``channels[i]``, zeros elsewhere (the inverse of
+    :func:`pack_latent` on the kept columns; the up-projection's columns elsewhere are zero)."""
+    return c.new_zeros(c.shape[0], padded).index_copy_(-1, channels, c[:, :channels.numel()])
+
+
+class LatentAttention(Attention):
+    """vLLM's ``Attention`` whose paged cache holds per token one latent head of ``widths = (m_k, m_v)`` values;
+    ``rebuild`` turns cached latents into K (with RoPE) and V."""
+
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int, widths: tuple[int, int],
+                 rebuild: Rebuild, cache_config, prefix: str):
         super().__init__(num_heads, head_size, scale, num_kv_heads=num_kv_heads, cache_config=cache_config,
                          prefix=prefix, attn_backend=WsvdLatentBackend)
-        self.latent_heads, (self.width_k, self.width_v) = latent_heads, widths
+        self.width_k, self.width_v = widths
         self.rebuild = rebuild
 
     def get_kv_cache_spec(self, vllm_config):
         spec = super().get_kv_cache_spec(vllm_config)
-        return dataclasses.replace(spec, num_kv_heads=self.latent_heads, head_size=self.width_k,
-                                   head_size_v=self.width_v)
+        return dataclasses.replace(spec, num_kv_heads=1, head_size=self.width_k, head_size_v=self.width_v)
 
     def forward(self, query: torch.Tensor, c_k: torch.Tensor, c_v: torch.Tensor) -> torch.Tensor:
-        """query [T, n_q D] (RoPE applied), c_k [T, n_lat w_k], c_v [T, n_lat w_v] -> [T, n_q D].
+        """query [T, n_q D] (RoPE applied), packed c_k [T, m_k], c_v [T, m_v] -> [T, n_q D].
 
         vLLM's opaque attention op, as ``Attention.forward`` calls it, with the latents in place of K and V."""
         output = torch.empty_like(query)
         torch.ops.vllm.unified_attention_with_output(
-            query.view(-1, self.num_heads, self.head_size), c_k.view(-1, self.latent_heads, self.width_k),
-            c_v.view(-1, self.latent_heads, self.width_v), output.view(-1, self.num_heads, self.head_size),
+            query.view(-1, self.num_heads, self.head_size), c_k.view(-1, 1, self.width_k),
+            c_v.view(-1, 1, self.width_v), output.view(-1, self.num_heads, self.head_size),
             _encode_layer_name(self.layer_name))
         return output
 
@@ -107,8 +119,8 @@ class WsvdLatentImpl(AttentionImpl[LatentMetadata]):
 
     def forward(self, layer: LatentAttention, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
-        """query [T, n_q, D], key c_k [T, n_lat, w_k], value c_v [T, n_lat, w_v], kv_cache [blocks, n_lat,
-        block size, w_k + w_v] -> output [T, n_q, D] (written in place)."""
+        """query [T, n_q, D], key c_k [T, 1, m_k], value c_v [T, 1, m_v], kv_cache [blocks, 1, block size,
+        m_k + m_v] -> output [T, n_q, D] (written in place)."""
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("the wsvd latent kv cache does not fuse output quantisation")
         if attn_metadata is None:  # profiling run: no cache yet
@@ -124,8 +136,8 @@ class WsvdLatentImpl(AttentionImpl[LatentMetadata]):
             start, end = m.query_start_loc[b], m.query_start_loc[b + 1]
             if end == start:
                 continue
-            pages = kv_cache[m.block_table[b, :-(-length // block_size)].long()]  # [blocks, n_lat, block, C]
-            latents = pages.transpose(1, 2).flatten(0, 1)[:length]  # [L, n_lat, C]
+            pages = kv_cache[m.block_table[b, :-(-length // block_size)].long()]  # [blocks, 1, block, C]
+            latents = pages.transpose(1, 2).flatten(0, 1)[:length]  # [L, 1, C]
             k, v = layer.rebuild(latents[..., :width_k].flatten(1), latents[..., width_k:].flatten(1),
                                  torch.arange(length, device=query.device))
             output[start:end] = causal_attention(query[start:end], k.view(length, -1, self.head_size),

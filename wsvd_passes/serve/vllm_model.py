@@ -9,11 +9,14 @@ of the ``wsvd`` config block, for a token t of hidden state x [E] and p in q, k,
     joint        c = x D^T [r] shared by q, k and v;                   p = c U_p^T (+ b_p)
 
 then vLLM's RoPE (``get_rope``, rotate-half) and attention, by the block's ``kv_cache``: ``latent``, vLLM's
-paged cache holds the (quantised, for quantised recipes) k/v latents and :mod:`.latent_cache` rebuilds K and V
-from them (:meth:`WsvdAttention.rebuild_kv`); ``dense`` (phase 1), K and V are rebuilt before vLLM's
-``Attention`` and cached as usual. Tensor parallelism partitions per-head factors by
-head (D_p, U_p and b_p rows of the rank's heads; no extra communication); a projection or joint latent is
-computed whole on every rank (replicated D) and U_p is split by output heads.
+paged cache holds the real channels of the (quantised, for quantised recipes) k/v latents, packed per token into
+m_p values (``format.latent_cache_layout``: per-head, c_p [T, n_p w] without each head's zero padding beyond
+r_p,h, m_p = sum_h r_p,h) and :mod:`.latent_cache` rebuilds K and V from them (:meth:`WsvdAttention.rebuild_kv`);
+``dense`` (phase 1), K and V are rebuilt before vLLM's ``Attention`` and cached as usual. Tensor parallelism
+partitions per-head factors by head (D_p, U_p and b_p rows of the rank's heads; no extra communication; a rank's
+latent cache holds its own heads' channels, zero-filled to the widest rank's count, as vLLM wants one page size
+per layer on all ranks); a projection or joint latent is computed whole on every rank (replicated D) and U_p is
+split by output heads.
 
 Quantised recipes (``activation_bits``): every linear but the LM head reads its input through
 :func:`~wsvd_passes.algorithms.quantize.fake_quant_activation`, the very quantiser of the compressed graph (per
@@ -44,7 +47,7 @@ from vllm.model_executor.utils import set_weight_attrs
 
 from ..algorithms.quantize import fake_quant_activation
 from .format import check_block, latent_cache_layout
-from .latent_cache import LatentAttention
+from .latent_cache import LatentAttention, pack_latent, unpack_latent
 
 ATTENTION_MIN_HEAD_DIM = 32  # the smallest head size of vLLM's CPU attention backend (CPU_ATTN)
 
@@ -114,9 +117,14 @@ class WsvdAttention(nn.Module):
         self.latent = block["kv_cache"] == "latent"
         if self.latent:
             self.head_dim = self.attn_dim = D
-            latent_heads, width_k, width_v = latent_cache_layout(block, index, self.local["k"])
-            self.attn = LatentAttention(self.local["q"], D, D**-0.5, self.local["k"], latent_heads, (width_k, width_v),
-                                        self.rebuild_kv, cache_config, prefix=f"{prefix}.attn")
+            layout = latent_cache_layout(block, index, tp, get_tensor_model_parallel_rank())
+            self.padded = {p: (self.local[p] if self.granularity == "head" else 1) * layer[p]["width"] for p in layout}
+            self.cache_widths = {p: width for p, (_, width) in layout.items()}
+            for p, (channels, _) in layout.items():  # the cached columns of c_p: buffers, on the model's device
+                self.register_buffer(f"{p}_cached", torch.tensor(channels, dtype=torch.long), persistent=False)
+            self.attn = LatentAttention(self.local["q"], D, D**-0.5, self.local["k"],
+                                        (self.cache_widths["k"], self.cache_widths["v"]), self.rebuild_kv, cache_config,
+                                        prefix=f"{prefix}.attn")
         else:
             # vLLM's CPU attention takes head sizes from 32: smaller heads are zero-padded (q.k and the kept
             # output columns are unchanged; the scale stays D^-1/2)
@@ -142,7 +150,7 @@ class WsvdAttention(nn.Module):
         q = self._linear(self.q_up, c["q"])
         if self.latent:
             q, _ = self.rotary_emb(positions, q)
-            out = self.attn(q, c["k"], c["v"])
+            out = self.attn(q, *(pack_latent(c[p], getattr(self, f"{p}_cached"), self.cache_widths[p]) for p in "kv"))
         else:
             k, v = self._linear(self.k_up, c["k"]), self._linear(self.v_up, c["v"])
             q, k = self.rotary_emb(positions, q, k)
@@ -152,10 +160,12 @@ class WsvdAttention(nn.Module):
         return self._linear(self.o_proj, self._quant(out))
 
     def rebuild_kv(self, c_k: torch.Tensor, c_v: torch.Tensor, positions: torch.Tensor):
-        """Cached latents c_k [L, n_lat w_k], c_v [L, n_lat w_v] at ``positions`` [L] -> K [L, n_kv D] (RoPE),
-        V [L, n_kv D]: the up-projections and rotary embedding of :meth:`forward`."""
-        k, _ = self.rotary_emb(positions, self._linear(self.k_up, c_k))
-        return k, self._linear(self.v_up, c_v)
+        """Cached latents c_k [L, m_k], c_v [L, m_v] at ``positions`` [L] -> K [L, n_kv D] (RoPE), V [L, n_kv D]:
+        unpacked to the padded latents [L, n_p w], then the up-projections and rotary embedding of :meth:`forward`."""
+        k, v = (self._linear(getattr(self, f"{p}_up"), unpack_latent(c, getattr(self, f"{p}_cached"), self.padded[p]))
+                for p, c in (("k", c_k), ("v", c_v)))
+        k, _ = self.rotary_emb(positions, k)
+        return k, v
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         """[T, heads D] -> [T, heads attn_dim], zero columns appended to every head."""
