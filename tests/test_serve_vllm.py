@@ -29,6 +29,7 @@ from test_serve_export import make_artifact  # noqa: E402
 from wsvd_passes.artifacts import artifact  # noqa: E402
 from wsvd_passes.eval.generation import greedy_generate  # noqa: E402
 from wsvd_passes.serve.export import export_vllm  # noqa: E402
+from wsvd_passes.serve.format import SCALE_BYTES, latent_cache_scales  # noqa: E402
 from wsvd_passes.serve.vllm_model import ATTENTION_MIN_HEAD_DIM  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -55,24 +56,29 @@ def artifact_tokens(directory, prompts: list[list[int]], new: int = NEW) -> list
     return [greedy_generate(decoder, torch.tensor([p]), new)[0, len(p):].tolist() for p in prompts]
 
 
-def cache_elements_per_token(directory) -> dict[str, int]:
-    """Cache values per token over all layers of a served directory, from its recorded ranks: latent
-    sum (sum_h r_k,h + sum_h r_v,h) (a projection latent: r_k + r_v); dense sum 2 n_kv D_attn, D_attn the head
-    size the dense path gives vLLM's CPU attention (D zero-padded to 32); unpadded sum 2 n_kv D."""
+def cache_bytes_per_token(directory, value_bytes: int = 4) -> dict[str, int]:
+    """Cache bytes per token over all layers of a served directory (float values of ``value_bytes``), from its
+    recorded ranks: latent sum (sum_h r_k,h + sum_h r_v,h) values (a projection latent: r_k + r_v), or for
+    quantised recipes as many int8 codes plus 4 bytes per scale (n_kv per per-head latent, 1 per projection);
+    dense sum 2 n_kv D_attn values, D_attn the head size the dense path gives vLLM's CPU attention (D
+    zero-padded to 32); unpadded sum 2 n_kv D values."""
     config = json.loads((Path(directory) / "config.json").read_text())
     block, kv_heads = config["wsvd"], config["num_key_value_heads"]
     layers = len(block["layers"])
-    latent = sum(sum(layer[p]["ranks"]) for layer in block["layers"] for p in ("k", "v"))
-    return {"latent": latent, "dense": 2 * kv_heads * max(block["head_dim"], ATTENTION_MIN_HEAD_DIM) * layers,
-            "unpadded": 2 * kv_heads * block["head_dim"] * layers}
+    codes = sum(sum(layer[p]["ranks"]) for layer in block["layers"] for p in ("k", "v"))
+    scales = sum(sum(latent_cache_scales(block, i).values()) for i in range(layers))
+    return {"latent": codes + SCALE_BYTES * scales if scales else codes * value_bytes,
+            "dense": 2 * kv_heads * max(block["head_dim"], ATTENTION_MIN_HEAD_DIM) * layers * value_bytes,
+            "unpadded": 2 * kv_heads * block["head_dim"] * layers * value_bytes}
 
 
 @pytest.mark.parametrize("model,recipe,bits", [("tiny-llama-gqa", "wsvd-noq", "w16a16"), ("tiny-llama-gqa", "wsvd", "w8a8"),
                                                ("tiny-qwen2", "svd-llm", "w16a16")])
 def test_vllm_greedy_tokens_equal_the_artifacts(tmp_path, model, recipe, bits):
     """Latent (the default) and dense caches: the artifact's greedy tokens; float recipes: the same log-probabilities
-    (the caches differ in rounding only); the latent cache holds (dense / latent values per token) times the tokens.
-    Per-head factors cache a latent per kv head; svd-llm's per-projection latents (with q/k/v biases) one for all."""
+    (the caches differ in rounding only); the latent cache holds (dense / latent bytes per token) times the tokens
+    (W8A8: int8 latents and their scales). Per-head factors cache a latent per kv head; svd-llm's per-projection
+    latents (with q/k/v biases) one for all."""
     make_artifact(tmp_path / "art", model, recipe, bits)
     expected = artifact_tokens(tmp_path / "art", PROMPTS)
     runs, blocks = {}, {}
@@ -84,23 +90,33 @@ def test_vllm_greedy_tokens_equal_the_artifacts(tmp_path, model, recipe, bits):
     if bits == "w16a16":
         got, want = (torch.tensor(runs[k]["LOGPROBS"]) for k in ("latent", "dense"))
         assert (got - want).abs().max() <= 1e-4
-    per_token = cache_elements_per_token(tmp_path / "latent")
+    per_token = cache_bytes_per_token(tmp_path / "latent")
     capacity = {k: runs[k]["KV_TOKENS"] for k in runs}
     print(f"\n{model} {recipe} {bits}: vLLM KV-cache capacity (VLLM_CPU_KVCACHE_SPACE=1) latent {capacity['latent']:,} tokens, "
-          f"dense {capacity['dense']:,} tokens: x{capacity['latent'] / capacity['dense']:.3f}; cache values per token "
+          f"dense {capacity['dense']:,} tokens: x{capacity['latent'] / capacity['dense']:.3f}; cache bytes per token "
           f"latent {per_token['latent']}, dense {per_token['dense']} (unpadded {per_token['unpadded']}: "
           f"x{per_token['unpadded'] / per_token['latent']:.3f}; rho2 {blocks['latent']['rho2']})")
     assert capacity["latent"] / capacity["dense"] == pytest.approx(per_token["dense"] / per_token["latent"], rel=0.01)
 
 
-def test_latent_backend_equals_the_float64_reference():
+@pytest.mark.parametrize("through_op", [False, True], ids=["rebuild", "op"])
+def test_latent_backend_equals_the_float64_reference(through_op):
     """The latent backend over a paged cache (a prefill, a decode, and a 3-token chunk after 6 cached tokens; blocks
     shuffled, unwritten slots NaN) equals wsvd_kernels' float64 latent decode reference, query by query, for
-    per-head latents of unequal ranks: the pages hold the packed real channels (garbage in the padding is dropped)."""
+    per-head latents of unequal ranks: the pages hold the packed real channels (garbage in the padding is dropped).
+    ``op``: the decode goes through ``wsvd::latent_attention`` on the gathered pages (vLLM's WsvdAttention with no
+    k bias), and under TRITON_INTERPRET=1 the Triton kernel on the same operands gives the same attention."""
     from wsvd_kernels.reference import latent_decode_attention_reference, rotate_half
     from wsvd_passes.algorithms.rope import rope_half_tables
     from wsvd_passes.serve.format import latent_cache_layout
-    from wsvd_passes.serve.latent_cache import LatentMetadata, WsvdLatentImpl, pack_latent, unpack_latent
+    from wsvd_passes.serve.latent_cache import (
+        LatentMetadata,
+        WsvdLatentImpl,
+        latent_decode,
+        latent_heads,
+        pack_latent,
+        unpack_latent,
+    )
 
     g = torch.Generator().manual_seed(0)
     n_q, n_kv, D, block = 6, 2, 16, 4
@@ -144,7 +160,25 @@ def test_latent_backend_equals_the_float64_reference():
     value = pack(torch.cat([c[n - s:] for c, n, s in zip(cv, lengths, new)]), "v")[:, None]
     out = torch.zeros(sum(new), n_q, D)
     metadata = LatentMetadata(sum(new), starts, lengths, tables, torch.tensor(slots))
-    WsvdLatentImpl(n_q, D, D**-0.5, n_kv).forward(SimpleNamespace(rebuild=rebuild), q, key, value, cache, metadata, out)
+    decoded = []
+
+    def decode(q, entries_k, entries_v, lengths):  # WsvdAttention.decode_latent's math
+        heads = [latent_heads(e, channels[p], layout[p][1], n_kv * w, n_kv, per_head=True, int8=False)
+                 for e, p, w in ((entries_k, "k", w_k), (entries_v, "v", w_v))]
+        decoded.append((q, heads, lengths))
+        return latent_decode(q, *heads, lengths, bk.transpose(1, 2), bv.transpose(1, 2), None, cos, sin, D**-0.5)
+
+    layer = SimpleNamespace(rebuild=rebuild, decode=decode if through_op else None)
+    WsvdLatentImpl(n_q, D, D**-0.5, n_kv).forward(layer, q, key, value, cache, metadata, out)
+    assert len(decoded) == through_op  # one batch of decode requests (request 1)
+    if decoded and os.environ.get("TRITON_INTERPRET") == "1":
+        from wsvd_kernels.latent_attention import latent_decode_attention_triton
+        from wsvd_kernels.reference import latent_decode_attention_torch
+
+        step_q, ((ck_, _), (cv_, _)), step_lengths = decoded[0]
+        args = (step_q, ck_, bk, cv_, step_lengths, cos, sin)
+        torch.testing.assert_close(latent_decode_attention_triton(*args, scale=D**-0.5),
+                                   latent_decode_attention_torch(*args, scale=D**-0.5), rtol=1e-4, atol=1e-4)
     group = n_q // n_kv
     for b, (n, s) in enumerate(zip(lengths, new)):
         for i in range(s):
@@ -154,6 +188,26 @@ def test_latent_backend_equals_the_float64_reference():
                 torch.tensor([position + 1]), cos, sin, scale=D**-0.5)[0]  # [n_q, w_v]
             expected = torch.einsum("hgr,hrd->hgd", latent.view(n_kv, group, w_v), bv.double()).reshape(n_q, D)
             assert (out[t].double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+@pytest.mark.parametrize("bits,group", [(8, 5), (8, None), (4, 5)])
+def test_int8_cache_entries_hold_the_quantised_latent(bits, group):
+    """An int8 entry (codes of the kept channels, then float32 scales) decodes to the very latent the
+    up-projection reads (the activation quantiser's output, bit for bit), for 3 heads of width 5 with ranks
+    [5, 2, 4] (zero padding), per head or one group over all."""
+    from wsvd_passes.algorithms.quantize import fake_quant_activation
+    from wsvd_passes.serve.latent_cache import int8_entry, int8_latent
+
+    ranks, w = [5, 2, 4], 5
+    channels = torch.tensor([h * w + j for h, r in enumerate(ranks) for j in range(r)])
+    keep = torch.zeros(len(ranks) * w, dtype=torch.bool).index_fill_(0, channels, True)
+    c = (torch.randn(9, len(ranks) * w, generator=torch.Generator().manual_seed(bits)) * 3).bfloat16() * keep
+    entry = int8_entry(c, bits, group, channels, sum(ranks) + 1)  # one column to spare, as a tp rank may have
+    groups = 1 if group is None else len(ranks)
+    assert entry.dtype == torch.int8 and entry.shape == (9, sum(ranks) + 1 + SCALE_BYTES * groups)
+    got = int8_latent(entry, channels, sum(ranks) + 1, len(ranks) * w, torch.bfloat16)
+    assert torch.equal(got, fake_quant_activation(c, bits, group=group))
+    assert entry[:, :sum(ranks) + 1].abs().max() <= 2 ** (bits - 1) - 1
 
 
 @pytest.mark.parametrize("directory", [d for d in os.environ.get("WSVD_SERVE_ARTIFACTS", "").split(",") if d])

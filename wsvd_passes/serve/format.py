@@ -10,11 +10,13 @@ FORMAT_VERSION = 1
 ARCHITECTURES = {"llama": "WsvdLlamaForCausalLM", "mistral": "WsvdMistralForCausalLM", "qwen2": "WsvdQwen2ForCausalLM"}
 GRANULARITIES = ("head", "projection", "joint")
 # what vLLM's paged cache holds: "latent", per token and layer one latent head [c_k | c_v] of the real (unpadded)
-# latent channels (latent_cache_layout); "dense", K and V rebuilt before vLLM's attention (phase 1; the only
+# latent channels (latent_cache_layout; int8 codes and float32 scales for quantised latents, latent_cache_scales);
+# "dense", K and V rebuilt before vLLM's attention (phase 1; the only
 # choice for joint factors, whose one latent feeds K and V). A block without the key is dense (format 1).
 KV_CACHES = ("latent", "dense")
 LATENT_GRANULARITIES = ("head", "projection")
 LATENT_BACKEND = "WSVD_LATENT"  # the latent cache's attention backend, as the plugin registers it with vLLM
+SCALE_BYTES = 4  # a float32 scale of the int8 latent cache
 
 
 def latent_cache_layout(block: dict, layer: int, tp_size: int = 1, tp_rank: int = 0) -> dict[str, tuple[list[int], int]]:
@@ -38,6 +40,20 @@ def latent_cache_layout(block: dict, layer: int, tp_size: int = 1, tp_rank: int 
         layout[p] = [h * w + j for h, r in enumerate(local) for j in range(r)], \
             max(sum(ranks[t * n:(t + 1) * n]) for t in range(tp_size))
     return layout
+
+
+def latent_cache_scales(block: dict, layer: int) -> dict[str, int]:
+    """Scales per token of ``layer``'s latent cache, for p in k, v, when the recipe quantises activations to at most
+    8 bits (``activation_bits``); {} otherwise (the cache holds the latents in the model dtype).
+
+    The up-projections read c_p through the per-token activation quantiser (per token per kv head for per-head
+    factors): c_p = codes * scale per group, exactly. The cache holds that: the int8 codes of the kept channels
+    (``latent_cache_layout``) then the groups' float32 scales as ``SCALE_BYTES`` bytes each, n_kv groups for
+    per-head factors, one for a per-projection latent (quantised models serve at tensor-parallel size 1)."""
+    bits = block.get("activation_bits")
+    if bits is None or bits > 8:
+        return {}
+    return {p: len(block["layers"][layer][p]["ranks"]) if block["granularity"] == "head" else 1 for p in ("k", "v")}
 
 
 def check_block(block) -> dict:

@@ -16,8 +16,14 @@ with L = seq_lens[b] cached tokens and S new queries (positions L-S .. L-1)::
                                                            at positions j = 0 .. L-1)
     out[s, i] = softmax_j<=L-S+s(scale q[s, i] . K[j, i // G]) V[j, i // G]      (causal, GQA, G = n_q / n_kv)
 
-``wsvd::latent_attention``'s math (decode) for any number of queries per request, in PyTorch: the CPU path.
-The cache holds latents in the model dtype (float; int8 latents are not built).
+``wsvd::latent_attention``'s math (decode) for any number of queries per request, in PyTorch. Requests with one
+new query (decode steps) go, when the layer gives a ``decode`` (no k bias), as one batch through the op itself
+(``torch.ops.wsvd.latent_attention``: the Triton flash-decoding kernel on CUDA, its PyTorch implementation on the
+CPU) on their pages gathered into [B, L_max, entry] (a copy of the latents the kernel then reads once more:
+the kernel takes strided, not paged, caches).
+The cache holds latents in the model dtype, or for quantised recipes bytes (``dtype=torch.int8``): each latent's
+int8 codes then its float32 scales (``format.latent_cache_scales``); the backend moves a token's entry as it
+is, and the layer's ``rebuild`` decodes it.
 """
 
 from __future__ import annotations
@@ -36,10 +42,13 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
 )
 
+from ..algorithms.quantize import quantize_activation
 from .format import LATENT_BACKEND
 
 # (cached c_k [L, m_k], c_v [L, m_v], positions [L]) -> (K [L, n_kv D] with RoPE, V [L, n_kv D])
 Rebuild = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# (q [B, n_q, D] with RoPE, cached k entries [B, L_max, .], v entries, lengths [B]) -> attention output [B, n_q, D]
+Decode = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def pack_latent(c: torch.Tensor, channels: torch.Tensor, width: int) -> torch.Tensor:
@@ -53,20 +62,77 @@ def unpack_latent(c: torch.Tensor, channels: torch.Tensor, padded: int) -> torch
     return c.new_zeros(c.shape[0], padded).index_copy_(-1, channels, c[:, :channels.numel()])
 
 
+def int8_entry(c: torch.Tensor, bits: int, group: int | None, channels: torch.Tensor, width: int) -> torch.Tensor:
+    """c [T, P] (a padded latent, read through the per-token activation quantiser of ``bits`` per ``group``
+    features) -> its int8 cache entry [T, width + 4 g] (g = P / group, 1 without groups): the codes of the kept
+    ``channels`` (:func:`pack_latent`) then the g float32 scales as bytes."""
+    codes, scales = quantize_activation(c, bits, group=group)
+    groups = 1 if group is None else c.shape[-1] // group
+    return torch.cat([pack_latent(codes, channels, width), scales.reshape(-1, groups).view(torch.int8)], -1)
+
+
+def int8_latent(entry: torch.Tensor, channels: torch.Tensor, width: int, padded: int, dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of :func:`int8_entry`: entries [L, width + 4 g] -> the quantised padded latent [L, padded] in
+    ``dtype``, codes times their group's scale in float32 as the quantiser computes it (the same values)."""
+    scales = entry[:, width:].contiguous().view(torch.float32)  # [L, g]
+    codes = unpack_latent(entry[:, :width], channels, padded).view(entry.shape[0], scales.shape[1], -1)
+    return (codes.float() * scales[..., None]).flatten(1).to(dtype)
+
+
+def latent_heads(entries: torch.Tensor, channels: torch.Tensor, width: int, padded: int, n_kv: int, *,
+                 per_head: bool, int8: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Cache entries [B, L, .] of one latent -> ``wsvd::latent_attention``'s c [B, n_kv, L, w] (rank dim
+    contiguous; a per-projection latent expanded over the kv heads, not copied) and, for int8 entries
+    (:func:`int8_entry`), the scales [B, n_kv, L]."""
+    B, L = entries.shape[:2]
+    flat = entries.flatten(0, 1)
+    codes = unpack_latent(flat[:, :width] if int8 else flat, channels, padded)
+    scales = flat[:, width:].contiguous().view(torch.float32) if int8 else None  # [B L, groups]
+    if per_head:
+        return codes.view(B, L, n_kv, -1).transpose(1, 2), None if scales is None else scales.view(B, L, n_kv).mT
+    return (codes.view(B, 1, L, -1).expand(B, n_kv, L, -1),
+            None if scales is None else scales.view(B, 1, L).expand(B, n_kv, L))
+
+
+def latent_decode(q: torch.Tensor, k: tuple, v: tuple, lengths: torch.Tensor, up_k: torch.Tensor,
+                  up_v: torch.Tensor, bias_v: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                  scale: float) -> torch.Tensor:
+    """One query per request, q [B, n_q, D] (RoPE applied), over latents k = (c_k, scale | None), v = (c_v, ...)
+    of :func:`latent_heads` with ``lengths`` [B] cached tokens, up-projections up_p [n_kv, D, w_p] (no k bias),
+    b_v [n_kv, D], rotate-half tables cos, sin [>= L_max, D/2] -> [B, n_q, D]: ``wsvd::latent_attention``
+    (bk[h] = U_k,h^T) gives o [B, n_q, w_v], the attention-weighted v latent, then out_i = o_i U_v,h^T + b_v,h
+    for query head i of kv head h (the weights sum to 1)."""
+    import lowering.ops  # noqa: F401  (registers wsvd::latent_attention)
+
+    (ck, ck_scale), (cv, cv_scale) = k, v
+    B, n_q = q.shape[:2]
+    n_kv = up_k.shape[0]
+    o = torch.ops.wsvd.latent_attention(q, ck, up_k.transpose(1, 2), cv, lengths, cos, sin, scale, 1.0,
+                                        ck_scale, cv_scale)  # float32 [B, n_q, w_v]
+    out = torch.einsum("bhgr,hdr->bhgd", o.view(B, n_kv, n_q // n_kv, -1), up_v.float())
+    if bias_v is not None:
+        out = out + bias_v.float()[:, None]
+    return out.flatten(1, 2).to(q.dtype)
+
+
 class LatentAttention(Attention):
-    """vLLM's ``Attention`` whose paged cache holds per token one latent head of ``widths = (m_k, m_v)`` values;
-    ``rebuild`` turns cached latents into K (with RoPE) and V."""
+    """vLLM's ``Attention`` whose paged cache holds per token one latent head of ``widths = (m_k, m_v)`` values
+    of ``dtype`` (None: the model's); ``rebuild`` turns cached latents into K (with RoPE) and V, ``decode`` (if
+    given) attends one query per request over cached latents through ``wsvd::latent_attention``."""
 
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int, widths: tuple[int, int],
-                 rebuild: Rebuild, cache_config, prefix: str):
+                 rebuild: Rebuild, cache_config, prefix: str, dtype: torch.dtype | None = None,
+                 decode: Decode | None = None):
         super().__init__(num_heads, head_size, scale, num_kv_heads=num_kv_heads, cache_config=cache_config,
                          prefix=prefix, attn_backend=WsvdLatentBackend)
         self.width_k, self.width_v = widths
-        self.rebuild = rebuild
+        self.rebuild, self.decode = rebuild, decode
+        self.cache_dtype = dtype
 
     def get_kv_cache_spec(self, vllm_config):
         spec = super().get_kv_cache_spec(vllm_config)
-        return dataclasses.replace(spec, num_kv_heads=1, head_size=self.width_k, head_size_v=self.width_v)
+        return dataclasses.replace(spec, num_kv_heads=1, head_size=self.width_k, head_size_v=self.width_v,
+                                   dtype=self.cache_dtype or spec.dtype)
 
     def forward(self, query: torch.Tensor, c_k: torch.Tensor, c_v: torch.Tensor) -> torch.Tensor:
         """query [T, n_q D] (RoPE applied), packed c_k [T, m_k], c_v [T, m_v] -> [T, n_q D].
@@ -132,9 +198,17 @@ class WsvdLatentImpl(AttentionImpl[LatentMetadata]):
         real = slots >= 0
         kv_cache[slots[real] // block_size, :, slots[real] % block_size] = \
             torch.cat([key[:n][real], value[:n][real]], dim=-1).to(kv_cache.dtype)
+        steps = [b for b in range(len(m.seq_lens)) if m.query_start_loc[b + 1] - m.query_start_loc[b] == 1]
+        if layer.decode is not None and steps:
+            rows = torch.tensor([m.query_start_loc[b] for b in steps], device=query.device)
+            lengths = torch.tensor([m.seq_lens[b] for b in steps], device=query.device)
+            longest = max(m.seq_lens[b] for b in steps)
+            pages = kv_cache[m.block_table[steps, :-(-longest // block_size)].long()]  # [B, blocks, 1, block, C]
+            entries = pages.flatten(1, 3)[:, :longest]  # [B, L_max, C]; rows past a request's length: unread
+            output[rows] = layer.decode(query[rows], entries[..., :width_k], entries[..., width_k:], lengths)
         for b, length in enumerate(m.seq_lens):
             start, end = m.query_start_loc[b], m.query_start_loc[b + 1]
-            if end == start:
+            if end == start or (layer.decode is not None and end - start == 1):
                 continue
             pages = kv_cache[m.block_table[b, :-(-length // block_size)].long()]  # [blocks, 1, block, C]
             latents = pages.transpose(1, 2).flatten(0, 1)[:length]  # [L, 1, C]

@@ -12,7 +12,9 @@ then vLLM's RoPE (``get_rope``, rotate-half) and attention, by the block's ``kv_
 paged cache holds the real channels of the (quantised, for quantised recipes) k/v latents, packed per token into
 m_p values (``format.latent_cache_layout``: per-head, c_p [T, n_p w] without each head's zero padding beyond
 r_p,h, m_p = sum_h r_p,h) and :mod:`.latent_cache` rebuilds K and V from them (:meth:`WsvdAttention.rebuild_kv`);
-``dense`` (phase 1), K and V are rebuilt before vLLM's ``Attention`` and cached as usual. Tensor parallelism
+quantised recipes cache the int8 codes of those channels and one float32 scale per token and group (kv head, or
+the whole projection latent; ``format.latent_cache_scales``), the very values the up-projections read, in half the
+bytes; ``dense`` (phase 1), K and V are rebuilt before vLLM's ``Attention`` and cached as usual. Tensor parallelism
 partitions per-head factors by head (D_p, U_p and b_p rows of the rank's heads; no extra communication; a rank's
 latent cache holds its own heads' channels, zero-filled to the widest rank's count, as vLLM wants one page size
 per layer on all ranks); a projection or joint latent is computed whole on every rank (replicated D) and U_p is
@@ -46,8 +48,16 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm.model_executor.utils import set_weight_attrs
 
 from ..algorithms.quantize import fake_quant_activation
-from .format import check_block, latent_cache_layout
-from .latent_cache import LatentAttention, pack_latent, unpack_latent
+from .format import SCALE_BYTES, check_block, latent_cache_layout, latent_cache_scales
+from .latent_cache import (
+    LatentAttention,
+    int8_entry,
+    int8_latent,
+    latent_decode,
+    latent_heads,
+    pack_latent,
+    unpack_latent,
+)
 
 ATTENTION_MIN_HEAD_DIM = 32  # the smallest head size of vLLM's CPU attention backend (CPU_ATTN)
 
@@ -120,11 +130,14 @@ class WsvdAttention(nn.Module):
             layout = latent_cache_layout(block, index, tp, get_tensor_model_parallel_rank())
             self.padded = {p: (self.local[p] if self.granularity == "head" else 1) * layer[p]["width"] for p in layout}
             self.cache_widths = {p: width for p, (_, width) in layout.items()}
+            self.cache_scales = latent_cache_scales(block, index)  # {}: a float cache
             for p, (channels, _) in layout.items():  # the cached columns of c_p: buffers, on the model's device
                 self.register_buffer(f"{p}_cached", torch.tensor(channels, dtype=torch.long), persistent=False)
-            self.attn = LatentAttention(self.local["q"], D, D**-0.5, self.local["k"],
-                                        (self.cache_widths["k"], self.cache_widths["v"]), self.rebuild_kv, cache_config,
-                                        prefix=f"{prefix}.attn")
+            entry = {p: self.cache_widths[p] + SCALE_BYTES * self.cache_scales.get(p, 0) for p in "kv"}
+            self.attn = LatentAttention(self.local["q"], D, D**-0.5, self.local["k"], (entry["k"], entry["v"]),
+                                        self.rebuild_kv, cache_config, prefix=f"{prefix}.attn",
+                                        dtype=torch.int8 if self.cache_scales else None,
+                                        decode=None if block["qkv_bias"] else self.decode_latent)
         else:
             # vLLM's CPU attention takes head sizes from 32: smaller heads are zero-padded (q.k and the kept
             # output columns are unchanged; the scale stays D^-1/2)
@@ -146,24 +159,51 @@ class WsvdAttention(nn.Module):
             latents = dict.fromkeys("qkv", latent)
         else:
             latents = {p: self._linear(getattr(self, f"{p}_down"), x) for p in "qkv"}
-        c = {p: self._quant(latents[p], self.groups[p]) for p in "qkv"}  # what the up-projections read
-        q = self._linear(self.q_up, c["q"])
+        q = self._linear(self.q_up, self._quant(latents["q"], self.groups["q"]))
         if self.latent:
             q, _ = self.rotary_emb(positions, q)
-            out = self.attn(q, *(pack_latent(c[p], getattr(self, f"{p}_cached"), self.cache_widths[p]) for p in "kv"))
+            out = self.attn(q, *(self._cache_entry(p, latents[p]) for p in "kv"))
         else:
-            k, v = self._linear(self.k_up, c["k"]), self._linear(self.v_up, c["v"])
+            k, v = (self._linear(getattr(self, f"{p}_up"), self._quant(latents[p], self.groups[p])) for p in "kv")
             q, k = self.rotary_emb(positions, q, k)
             out = self.attn(*(self._pad(t) for t in (q, k, v)))
             if self.attn_dim != self.head_dim:
                 out = out.unflatten(-1, (-1, self.attn_dim))[..., :self.head_dim].flatten(-2)
         return self._linear(self.o_proj, self._quant(out))
 
+    def _cache_entry(self, p: str, latent: torch.Tensor) -> torch.Tensor:
+        """What the cache holds per token of c_p [T, n_p w] (padded): the kept channels [T, m_p] of the quantised
+        latent the up-projection reads, or their int8 codes and scales [T, m_p + 4 g_p] (:func:`int8_entry`)."""
+        channels, width = getattr(self, f"{p}_cached"), self.cache_widths[p]
+        if self.cache_scales:
+            return int8_entry(latent, self.bits, self.groups[p], channels, width)
+        return pack_latent(self._quant(latent, self.groups[p]), channels, width)
+
+    def _cached_latent(self, p: str, entry: torch.Tensor) -> torch.Tensor:
+        """Cache entries [L, .] -> the padded latent c_p [L, n_p w] the up-projection reads (:meth:`_cache_entry`
+        inverted on the kept channels)."""
+        channels, padded = getattr(self, f"{p}_cached"), self.padded[p]
+        if self.cache_scales:
+            return int8_latent(entry, channels, self.cache_widths[p], padded, getattr(self, f"{p}_up").weight.dtype)
+        return unpack_latent(entry, channels, padded)
+
+    def decode_latent(self, q: torch.Tensor, entries_k: torch.Tensor, entries_v: torch.Tensor,
+                      lengths: torch.Tensor) -> torch.Tensor:
+        """One query per request through ``wsvd::latent_attention`` (:func:`latent_decode`): q [B, n_q, D]
+        (RoPE applied), cache entries [B, L_max, .], lengths [B] -> [B, n_q, D]."""
+        n_kv, D = self.local["k"], self.head_dim
+        heads = {p: latent_heads(e, getattr(self, f"{p}_cached"), self.cache_widths[p], self.padded[p], n_kv,
+                                 per_head=self.granularity == "head", int8=bool(self.cache_scales))
+                 for p, e in (("k", entries_k), ("v", entries_v))}
+        cos, sin = self.rotary_emb.cos_sin_cache.float().chunk(2, dim=-1)
+        bias = None if self.v_up.bias is None else self.v_up.bias.view(n_kv, D)
+        return latent_decode(q, heads["k"], heads["v"], lengths, self.k_up.weight.view(n_kv, D, -1),
+                             self.v_up.weight.view(n_kv, D, -1), bias, cos, sin, D**-0.5)
+
     def rebuild_kv(self, c_k: torch.Tensor, c_v: torch.Tensor, positions: torch.Tensor):
-        """Cached latents c_k [L, m_k], c_v [L, m_v] at ``positions`` [L] -> K [L, n_kv D] (RoPE), V [L, n_kv D]:
-        unpacked to the padded latents [L, n_p w], then the up-projections and rotary embedding of :meth:`forward`."""
-        k, v = (self._linear(getattr(self, f"{p}_up"), unpack_latent(c, getattr(self, f"{p}_cached"), self.padded[p]))
-                for p, c in (("k", c_k), ("v", c_v)))
+        """Cache entries of k and v [L, .] at ``positions`` [L] -> K [L, n_kv D] (RoPE), V [L, n_kv D]: the padded
+        latents (:meth:`_cached_latent`), then the up-projections and rotary embedding of :meth:`forward`."""
+        k, v = (self._linear(getattr(self, f"{p}_up"), self._cached_latent(p, c)) for p, c in (("k", c_k), ("v", c_v)))
         k, _ = self.rotary_emb(positions, k)
         return k, v
 
