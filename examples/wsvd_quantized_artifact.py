@@ -13,7 +13,7 @@ import torch
 import wsvd_passes
 from wsvd_passes import Pipeline, capture_forward, load_model
 from wsvd_passes.algorithms.quantize import parse_bits
-from wsvd_passes.artifacts.artifact import save
+from wsvd_passes.artifacts.artifact import dense, save
 from wsvd_passes.artifacts.report import write_report
 from wsvd_passes.compression.compress import calibrate, factor_plan, recipe_passes
 from wsvd_passes.compression.recipes import RECIPES
@@ -40,7 +40,7 @@ def main() -> None:
     compressed = copy.deepcopy(base)
     Pipeline(passes)(compressed)
 
-    save(args.out, model=args.model, base=base, compressed=compressed, recipe=recipe, bits=bits,
+    save(args.out, model=args.model, base=dense(base), compressed=compressed, recipe=recipe, bits=bits,
          rho1_target=args.rho1, report=report, calibration={"windows": len(windows)}, environment={})
     reloaded = wsvd_passes.load(args.out).captured
     ids = token_windows(lm.tokenizer, pydoc_text("evaluation"), 128, max_windows=4)

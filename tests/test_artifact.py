@@ -1,19 +1,24 @@
 """Artifacts: save -> load gives identical logits (forward and decode graphs), no pickles, clear errors."""
 
 import functools
+import gc
 import json
+import weakref
 import zipfile
 
 import pytest
 import torch
-from conftest import tiny, tiny_forward
+from conftest import fresh_forward, tiny, tiny_forward
 
 from wsvd_passes.algorithms.quantize import parse_bits
 from wsvd_passes.artifacts import artifact
+from wsvd_passes.artifacts.packing import tensor_digest
 from wsvd_passes.compression.compress import calibrate, compress
 from wsvd_passes.compression.recipes import RECIPES
 from wsvd_passes.errors import WsvdError
 from wsvd_passes.eval.generation import greedy_generate
+from wsvd_passes.graph.capture import capture_forward
+from wsvd_passes.models.registry import load_model
 
 MODEL = "tiny-llama-gqa"
 WINDOWS = torch.randint(0, 384, (4, 33), generator=torch.Generator().manual_seed(3))
@@ -31,8 +36,8 @@ def _save(tmp_path, recipe, bits="w16a16", rho1=0.6):
     calib = _calibration() if RECIPES[recipe].factor else None
     compressed, report = compress(base, calib, RECIPES[recipe], rho1, parse_bits(bits))
     directory = tmp_path / recipe
-    manifest = artifact.save(directory, model=MODEL, base=base, compressed=compressed, recipe=RECIPES[recipe],
-                             bits=parse_bits(bits), rho1_target=rho1, report=report,
+    manifest = artifact.save(directory, model=MODEL, base=artifact.dense(base), compressed=compressed,
+                             recipe=RECIPES[recipe], bits=parse_bits(bits), rho1_target=rho1, report=report,
                              calibration={"windows": len(WINDOWS)}, environment={"torch": torch.__version__})
     return directory, compressed, manifest
 
@@ -92,12 +97,43 @@ def test_model_pt2_is_written_on_request_but_not_needed(tmp_path):
     assert not (directory / "model.pt2").exists() and "save_pt2" in manifest["exported_program"]
     base = tiny_forward(MODEL)
     compressed, report = compress(base, _calibration(), RECIPES["svd-llm"], 0.6, parse_bits("w16a16"))
-    manifest = artifact.save(tmp_path / "pt2", model=MODEL, base=base, compressed=compressed,
+    manifest = artifact.save(tmp_path / "pt2", model=MODEL, base=artifact.dense(base), compressed=compressed,
                              recipe=RECIPES["svd-llm"], bits=parse_bits("w16a16"), rho1_target=0.6, report=report,
                              calibration={}, environment={}, save_pt2=True)
     assert manifest["exported_program"] == "model.pt2" and zipfile.is_zipfile(tmp_path / "pt2" / "model.pt2")
     (tmp_path / "pt2" / "model.pt2").unlink()
     artifact.load(tmp_path / "pt2")
+
+
+def test_in_place_compression_writes_the_artifact_of_a_copy_and_frees_the_dense_weights(tmp_path):
+    """``compress(in_place=True)`` (``wsvd compress``) writes the weights.safetensors a compressed copy writes, bit for
+    bit; the change set by the digests recorded before compressing is the one by value against the dense tensors;
+    no dense tensor the passes replaced is still alive, and the calibration is used up."""
+    recipe, bits = RECIPES["wsvd"], parse_bits("w8a8e8")
+    kept = tiny_forward(MODEL)
+    copied, report = compress(kept, calibrate(kept, WINDOWS, [recipe], progress=False), recipe, 0.6, bits)
+    dense_state, state = kept.gm.state_dict(), copied.gm.state_dict()
+    record = artifact.dense(kept)
+    by_value = {n for n, t in state.items() if n not in dense_state or not torch.equal(t, dense_state[n])}
+    assert by_value and by_value == {n for n, t in state.items() if record.digests.get(n) != tensor_digest(t)}
+    captured = capture_forward(load_model(MODEL).model)  # its weights have no other holder
+    before = [weakref.ref(t) for t in captured.gm.state_dict().values()]
+    in_place_record = artifact.dense(captured)
+    calib = calibrate(captured, WINDOWS, [recipe], progress=False)
+    in_place, in_place_report = compress(captured, calib, recipe, 0.6, bits, in_place=True)
+    assert in_place is captured and not (calib.stats or calib.groups or calib.fisher or calib.qat_targets)
+    gc.collect()
+    now = {id(t) for t in in_place.gm.state_dict().values()}
+    assert all(ref() is None or id(ref()) in now for ref in before)
+
+    def written(name, base, compressed, report):
+        manifest = artifact.save(tmp_path / name, model=MODEL, base=base, compressed=compressed, recipe=recipe,
+                                 bits=bits, rho1_target=0.6, report=report, calibration={}, environment={})
+        return (tmp_path / name / "weights.safetensors").read_bytes(), manifest
+
+    assert written("copy", record, copied, report) == written("in_place", in_place_record, in_place, in_place_report)
+    with pytest.raises(WsvdError, match="heals against the uncompressed graph"):
+        compress(fresh_forward(MODEL), None, RECIPES["wsvd-heal"], 0.6, bits, in_place=True)
 
 
 @pytest.mark.parametrize("bits,codes", [("w8a8", "weight"), ("w4a4", "weight_packed")])
@@ -178,7 +214,7 @@ def test_tied_embeddings_are_stored_once_and_reload_on_the_decode_graph(tmp_path
 
     base = capture_forward(load_model(str(checkpoint)).model)
     compressed, _ = compress(base, None, RECIPES["quarot"], None, parse_bits(bits))  # rotates the tied head
-    manifest = artifact.save(tmp_path / "art", model=str(checkpoint), base=base, compressed=compressed,
+    manifest = artifact.save(tmp_path / "art", model=str(checkpoint), base=artifact.dense(base), compressed=compressed,
                              recipe=RECIPES["quarot"], bits=parse_bits(bits), rho1_target=None, report=None,
                              calibration={}, environment={})
     vocab, hidden = model.config.vocab_size, model.config.hidden_size

@@ -55,7 +55,8 @@ def test_decode_latent_and_lowered_graphs_reproduce_the_evaluated_graph(tmp_path
     base, r = tiny_forward(MODEL), RECIPES[recipe]
     calib = _calibration(recipe) if r.factor else None
     compressed, report = compress(base, calib, r, 0.6 if r.factor else None, parse_bits(bits))
-    artifact.save(tmp_path, model=MODEL, base=base, compressed=compressed, recipe=r, bits=parse_bits(bits),
+    artifact.save(tmp_path, model=MODEL, base=artifact.dense(base), compressed=compressed,
+                  recipe=r, bits=parse_bits(bits),
                   rho1_target=0.6, report=report, calibration={}, environment={}, save_dtype=STORAGE)
     with torch.no_grad():
         evaluated = compressed.gm(input_ids=IDS)
@@ -85,7 +86,8 @@ def test_smollm2_wsvd_w8a8_artifact_decodes_what_was_evaluated(tmp_path, smollm2
     recipe, bits = RECIPES["wsvd"], parse_bits("w8a8")
     calib = calibrate(smollm2_forward, windows, [recipe], progress=False)
     compressed, report = compress(smollm2_forward, calib, recipe, 0.5, bits)
-    artifact.save(tmp_path, model="smollm2-135m", base=smollm2_forward, compressed=compressed, recipe=recipe,
+    artifact.save(tmp_path, model="smollm2-135m", base=artifact.dense(smollm2_forward), compressed=compressed,
+                  recipe=recipe,
                   bits=bits, rho1_target=0.5, report=report, calibration={}, environment={}, save_dtype=STORAGE)
     ids = smollm2.tokenizer("The capital of France is Paris. The capital of Germany is", return_tensors="pt").input_ids
     with torch.no_grad():

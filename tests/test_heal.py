@@ -194,8 +194,8 @@ def test_straight_through_gradient_reaches_down_projections_behind_the_latent_qu
 def test_artifact_reload_reproduces_the_healed_logits(tmp_path):
     recipe = dataclasses.replace(RECIPES["wsvd-heal"], heal_steps=STEPS, heal_batch=4)
     compressed, report = _compressed("wsvd-heal", "w8a8")
-    manifest = artifact.save(tmp_path / "a", model=MODEL, base=_base(), compressed=compressed, recipe=recipe,
-                             bits=parse_bits("w8a8"), rho1_target=RHO1, report=report, calibration={},
+    manifest = artifact.save(tmp_path / "a", model=MODEL, base=artifact.dense(_base()), compressed=compressed,
+                             recipe=recipe, bits=parse_bits("w8a8"), rho1_target=RHO1, report=report, calibration={},
                              environment={})
     assert manifest["heal"]["steps"] == STEPS and manifest["recipe"]["heal_steps"] == STEPS
     loaded = artifact.load(tmp_path / "a", model=_model())

@@ -106,7 +106,8 @@ def test_w8a8_linears_run_in_integers_and_give_the_evaluated_logits(recipe, bits
 def test_lowered_int8_decode_of_a_reloaded_artifact_reproduces_the_evaluated_graph(tmp_path):
     compressed, report = _compressed("wsvd")
     r, bits = RECIPES["wsvd"], parse_bits("w8a8")
-    artifact.save(tmp_path, model=MODEL, base=tiny_forward(MODEL), compressed=compressed, recipe=r, bits=bits,
+    artifact.save(tmp_path, model=MODEL, base=artifact.dense(tiny_forward(MODEL)), compressed=compressed,
+                  recipe=r, bits=bits,
                   rho1_target=0.6, report=report, calibration={}, environment={}, save_dtype=STORAGE)
     with torch.no_grad():
         evaluated = compressed.gm(input_ids=IDS)
@@ -144,8 +145,8 @@ def test_bench_model_measures_every_variant_in_one_run(tmp_path, capsys):
     compressed, report = _compressed("wsvd", "w8a8e8")
     r, bits = RECIPES["wsvd"], parse_bits("w8a8e8")
     art = tmp_path / "art"
-    artifact.save(art, model=MODEL, base=tiny_forward(MODEL), compressed=compressed, recipe=r, bits=bits,
-                  rho1_target=0.6, report=report, calibration={}, environment={})
+    artifact.save(art, model=MODEL, base=artifact.dense(tiny_forward(MODEL)), compressed=compressed,
+                  recipe=r, bits=bits, rho1_target=0.6, report=report, calibration={}, environment={})
     out = tmp_path / "bench.json"
     assert main(["bench", "model", "--artifact", str(art), "--batch", "2", "--cache-len", "12", "--steps", "2",
                  "--rounds", "3", "--no-compile", "--quiet", "--json", str(out)]) == 0

@@ -30,8 +30,8 @@ def make_artifact(directory, model, recipe, bits="w16a16", rho1=0.6, base=None):
     r = dataclasses.replace(RECIPES[recipe], finetune_steps=10, qat_steps=5)  # few steps: the layout is what counts
     calib = calibrate(base, WINDOWS, [r], progress=False) if r.factor else None
     compressed, report = compress(base, calib, r, rho1, parse_bits(bits))
-    artifact.save(directory, model=model, base=base, compressed=compressed, recipe=r, bits=parse_bits(bits),
-                  rho1_target=rho1, report=report, calibration={}, environment={})
+    artifact.save(directory, model=model, base=artifact.dense(base), compressed=compressed,
+                  recipe=r, bits=parse_bits(bits), rho1_target=rho1, report=report, calibration={}, environment={})
     return compressed
 
 

@@ -49,7 +49,7 @@ from ..graph.sites import AttentionSite, find_sites
 from ..models.registry import LoadedModel, load_model
 from ..passes.factorize import LayerFactors, pad_heads
 from ..passes.qat import QATTarget
-from .packing import merge_layouts, pack, unpack
+from .packing import merge_layouts, pack, tensor_digest, unpack
 
 FORMAT = "wsvd-artifact"
 FORMAT_VERSION = 3  # 3: a rotated tied LM head reads the rotated embedding (rotate.TIED_GAMMA);
@@ -69,8 +69,32 @@ def fingerprint(captured: CapturedGraph) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(captured.gm.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy())  # the buffer, not a bytes copy
     return digest.hexdigest()
+
+
+def digests(gm: torch.fx.GraphModule) -> dict[str, str]:
+    """:func:`~wsvd_passes.artifacts.packing.tensor_digest` of every parameter and buffer of ``gm``, by name."""
+    return {name: tensor_digest(t) for name, t in gm.state_dict().items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense:
+    """What :func:`save` reads of the uncompressed capture, taken before compressing it: the capture can then be
+    compressed in place, its dense tensors freed as the passes replace them."""
+
+    kind: str  # the graph: "forward" or "decode"
+    fingerprint: str  # :func:`fingerprint`
+    digests: dict[str, str]  # :func:`digests`: what the artifact's change set is taken against
+    heads: dict  # n_heads, n_kv_heads, head_dim, hidden_size
+
+
+def dense(captured: CapturedGraph) -> Dense:
+    """The :class:`Dense` record of an uncompressed capture."""
+    site = find_sites(captured.gm)[0]
+    heads = {"n_heads": site.n_heads, "n_kv_heads": site.n_kv_heads, "head_dim": site.head_dim,
+             "hidden_size": site.hidden_size}
+    return Dense(captured.kind, fingerprint(captured), digests(captured.gm), heads)
 
 
 @dataclasses.dataclass
@@ -82,17 +106,18 @@ class Artifact:
     manifest: dict
 
 
-def save(directory: str | Path, *, model: str, base: CapturedGraph, compressed: CapturedGraph, recipe: Recipe,
+def save(directory: str | Path, *, model: str, base: Dense, compressed: CapturedGraph, recipe: Recipe,
          bits: Bits, rho1_target: float | None, report: FactorReport | None, calibration: dict,
          environment: dict, save_dtype: torch.dtype = torch.bfloat16, save_pt2: bool = False) -> dict:
-    """Write the artifact of ``compressed`` (made from the uncompressed ``base`` capture); returns the manifest.
+    """Write the artifact of ``compressed`` (made from the uncompressed capture recorded in ``base``, :func:`dense`);
+    returns the manifest.
 
     The compressed graph's floating weights that are stored in ``save_dtype`` are rounded to it
     in place (see the module docstring).
     """
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    stored, storage = packed_changes(base.gm.state_dict(), compressed.gm, save_dtype)
+    stored, storage = packed_changes(base.digests, compressed.gm, save_dtype)
     state = compressed.gm.state_dict()
     with torch.no_grad():
         for name in storage["cast"]:
@@ -107,14 +132,12 @@ def save(directory: str | Path, *, model: str, base: CapturedGraph, compressed: 
             exported = "model.pt2"
         except Exception as e:  # noqa: BLE001 - optional output; the reason is recorded instead
             exported = f"not saved ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-    site = find_sites(base.gm)[0]
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "wsvd_version": library_version(),
-        "model": model, "model_sha256": fingerprint(base), "graph": base.kind,
+        "model": model, "model_sha256": base.fingerprint, "graph": base.kind,
         "recipe": dataclasses.asdict(recipe), "bits": bits.name, "rho1_target": rho1_target,
         **(report.as_dict() if report is not None else {"rho1": 1.0, "rho2": 1.0}),
-        "heads": {"n_heads": site.n_heads, "n_kv_heads": site.n_kv_heads, "head_dim": site.head_dim,
-                  "hidden_size": site.hidden_size},
+        "heads": base.heads,
         "calibration": calibration, "environment": environment, "exported_program": exported,
         "tensors": len(stored), "storage": storage,
         "bytes": (out / "weights.safetensors").stat().st_size,
@@ -123,13 +146,13 @@ def save(directory: str | Path, *, model: str, base: CapturedGraph, compressed: 
     return manifest
 
 
-def packed_changes(reference: dict[str, torch.Tensor], gm: torch.fx.GraphModule, dtype: torch.dtype
+def packed_changes(reference: dict[str, str], gm: torch.fx.GraphModule, dtype: torch.dtype
                    ) -> tuple[dict[str, torch.Tensor], dict]:
-    """What an artifact stores of the compressed ``gm``: its tensors that are not in (or differ from) the
-    uncompressed capture's state dict ``reference``, packed (:func:`~wsvd_passes.artifacts.packing.pack`): (stored, layout)."""
+    """What an artifact stores of the compressed ``gm``: its tensors that are not in the uncompressed capture or
+    differ from it (``reference``: the capture's :func:`digests`), packed (:func:`~wsvd_passes.artifacts.packing.pack`):
+    (stored, layout)."""
     state = gm.state_dict()
-    changed = {name: t.detach() for name, t in state.items()
-               if name not in reference or not torch.equal(t, reference[name])}
+    changed = {name: t.detach() for name, t in state.items() if reference.get(name) != tensor_digest(t)}
     parameters = {name for name, _ in gm.named_parameters()}
     return pack(changed, quantized_weights(gm), state, parameters, dtype)
 

@@ -42,7 +42,7 @@ def pack(tensors: dict[str, torch.Tensor], quantized: dict[str, tuple[int, str]]
             bits, scale_target = quantized[name]
             scale = scales[scale_target].float()
             codes = weight_codes(t, scale, bits, name)
-            key = f"{bits}:{_digest(codes)}:{_digest(scale)}"
+            key = f"{bits}:{tensor_digest(codes)}:{tensor_digest(scale)}"
             if key in seen:  # a tied LM head quantised like its embedding table
                 first = seen[key]
                 layout["aliases"].update({name: first, scale_target: quantized[first][1]})
@@ -62,7 +62,7 @@ def pack(tensors: dict[str, torch.Tensor], quantized: dict[str, tuple[int, str]]
         value = t.to(dtype) if name in parameters and t.is_floating_point() else t
         if value is not t:
             layout["cast"].append(name)
-        key = _digest(value)
+        key = tensor_digest(value)
         if key in seen:
             layout["aliases"][name] = seen[key]
             continue
@@ -129,7 +129,8 @@ def _get(stored: dict[str, torch.Tensor], name: str, where: str) -> torch.Tensor
     return stored[name]
 
 
-def _digest(t: torch.Tensor) -> str:
+def tensor_digest(t: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes: equal digests, equal tensors."""
     digest = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
     digest.update(t.detach().contiguous().cpu().view(torch.uint8).numpy())  # the buffer itself, not a bytes copy
     return digest.hexdigest()

@@ -56,16 +56,17 @@ def add_parser(sub) -> None:
 def cmd_compress(args) -> dict:
     if args.stream is None:
         args.stream = bool(args.resume or args.offload_dir) or _stream_by_default(args)
-    _, manifest = compress_to(args, args.out)
+    _, manifest = compress_to(args, args.out, keep_model=False)
     print(f"{manifest['recipe']['name']} {manifest['bits']}: rho1 {manifest['rho1']:.3f} "
           f"rho2 {manifest['rho2']:.3f} -> {args.out}")
     return manifest
 
 
-def compress_to(args, out: str):
-    """Calibrate, run the whole recipe (--recipe, --rho1, --bits) and save the artifact to ``out``:
-    (loaded model, manifest)."""
-    from ..artifacts.artifact import save
+def compress_to(args, out: str, *, keep_model: bool = True):
+    """Calibrate, run the whole recipe (--recipe, --rho1, --bits) and save the artifact to ``out``: (the loaded
+    uncompressed model, manifest). ``keep_model=False`` returns None for the model and compresses the capture in
+    place (unless the recipe heals against it), freeing the dense weights and the calibration as the passes go."""
+    from ..artifacts.artifact import dense, save
     from ..compression.compress import compress
     from ..compression.memory import release_memory
     from ..device import parse_dtype
@@ -80,11 +81,15 @@ def compress_to(args, out: str):
     bits = bits_of(args)
     lm, captured, calib, (recipe,), provenance = prepare(args, [args.recipe])
     recipe, _ = tuned_recipe(args, captured, calib, recipe, rho1, bits, rho2)
-    compressed, report = compress(captured, calib, recipe, rho1, bits, rho2=rho2, progress=not args.quiet)
-    del calib  # statistics, SVD groups and Fisher (about 0.5 GB on SmolLM2-135M): the artifact is packed in their place
-    release_memory()
     name = str(Path(lm.name).resolve()) if Path(lm.name).is_dir() else lm.name  # a path that still works elsewhere
-    manifest = save(out, model=name, base=captured, compressed=compressed, recipe=recipe, bits=bits,
+    base = dense(captured)
+    if not keep_model:
+        lm = None  # the eager model shares the capture's dense weights
+    compressed, report = compress(captured, calib, recipe, rho1, bits, rho2=rho2, progress=not args.quiet,
+                                  in_place=not (keep_model or recipe.heal_steps))
+    del calib, captured  # a copy's calibration and dense capture: the artifact is packed in their place
+    release_memory()
+    manifest = save(out, model=name, base=base, compressed=compressed, recipe=recipe, bits=bits,
                     rho1_target=rho1 if recipe.factor else None, report=report, calibration=provenance,
                     environment=run_environment(), save_dtype=save_dtype, save_pt2=getattr(args, "save_pt2", False))
     return lm, manifest

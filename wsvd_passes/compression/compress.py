@@ -55,6 +55,10 @@ class Calibration:
     qat_targets: dict[tuple[int, str], QATTarget] | None = None  # rotated dense W' and F' (recipes with QAT)
     windows: torch.Tensor | list | None = None  # the calibration data itself (for tune_beta)
 
+    def release(self) -> None:
+        """Drop every measurement (one-shot compression, once its passes hold what they still read)."""
+        self.stats, self.groups, self.scores, self.fisher, self.qat_targets, self.windows = [], {}, {}, {}, None, None
+
 
 def calibrate(
     captured: CapturedGraph, windows: torch.Tensor, recipes: list[Recipe], *, grad_samples: int | None = None,
@@ -250,19 +254,34 @@ def recipe_passes(recipe: Recipe, bits: Bits, plan: dict[int, LayerFactors] | No
 
 
 def compress(captured: CapturedGraph, calib: Calibration | None, recipe: Recipe, rho1: float | None, bits: Bits, *,
-             rho2: float | None = None, progress: bool = False) -> tuple[CapturedGraph, FactorReport | None]:
-    """A compressed copy of ``captured`` (the original is left untouched) and its factor report."""
+             rho2: float | None = None, progress: bool = False, in_place: bool = False
+             ) -> tuple[CapturedGraph, FactorReport | None]:
+    """A compressed copy of ``captured`` (the original is left untouched) and its factor report.
+
+    ``in_place`` compresses ``captured`` itself and uses ``calib`` up (one-shot runs such as ``wsvd compress``): the
+    calibration is emptied once the factors are planned and the passes built, and each pass is dropped once it has
+    run, so every dense tensor, measurement, factor and QAT target is freed when nothing reads it any more (provided
+    the caller holds none, e.g. the eager model the capture shares its weights with). Healing compares with the
+    uncompressed graph, so it needs a copy.
+    """
+    if in_place and recipe.heal_steps:
+        raise WsvdError(f"recipe {recipe.name} heals against the uncompressed graph: compress a copy (in_place=False)")
     plan, report = factor_plan(calib, recipe, rho1, rho2) if recipe.factor else (None, None)
     passes = recipe_passes(recipe, bits, plan, calib.qat_targets if calib else None, progress=progress,
                            heal_data=(LogitKL(captured), calib.windows) if calib else None)
-    compressed = captured.sharing_parameters()
-    Pipeline(passes)(compressed)
-    qat = next((p for p in passes if isinstance(p, LocalQAT)), None)
-    if qat is not None:
-        report.qat = qat.report
-    heal = next((p for p in passes if isinstance(p, Heal)), None)
-    if heal is not None:
-        report.heal = heal.report
+    del plan  # held by FactorizeQKV until it has run
+    for p in passes:  # their reports are filled in as they run
+        if isinstance(p, LocalQAT):
+            report.qat = p.report
+        elif isinstance(p, Heal):
+            report.heal = p.report
+    if in_place:
+        if calib is not None:
+            calib.release()
+        release_memory()
+    compressed = captured if in_place else captured.sharing_parameters()
+    while passes:
+        Pipeline([passes.pop(0)])(compressed)
     return compressed, report
 
 

@@ -46,7 +46,7 @@ from ..algorithms.hadamard import random_hadamard
 from ..algorithms.lowrank import PROJECTIONS, Group
 from ..algorithms.quantize import Bits
 from ..algorithms.rank_allocation import ImportanceAccumulator, above_break_even, achieved_rho1
-from ..artifacts.artifact import library_version, packed_changes, save_streamed, shard_metadata, write_shard
+from ..artifacts.artifact import digests, library_version, packed_changes, save_streamed, shard_metadata, write_shard
 from ..errors import WsvdError
 from ..graph.capture import CapturedGraph, capture_forward, unlift
 from ..graph.graph_utils import FIRST_LAYER, NO_LAYERS, RESIDUAL_INPUT, tensor_attr
@@ -448,7 +448,7 @@ def _write_compressed(captured: CapturedGraph, passes: list[GraphPass], out: str
                       save_dtype: torch.dtype, metadata=lambda: {}) -> Path:
     """Run ``passes`` on ``captured`` and write what changed, packed, as the shard ``out/name.safetensors`` with
     ``metadata()`` (called after the passes, which fill in their reports)."""
-    reference = captured.gm.state_dict()
+    reference = digests(captured.gm)  # the layer's dense tensors are freed as the passes replace them
     Pipeline(passes)(captured)
     stored, storage = packed_changes(reference, captured.gm, save_dtype)
     return write_shard(out, name, stored, {**metadata(), "storage": json.dumps(storage)})
