@@ -93,7 +93,8 @@ class ImportanceAccumulator:
     """
 
     def __init__(self, groups: list[Group], head_dim: int):
-        self.groups = groups
+        self.keys = [g.key for g in groups]  # not the groups: their float64 matrices need not stay alive
+        self.sigmas = [g.sigma for g in groups]
         self.head_dim = head_dim
         # g_i = u_i^T G (S^-T v_i): precompute the right directions S^-T V [E, k] in float32.
         self._right = [(g.scaling.inv.T @ g.Vh.T).float() for g in groups]
@@ -101,15 +102,16 @@ class ImportanceAccumulator:
         self.sum_sq = [torch.zeros(len(g.sigma), dtype=torch.float64, device=g.sigma.device) for g in groups]
         self.samples = 0
 
-    def _grad_of(self, g: Group, grads: dict) -> torch.Tensor:
-        if g.name == "qkv":
-            return torch.cat([grads[(g.layer, p)] for p in ("q", "k", "v")])
-        G = grads[(g.layer, g.name)]
-        return G if g.head is None else G[g.head * self.head_dim : (g.head + 1) * self.head_dim]
+    def _grad_of(self, key: tuple, grads: dict) -> torch.Tensor:
+        layer, name, head = key
+        if name == "qkv":
+            return torch.cat([grads[(layer, p)] for p in ("q", "k", "v")])
+        G = grads[(layer, name)]
+        return G if head is None else G[head * self.head_dim : (head + 1) * self.head_dim]
 
     def __call__(self, grads: dict) -> None:
-        for i, g in enumerate(self.groups):
-            G = self._grad_of(g, grads).float()
+        for i, key in enumerate(self.keys):
+            G = self._grad_of(key, grads).float()
             proj = ((self._left[i].T @ G) * self._right[i].T).sum(-1)
             self.sum_sq[i] += proj.double().square()
         self.samples += 1
@@ -117,7 +119,7 @@ class ImportanceAccumulator:
     def scores(self) -> dict[tuple, torch.Tensor]:
         if self.samples == 0:
             raise WsvdError("importance scores need per-sample gradients: no calibration sample was seen")
-        return {g.key: g.sigma * (s / self.samples).sqrt() for g, s in zip(self.groups, self.sum_sq)}
+        return {key: sigma * (s / self.samples).sqrt() for key, sigma, s in zip(self.keys, self.sigmas, self.sum_sq)}
 
 
 def importance_ranks(groups: list[Group], scores: dict[tuple, torch.Tensor], rho1: float | None, *,

@@ -72,12 +72,12 @@ def calibrate(
     release_memory()  # the batches' activations and logits
     weights = {s.layer: {p: tensor_attr(captured.gm, getattr(s, f"{p}_proj").weight).detach() for p in PROJECTIONS}
                for s in sites}
-    groups = {}
-    for s in sites:
-        for key, layer in layer_groups(s, weights[s.layer], stats[s.layer], recipes).items():
-            groups.setdefault(key, []).extend(layer)
-    accumulators = {key: ImportanceAccumulator(groups[key], sites[0].head_dim)
-                    for key in {(r.granularity, r.scaling) for r in recipes if r.factor and r.allocation == "importance"}}
+    # the accumulators keep the float32 directions they read; the float64 groups (whitening factors and SVDs, 0.3 GB on
+    # SmolLM2-135M) are not held through the gradients but made again after them, the same bit for bit
+    importance = [r for r in recipes if r.factor and r.allocation == "importance"]
+    accumulators = {key: ImportanceAccumulator(groups, sites[0].head_dim)
+                    for key, groups in _all_groups(sites, weights, stats, importance).items()}
+    release_memory()
     fisher, n, qat_targets = {}, 0, None
     samples = list(windows if grad_samples is None else windows[:grad_samples])
     rotated = RotatedTargets(qkv_bases(captured.gm, sites)) if any(r.qat for r in recipes) else None
@@ -99,7 +99,18 @@ def calibrate(
         del rotated
         release_memory()
     scores = {key: acc.scores() for key, acc in accumulators.items()}
+    groups = _all_groups(sites, weights, stats, recipes)
     return Calibration(sites, stats, groups, scores, fisher, n, qat_targets, windows)
+
+
+def _all_groups(sites: list[AttentionSite], weights: dict[int, dict[str, torch.Tensor]], stats: list[SiteStats],
+               recipes: list[Recipe]) -> dict[tuple[str, str], list[Group]]:
+    """The SVD groups of every layer (:func:`layer_groups`), by (granularity, scaling)."""
+    groups = {}
+    for s in sites:
+        for key, layer in layer_groups(s, weights[s.layer], stats[s.layer], recipes).items():
+            groups.setdefault(key, []).extend(layer)
+    return groups
 
 
 def layer_groups(site: AttentionSite, weights: dict[str, torch.Tensor], stats: SiteStats, recipes: list[Recipe]
