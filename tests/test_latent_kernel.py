@@ -17,8 +17,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wsvd_kernels.latent_attention import CONFIGS as CONFIGS_TRITON
-from wsvd_kernels.latent_attention import default_num_splits, kernel_arguments, latent_decode_attention_triton
-from wsvd_kernels.reference import latent_decode_attention_reference, latent_decode_attention_torch
+from wsvd_kernels.latent_attention import (
+    default_num_splits,
+    kernel_arguments,
+    latent_decode_attention_triton,
+    paged_kernel_arguments,
+    paged_latent_decode_attention_triton,
+)
+from wsvd_kernels.reference import (
+    latent_decode_attention_reference,
+    latent_decode_attention_torch,
+    paged_latent_decode_attention_torch,
+)
 from wsvd_passes.algorithms.rope import rope_half_tables, rope_tables
 
 CUDA = torch.cuda.is_available()
@@ -267,3 +277,105 @@ def test_property_small_shapes(lengths, n_kv, group, half_dim, r_k, r_v, dtype, 
     assert_matches(latent_decode_attention_torch(**case), ref, case)
     if TRITON:
         assert_matches(latent_decode_attention_triton(**case, num_splits=num_splits), ref, case)
+
+
+PAGED_IMPLS = [pytest.param(paged_latent_decode_attention_triton, id="triton", marks=needs_triton),
+               pytest.param(paged_latent_decode_attention_torch, id="torch")]
+
+
+def paged_case(case, *, page_size=4, shared=False, seed=1):
+    """The strided case moved into shuffled pages of packed entries, as vLLM's latent cache holds them, and the
+    strided case it equals (per-head v ranks r_v - 7 h, v latents zeroed beyond them). An entry (one token): head
+    h's r_k,h k channels for every h (one latent for all: ``shared``), int8: their float32 scales as 4 bytes per
+    head, then the same for v, one spare column; offsets unaligned. Rows past a length and unused pages hold
+    NaN (int8: 127 and NaN-scale bytes)."""
+    gen = torch.Generator().manual_seed(seed)
+    ck, cv = case["ck"].clone(), case["cv"].clone()
+    batch, n_kv, max_len, r_k = ck.shape
+    r_v = cv.shape[-1]
+    int8 = ck.dtype == torch.int8
+    ranks_k = torch.count_nonzero(case["bk"].abs().sum(-1), dim=1).tolist()  # zero rows of bk past r_k,h
+    ranks_v = [max(1, r_v - 7 * h) for h in range(n_kv)]
+    for h, r in enumerate(ranks_v):
+        cv[:, h, :, r:] = 0
+    stored = 1 if shared else n_kv
+    if shared:
+        ck, cv = ck[:, :1].expand_as(ck), cv[:, :1].expand_as(cv)
+        ranks_k, ranks_v = [r_k] * n_kv, [r_v] * n_kv
+    parts, rows, width = [], {}, 0
+    for c, ranks, name in ((ck, ranks_k, "ck"), (cv, ranks_v, "cv")):
+        cols = [0] * n_kv if shared else torch.tensor([0, *ranks[:-1]]).cumsum(0).tolist()
+        parts += [c[:, h, :, :ranks[h]].cpu() for h in range(stored)]
+        scale_col = width + sum(ranks[:stored])
+        rows[name] = [width + col for col in cols], ranks, [scale_col + 4 * (0 if shared else h) for h in range(n_kv)]
+        width = scale_col
+        if int8:
+            parts.append(case[f"{name}_scale"][:, :stored].transpose(1, 2).contiguous().cpu().view(torch.int8))
+            width += 4 * stored
+    heads = [*rows["ck"][:2], *rows["cv"][:2], rows["ck"][2], rows["cv"][2]]
+    entries = torch.cat([*parts, torch.zeros(batch, max_len, 1, dtype=ck.dtype)], dim=-1)  # [B, L, C]
+    blocks = -(-max_len // page_size)
+    table = torch.randperm(batch * blocks + 3, generator=gen)[:batch * blocks].view(batch, blocks)
+    cache = torch.full((batch * blocks + 3, page_size, entries.shape[-1]), 127 if int8 else float("nan"),
+                       dtype=ck.dtype)
+    j = torch.arange(max_len)
+    valid = j < case["lengths"].cpu()[:, None]  # [B, L]
+    slots = table[:, j // page_size] * page_size + j % page_size
+    cache.view(-1, entries.shape[-1])[slots[valid]] = entries[valid]
+    strided = {**case, "ck": ck.contiguous(), "cv": cv.contiguous()}
+    if shared:
+        strided.update({n: strided[n][:, :1].expand_as(strided[n]).contiguous() for n in ("ck_scale", "cv_scale")
+                        if strided[n] is not None})
+    paged = {"q": case["q"], "cache": cache.to(DEVICE), "block_table": table.to(torch.int32).to(DEVICE),
+             "lengths": case["lengths"], "bk": case["bk"], "heads": torch.tensor(heads, dtype=torch.int32).to(DEVICE),
+             "cos": case["cos"], "sin": case["sin"], "max_len": max_len, "width_v": r_v, "scale": case["scale"],
+             "attention_scaling": case["attention_scaling"]}
+    return paged, strided
+
+
+@pytest.mark.parametrize("impl", PAGED_IMPLS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8-bf16"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_paged_equals_the_reference(impl, dtype, config):
+    """The latents read from shuffled pages of packed entries (unequal per-head ranks of any size, GQA 3:1 and
+    G = 1, lengths 1, 6 and 11 over pages of 4 tokens, float, bf16 and int8 entries with their scales as bytes)
+    give the float64 reference of the same latents held strided."""
+    paged, strided = paged_case(make_case([1, 6, 11], dtype=dtype, **_config(config)))
+    out = impl(**paged)
+    assert_matches(out, latent_decode_attention_reference(**strided), strided)
+
+
+@pytest.mark.parametrize("impl", PAGED_IMPLS)
+@pytest.mark.parametrize("dtype", ["float32", "int8-bf16"])
+def test_paged_shared_latent_and_splits(impl, dtype):
+    """A per-projection latent (one for every kv head: column 0 and one scale for all) in pages of 3 tokens,
+    several slices (Triton: 1 and 3), lengths 0, 5, 40."""
+    paged, strided = paged_case(make_case([0, 5, 40], dtype=dtype, **_config("gqa3-d64")), page_size=3, shared=True)
+    ref = latent_decode_attention_reference(**strided)
+    for num_splits in (1, 3):
+        assert_matches(impl(**paged, num_splits=num_splits), ref, strided)
+
+
+def test_paged_kernel_reads_the_pages_in_place():
+    """The paged launcher passes the cache and block table to the kernel as they are (no gather)."""
+    paged, _ = paged_case(make_case([3, 9], dtype="int8-bf16", **_config("gqa3-d64")))
+    _, args, constexprs, *_ = paged_kernel_arguments(**paged)
+    assert constexprs["PAGED"] and args[1] is paged["cache"] and args[9] is paged["block_table"]
+
+
+PAGED_BAD = {
+    "cache dims": (lambda c: {**c, "cache": c["cache"][0]}, "cache must be"),
+    "table rows": (lambda c: {**c, "block_table": c["block_table"][:1]}, "block_table must be"),
+    "max_len": (lambda c: {**c, "max_len": 10**6}, "max_len="),
+    "heads": (lambda c: {**c, "heads": c["heads"][:4]}, "heads must be"),
+    "bk": (lambda c: {**c, "bk": c["bk"][:, :, :10]}, "bk must be"),
+}
+
+
+@pytest.mark.parametrize("impl", PAGED_IMPLS)
+@pytest.mark.parametrize("bad", list(PAGED_BAD))
+def test_paged_bad_inputs_raise(impl, bad):
+    make_bad, message = PAGED_BAD[bad]
+    paged, _ = paged_case(make_case([3, 4], **_config("gqa3-d64")))
+    with pytest.raises(ValueError, match=message):
+        impl(**make_bad(paged))

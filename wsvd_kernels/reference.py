@@ -13,7 +13,8 @@ to float32 as the model computes it (:func:`wsvd_passes.algorithms.rope.rope_hal
 dequantised per (token, head): ``C = int8 * scale[b, h, j]``. Cache rows ``j >= lengths[b]`` may
 hold anything, infinities included, and never reach the result (a sequence of length 0 gives zeros).
 Both functions share the signature of :func:`wsvd_kernels.latent_attention.latent_decode_attention_triton`;
-``num_splits`` only matters there.
+``num_splits`` only matters there. :func:`paged_latent_decode_attention_torch` is the same math over latents
+kept in vLLM-style pages (the Triton kernel's ``PAGED`` variant reads them in place; this version gathers).
 """
 
 from __future__ import annotations
@@ -87,6 +88,73 @@ def check_latent_args(q, ck, bk, cv, lengths, cos, sin, ck_scale=None, cv_scale=
     return LatentDims(batch, n_q, n_kv, max_len, r_k, cv.shape[-1], head_dim)
 
 
+def check_paged_args(q, cache, block_table, lengths, bk, heads, cos, sin, max_len, width_v,
+                     num_splits=None) -> LatentDims:
+    """Validate a paged call's arguments (:func:`paged_latent_decode_attention_torch`); one-line ValueError."""
+    if q.dim() != 3 or not q.is_floating_point():
+        raise ValueError(f"q must be floating point [B, n_q, D], got {q.dtype} {list(q.shape)}")
+    batch, n_q, head_dim = q.shape
+    if head_dim % 2:
+        raise ValueError(f"head dim D must be even for RoPE, got {head_dim}")
+    if cache.dim() != 3 or not (cache.is_floating_point() or cache.dtype == torch.int8):
+        raise ValueError(f"cache must be float or int8 pages [blocks, page size, entry], got {cache.dtype} "
+                         f"{list(cache.shape)}")
+    if block_table.dim() != 2 or block_table.shape[0] != batch or block_table.is_floating_point():
+        raise ValueError(f"block_table must be an integer tensor [B={batch}, blocks], got {block_table.dtype} "
+                         f"{list(block_table.shape)}")
+    if max_len < 0 or block_table.shape[1] * cache.shape[1] < max_len:
+        raise ValueError(f"max_len={max_len} must be >= 0 and within the block table's {block_table.shape[1]} pages "
+                         f"of {cache.shape[1]} tokens")
+    if bk.dim() != 3 or bk.shape[2] != head_dim or not bk.is_floating_point() or bk.shape[0] == 0 or n_q % bk.shape[0]:
+        raise ValueError(f"bk must be floating point [n_kv, w_k, D={head_dim}] with n_kv dividing n_q={n_q}, "
+                         f"got {bk.dtype} {list(bk.shape)}")
+    n_kv = bk.shape[0]
+    if tuple(heads.shape) != (6, n_kv) or heads.is_floating_point():
+        raise ValueError(f"heads must be an integer tensor [6, n_kv={n_kv}] (k column, k rank, v column, v rank, "
+                         f"k scale byte, v scale byte), got {heads.dtype} {list(heads.shape)}")
+    if tuple(lengths.shape) != (batch,) or lengths.is_floating_point() or lengths.is_complex():
+        raise ValueError(f"lengths must be an integer tensor [B={batch}], got {lengths.dtype} {list(lengths.shape)}")
+    if width_v < 1:
+        raise ValueError(f"width_v must be >= 1, got {width_v}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dim() != 2 or t.shape[0] < max_len or t.shape[1] != head_dim // 2 or not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating point table [L_rope >= max_len={max_len}, "
+                             f"D/2={head_dim // 2}], got {t.dtype} {list(t.shape)}")
+    for name, t in (("cache", cache), ("block_table", block_table), ("lengths", lengths), ("bk", bk),
+                    ("heads", heads), ("cos", cos), ("sin", sin)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q is on {q.device}")
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    return LatentDims(batch, n_q, n_kv, max_len, bk.shape[1], width_v, head_dim)
+
+
+def gather_pages(cache, block_table, heads, max_len: int, width_k: int, width_v: int):
+    """Pages -> the strided latents of :func:`latent_decode_attention_torch`: (ck [B, n_kv, L, w_k], ck_scale
+    [B, n_kv, L] or None, cv [B, n_kv, L, w_v], cv_scale), L = max_len, a copy.
+
+    Token j of sequence b is the entry e = cache[block_table[b, j // P], j % P] (cache [blocks, P, C]); kv head h
+    reads ck[b, h, j, i] = e[heads[0, h] + i] for i < heads[1, h] (its rank r_k,h), 0 for r_k,h <= i < w_k, and cv
+    likewise from heads[2, h], heads[3, h]; int8 entries hold each head's scale as the 4 bytes (float32) at
+    e[heads[4, h]] (k) and e[heads[5, h]] (v)."""
+    pages, columns = cache.shape[1:]
+    entries = cache[block_table[:, :-(-max_len // pages)].long()].flatten(1, 2)[:, :max_len]  # [B, L, C]
+    heads = heads.long()
+
+    def latent(col, rank, width):  # [B, n_kv, L, width]
+        i = torch.arange(width, device=cache.device)
+        c = entries[:, :, (col[:, None] + i).clamp(max=columns - 1)]  # [B, L, n_kv, width]
+        return c.masked_fill(i >= rank[:, None], 0).transpose(1, 2)
+
+    def scales(col):  # [B, n_kv, L]
+        raw = entries[:, :, col[:, None] + torch.arange(4, device=cache.device)].contiguous()
+        return raw.view(torch.float32)[..., 0].transpose(1, 2)
+
+    int8 = cache.dtype == torch.int8
+    return (latent(heads[0], heads[1], width_k), scales(heads[4]) if int8 else None,
+            latent(heads[2], heads[3], width_v), scales(heads[5]) if int8 else None)
+
+
 def _dequantise(c: torch.Tensor, c_scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     c = c.to(dtype)
     return c if c_scale is None else c * c_scale.to(dtype)[..., None]
@@ -137,3 +205,15 @@ def latent_decode_attention_torch(q, ck, bk, cv, lengths, cos, sin, *, scale, at
     p = torch.exp(s - m.masked_fill(m == float("-inf"), 0.0))  # exp(-inf) = 0 on masked tokens
     l = p.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(f32).tiny)  # l = 0 only for length 0, where p @ c_v = 0
     return ((p @ c_v) / l).reshape(dims.batch, dims.n_q, dims.r_v)
+
+
+def paged_latent_decode_attention_torch(q, cache, block_table, lengths, bk, heads, cos, sin, *, max_len, width_v,
+                                        scale, attention_scaling=1.0, num_splits=None) -> torch.Tensor:
+    """Decode attention over latents in pages: :func:`latent_decode_attention_torch` of :func:`gather_pages`,
+    float32 [B, n_q, width_v] (columns >= r_v,h of head h's query heads are 0). q [B, n_q, D], cache [blocks, P, C]
+    float or int8, block_table [B, >= ceil(max_len / P)], lengths [B] <= max_len, bk [n_kv, w_k, D] (rows >= r_k,h
+    of head h zero), heads [6, n_kv] (:func:`gather_pages`)."""
+    dims = check_paged_args(q, cache, block_table, lengths, bk, heads, cos, sin, max_len, width_v, num_splits)
+    ck, ck_scale, cv, cv_scale = gather_pages(cache, block_table, heads, max_len, dims.r_k, width_v)
+    return latent_decode_attention_torch(q, ck, bk, cv, lengths, cos, sin, scale=scale,
+                                         attention_scaling=attention_scaling, ck_scale=ck_scale, cv_scale=cv_scale)
