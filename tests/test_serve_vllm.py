@@ -104,25 +104,20 @@ def test_latent_backend_equals_the_float64_reference(through_op):
     """The latent backend over a paged cache (a prefill, a decode, and a 3-token chunk after 6 cached tokens; blocks
     shuffled, unwritten slots NaN) equals wsvd_kernels' float64 latent decode reference, query by query, for
     per-head latents of unequal ranks: the pages hold the packed real channels (garbage in the padding is dropped).
-    ``op``: the decode goes through ``wsvd::latent_attention`` on the gathered pages (vLLM's WsvdAttention with no
-    k bias), and under TRITON_INTERPRET=1 the Triton kernel on the same operands gives the same attention."""
+    ``op``: the decode goes through ``wsvd::paged_latent_attention`` on the cache itself and the block table (vLLM's
+    WsvdAttention with no k bias; entries located by ``format.latent_cache_heads``), and under TRITON_INTERPRET=1 the
+    paged Triton kernel on the same pages gives the same attention."""
     from wsvd_kernels.reference import latent_decode_attention_reference, rotate_half
     from wsvd_passes.algorithms.rope import rope_half_tables
-    from wsvd_passes.serve.format import latent_cache_layout
-    from wsvd_passes.serve.latent_cache import (
-        LatentMetadata,
-        WsvdLatentImpl,
-        latent_decode,
-        latent_heads,
-        pack_latent,
-        unpack_latent,
-    )
+    from wsvd_passes.serve.format import latent_cache_heads, latent_cache_layout
+    from wsvd_passes.serve.latent_cache import LatentMetadata, WsvdLatentImpl, latent_decode, pack_latent, unpack_latent
 
     g = torch.Generator().manual_seed(0)
     n_q, n_kv, D, block = 6, 2, 16, 4
     ranks = {"k": [5, 2], "v": [3, 7]}
-    layout = latent_cache_layout({"granularity": "head", "layers": [{p: {"ranks": r, "width": max(r)}
-                                                                      for p, r in ranks.items()}]}, 0)
+    block_info = {"granularity": "head", "layers": [{p: {"ranks": r, "width": max(r)} for p, r in ranks.items()}]}
+    layout = latent_cache_layout(block_info, 0)
+    heads = torch.tensor(latent_cache_heads(block_info, 0, n_kv), dtype=torch.int32)
     (w_k, w_v), (m_k, m_v) = (max(r) for r in ranks.values()), (layout[p][1] for p in ranks)
     channels = {p: torch.tensor(layout[p][0]) for p in ranks}
     up = {}
@@ -162,23 +157,25 @@ def test_latent_backend_equals_the_float64_reference(through_op):
     metadata = LatentMetadata(sum(new), starts, lengths, tables, torch.tensor(slots))
     decoded = []
 
-    def decode(q, entries_k, entries_v, lengths):  # WsvdAttention.decode_latent's math
-        heads = [latent_heads(e, channels[p], layout[p][1], n_kv * w, n_kv, per_head=True, int8=False)
-                 for e, p, w in ((entries_k, "k", w_k), (entries_v, "v", w_v))]
-        decoded.append((q, heads, lengths))
-        return latent_decode(q, *heads, lengths, bk.transpose(1, 2), bv.transpose(1, 2), None, cos, sin, D**-0.5)
+    def decode(q, pages, table, lengths, max_len):  # WsvdAttention.decode_latent's math
+        decoded.append((q, pages, table, lengths, max_len))
+        return latent_decode(q, pages, table, lengths, max_len, heads, bk.transpose(1, 2), bv.transpose(1, 2), None,
+                             cos, sin, D**-0.5)
 
     layer = SimpleNamespace(rebuild=rebuild, decode=decode if through_op else None)
     WsvdLatentImpl(n_q, D, D**-0.5, n_kv).forward(layer, q, key, value, cache, metadata, out)
     assert len(decoded) == through_op  # one batch of decode requests (request 1)
+    if decoded:
+        step_q, pages, table, step_lengths, max_len = decoded[0]
+        assert pages.data_ptr() == cache.data_ptr() and table.tolist() == tables[1:2, :3].tolist()  # no gather
     if decoded and os.environ.get("TRITON_INTERPRET") == "1":
-        from wsvd_kernels.latent_attention import latent_decode_attention_triton
-        from wsvd_kernels.reference import latent_decode_attention_torch
+        from wsvd_kernels.latent_attention import paged_latent_decode_attention_triton
+        from wsvd_kernels.reference import paged_latent_decode_attention_torch
 
-        step_q, ((ck_, _), (cv_, _)), step_lengths = decoded[0]
-        args = (step_q, ck_, bk, cv_, step_lengths, cos, sin)
-        torch.testing.assert_close(latent_decode_attention_triton(*args, scale=D**-0.5),
-                                   latent_decode_attention_torch(*args, scale=D**-0.5), rtol=1e-4, atol=1e-4)
+        args = (step_q, pages, table, step_lengths, bk, heads, cos, sin)
+        kwargs = {"max_len": max_len, "width_v": w_v, "scale": D**-0.5}
+        torch.testing.assert_close(paged_latent_decode_attention_triton(*args, **kwargs),
+                                   paged_latent_decode_attention_torch(*args, **kwargs), rtol=1e-4, atol=1e-4)
     group = n_q // n_kv
     for b, (n, s) in enumerate(zip(lengths, new)):
         for i in range(s):
@@ -208,6 +205,39 @@ def test_int8_cache_entries_hold_the_quantised_latent(bits, group):
     got = int8_latent(entry, channels, sum(ranks) + 1, len(ranks) * w, torch.bfloat16)
     assert torch.equal(got, fake_quant_activation(c, bits, group=group))
     assert entry[:, :sum(ranks) + 1].abs().max() <= 2 ** (bits - 1) - 1
+
+
+@pytest.mark.parametrize("granularity", ["head", "projection"])
+def test_int8_cache_entries_are_read_at_latent_cache_heads(granularity):
+    """The paged kernel's view of an int8 entry [codes_k | scales_k | codes_v | scales_v]
+    (``format.latent_cache_heads``: each kv head's columns, rank and scale bytes) gives back, per head, the quantised
+    latent the up-projection reads: 3 heads of width 5 with k ranks [5, 2, 4], v ranks [3, 5, 1], or one projection
+    latent of width 7."""
+    from wsvd_kernels.reference import gather_pages
+    from wsvd_passes.algorithms.quantize import fake_quant_activation
+    from wsvd_passes.serve.format import latent_cache_heads, latent_cache_layout
+    from wsvd_passes.serve.latent_cache import int8_entry
+
+    n_kv, tokens = 3, 6
+    ranks = {"k": [5, 2, 4], "v": [3, 5, 1]} if granularity == "head" else {"k": [7], "v": [7]}
+    block = {"granularity": granularity, "activation_bits": 8,
+             "layers": [{p: {"ranks": r, "width": max(r)} for p, r in ranks.items()}]}
+    layout = latent_cache_layout(block, 0)
+    gen = torch.Generator().manual_seed(0)
+    entries, expected = [], {}
+    for p, r in ranks.items():
+        w, (channels, width) = max(r), layout[p]
+        keep = torch.zeros(len(r) * w, dtype=torch.bool).index_fill_(0, torch.tensor(channels), True)
+        c = torch.randn(tokens, len(r) * w, generator=gen) * keep
+        group = w if granularity == "head" else None
+        entries.append(int8_entry(c, 8, group, torch.tensor(channels), width))
+        expected[p] = fake_quant_activation(c, 8, group=group).view(tokens, -1, w).expand(tokens, n_kv, w)
+    cache = torch.cat(entries, -1)[:, None]  # pages of one token
+    heads = torch.tensor(latent_cache_heads(block, 0, n_kv), dtype=torch.int32)
+    ck, ck_scale, cv, cv_scale = gather_pages(cache, torch.arange(tokens)[None], heads, tokens, max(ranks["k"]),
+                                              max(ranks["v"]))
+    for p, c, c_scale in (("k", ck, ck_scale), ("v", cv, cv_scale)):
+        torch.testing.assert_close((c.float() * c_scale[..., None])[0].transpose(0, 1), expected[p], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("directory", [d for d in os.environ.get("WSVD_SERVE_ARTIFACTS", "").split(",") if d])

@@ -56,6 +56,32 @@ def latent_cache_scales(block: dict, layer: int) -> dict[str, int]:
     return {p: len(block["layers"][layer][p]["ranks"]) if block["granularity"] == "head" else 1 for p in ("k", "v")}
 
 
+def latent_cache_heads(block: dict, layer: int, n_kv: int, tp_size: int = 1, tp_rank: int = 0) -> list[list[int]]:
+    """Where each of the rank's ``n_kv`` kv heads finds its latents in a cache entry of ``layer``, as the paged kernel
+    reads it: rows (k column, k rank, v column, v rank, k scale column, v scale column) [6][n_kv], in entry elements
+    (bytes for an int8 cache; the scale columns unread by a float one).
+
+    The entry is [c_k (width_k) | scales_k (SCALE_BYTES g_k) | c_v (width_v) | scales_v] (``latent_cache_layout``,
+    ``latent_cache_scales``; no scales in a float cache). Per-head factors: head h's r_p,h real channels are
+    consecutive in the packed c_p, its scale the h-th; a per-projection latent: column 0, rank r_p and the one scale
+    for every head."""
+    layout, scales = latent_cache_layout(block, layer, tp_size, tp_rank), latent_cache_scales(block, layer)
+    rows, start = {}, 0
+    for p in ("k", "v"):
+        channels, width = layout[p]
+        if block["granularity"] == "head":
+            head = [c // block["layers"][layer][p]["width"] for c in channels]  # the local head of each kept channel
+            ranks = [head.count(h) for h in range(n_kv)]
+            cols = [start + (head.index(h) if ranks[h] else 0) for h in range(n_kv)]
+            scale_cols = [start + width + SCALE_BYTES * h for h in range(n_kv)]
+        else:
+            ranks, cols, scale_cols = [width] * n_kv, [start] * n_kv, [start + width] * n_kv
+        rows[p] = cols, ranks, scale_cols
+        start += width + SCALE_BYTES * scales.get(p, 0)
+    (cols_k, ranks_k, scales_k), (cols_v, ranks_v, scales_v) = rows["k"], rows["v"]
+    return [cols_k, ranks_k, cols_v, ranks_v, scales_k, scales_v]
+
+
 def check_block(block) -> dict:
     """The ``wsvd`` block of a served config, or ValueError naming the problem and the fix (vLLM shows it at load)."""
     if not isinstance(block, dict) or block.get("format") != FORMAT:

@@ -17,10 +17,10 @@ with L = seq_lens[b] cached tokens and S new queries (positions L-S .. L-1)::
     out[s, i] = softmax_j<=L-S+s(scale q[s, i] . K[j, i // G]) V[j, i // G]      (causal, GQA, G = n_q / n_kv)
 
 ``wsvd::latent_attention``'s math (decode) for any number of queries per request, in PyTorch. Requests with one
-new query (decode steps) go, when the layer gives a ``decode`` (no k bias), as one batch through the op itself
-(``torch.ops.wsvd.latent_attention``: the Triton flash-decoding kernel on CUDA, its PyTorch implementation on the
-CPU) on their pages gathered into [B, L_max, entry] (a copy of the latents the kernel then reads once more:
-the kernel takes strided, not paged, caches).
+new query (decode steps) go, when the layer gives a ``decode`` (no k bias), as one batch through
+``torch.ops.wsvd.paged_latent_attention`` with the layer's kv_cache and the requests' block-table rows: on CUDA
+the Triton flash-decoding kernel reads the latents from the pages in place (each entry once per step), on the
+CPU its PyTorch implementation gathers them first.
 The cache holds latents in the model dtype, or for quantised recipes bytes (``dtype=torch.int8``): each latent's
 int8 codes then its float32 scales (``format.latent_cache_scales``); the backend moves a token's entry as it
 is, and the layer's ``rebuild`` decodes it.
@@ -47,8 +47,8 @@ from .format import LATENT_BACKEND
 
 # (cached c_k [L, m_k], c_v [L, m_v], positions [L]) -> (K [L, n_kv D] with RoPE, V [L, n_kv D])
 Rebuild = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-# (q [B, n_q, D] with RoPE, cached k entries [B, L_max, .], v entries, lengths [B]) -> attention output [B, n_q, D]
-Decode = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (q [B, n_q, D] with RoPE, pages [blocks, P, C], block table [B, blocks], lengths [B], max_len) -> [B, n_q, D]
+Decode = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
 def pack_latent(c: torch.Tensor, channels: torch.Tensor, width: int) -> torch.Tensor:
@@ -79,36 +79,21 @@ def int8_latent(entry: torch.Tensor, channels: torch.Tensor, width: int, padded:
     return (codes.float() * scales[..., None]).flatten(1).to(dtype)
 
 
-def latent_heads(entries: torch.Tensor, channels: torch.Tensor, width: int, padded: int, n_kv: int, *,
-                 per_head: bool, int8: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Cache entries [B, L, .] of one latent -> ``wsvd::latent_attention``'s c [B, n_kv, L, w] (rank dim
-    contiguous; a per-projection latent expanded over the kv heads, not copied) and, for int8 entries
-    (:func:`int8_entry`), the scales [B, n_kv, L]."""
-    B, L = entries.shape[:2]
-    flat = entries.flatten(0, 1)
-    codes = unpack_latent(flat[:, :width] if int8 else flat, channels, padded)
-    scales = flat[:, width:].contiguous().view(torch.float32) if int8 else None  # [B L, groups]
-    if per_head:
-        return codes.view(B, L, n_kv, -1).transpose(1, 2), None if scales is None else scales.view(B, L, n_kv).mT
-    return (codes.view(B, 1, L, -1).expand(B, n_kv, L, -1),
-            None if scales is None else scales.view(B, 1, L).expand(B, n_kv, L))
+def latent_decode(q: torch.Tensor, pages: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor,
+                  max_len: int, heads: torch.Tensor, up_k: torch.Tensor, up_v: torch.Tensor,
+                  bias_v: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query per request, q [B, n_q, D] (RoPE applied), over the latents in ``pages`` [blocks, P, C] (request
+    b's token j at pages[block_table[b, j // P], j % P]; kv head h's channels, ranks and int8 scales at the columns
+    of ``heads`` [6, n_kv], ``format.latent_cache_heads``), ``lengths`` [B] <= max_len cached tokens, up-projections
+    up_p [n_kv, D, w_p] (no k bias), b_v [n_kv, D], rotate-half tables cos, sin [>= max_len, D/2] -> [B, n_q, D]:
+    ``wsvd::paged_latent_attention`` (bk[h] = U_k,h^T) gives o [B, n_q, w_v], the attention-weighted v latent,
+    then out_i = o_i U_v,h^T + b_v,h for query head i of kv head h (the weights sum to 1)."""
+    import lowering.ops  # noqa: F401  (registers wsvd::paged_latent_attention)
 
-
-def latent_decode(q: torch.Tensor, k: tuple, v: tuple, lengths: torch.Tensor, up_k: torch.Tensor,
-                  up_v: torch.Tensor, bias_v: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                  scale: float) -> torch.Tensor:
-    """One query per request, q [B, n_q, D] (RoPE applied), over latents k = (c_k, scale | None), v = (c_v, ...)
-    of :func:`latent_heads` with ``lengths`` [B] cached tokens, up-projections up_p [n_kv, D, w_p] (no k bias),
-    b_v [n_kv, D], rotate-half tables cos, sin [>= L_max, D/2] -> [B, n_q, D]: ``wsvd::latent_attention``
-    (bk[h] = U_k,h^T) gives o [B, n_q, w_v], the attention-weighted v latent, then out_i = o_i U_v,h^T + b_v,h
-    for query head i of kv head h (the weights sum to 1)."""
-    import lowering.ops  # noqa: F401  (registers wsvd::latent_attention)
-
-    (ck, ck_scale), (cv, cv_scale) = k, v
     B, n_q = q.shape[:2]
     n_kv = up_k.shape[0]
-    o = torch.ops.wsvd.latent_attention(q, ck, up_k.transpose(1, 2), cv, lengths, cos, sin, scale, 1.0,
-                                        ck_scale, cv_scale)  # float32 [B, n_q, w_v]
+    o = torch.ops.wsvd.paged_latent_attention(q, pages, block_table, lengths, up_k.transpose(1, 2), heads, cos, sin,
+                                              scale, 1.0, max_len, up_v.shape[-1])  # float32 [B, n_q, w_v]
     out = torch.einsum("bhgr,hdr->bhgd", o.view(B, n_kv, n_q // n_kv, -1), up_v.float())
     if bias_v is not None:
         out = out + bias_v.float()[:, None]
@@ -203,9 +188,8 @@ class WsvdLatentImpl(AttentionImpl[LatentMetadata]):
             rows = torch.tensor([m.query_start_loc[b] for b in steps], device=query.device)
             lengths = torch.tensor([m.seq_lens[b] for b in steps], device=query.device)
             longest = max(m.seq_lens[b] for b in steps)
-            pages = kv_cache[m.block_table[steps, :-(-longest // block_size)].long()]  # [B, blocks, 1, block, C]
-            entries = pages.flatten(1, 3)[:, :longest]  # [B, L_max, C]; rows past a request's length: unread
-            output[rows] = layer.decode(query[rows], entries[..., :width_k], entries[..., width_k:], lengths)
+            table = m.block_table[steps, :-(-longest // block_size)]  # [B, blocks]: the pages are read in place
+            output[rows] = layer.decode(query[rows], kv_cache[:, 0], table, lengths, longest)
         for b, length in enumerate(m.seq_lens):
             start, end = m.query_start_loc[b], m.query_start_loc[b + 1]
             if end == start or (layer.decode is not None and end - start == 1):

@@ -48,16 +48,8 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm.model_executor.utils import set_weight_attrs
 
 from ..algorithms.quantize import fake_quant_activation
-from .format import SCALE_BYTES, check_block, latent_cache_layout, latent_cache_scales
-from .latent_cache import (
-    LatentAttention,
-    int8_entry,
-    int8_latent,
-    latent_decode,
-    latent_heads,
-    pack_latent,
-    unpack_latent,
-)
+from .format import SCALE_BYTES, check_block, latent_cache_heads, latent_cache_layout, latent_cache_scales
+from .latent_cache import LatentAttention, int8_entry, int8_latent, latent_decode, pack_latent, unpack_latent
 
 ATTENTION_MIN_HEAD_DIM = 32  # the smallest head size of vLLM's CPU attention backend (CPU_ATTN)
 
@@ -134,6 +126,8 @@ class WsvdAttention(nn.Module):
             for p, (channels, _) in layout.items():  # the cached columns of c_p: buffers, on the model's device
                 self.register_buffer(f"{p}_cached", torch.tensor(channels, dtype=torch.long), persistent=False)
             entry = {p: self.cache_widths[p] + SCALE_BYTES * self.cache_scales.get(p, 0) for p in "kv"}
+            heads = latent_cache_heads(block, index, self.local["k"], tp, get_tensor_model_parallel_rank())
+            self.register_buffer("cache_heads", torch.tensor(heads, dtype=torch.int32), persistent=False)
             self.attn = LatentAttention(self.local["q"], D, D**-0.5, self.local["k"], (entry["k"], entry["v"]),
                                         self.rebuild_kv, cache_config, prefix=f"{prefix}.attn",
                                         dtype=torch.int8 if self.cache_scales else None,
@@ -187,18 +181,17 @@ class WsvdAttention(nn.Module):
             return int8_latent(entry, channels, self.cache_widths[p], padded, getattr(self, f"{p}_up").weight.dtype)
         return unpack_latent(entry, channels, padded)
 
-    def decode_latent(self, q: torch.Tensor, entries_k: torch.Tensor, entries_v: torch.Tensor,
-                      lengths: torch.Tensor) -> torch.Tensor:
-        """One query per request through ``wsvd::latent_attention`` (:func:`latent_decode`): q [B, n_q, D]
-        (RoPE applied), cache entries [B, L_max, .], lengths [B] -> [B, n_q, D]."""
+    def decode_latent(self, q: torch.Tensor, pages: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor,
+                      max_len: int) -> torch.Tensor:
+        """One query per request through ``wsvd::paged_latent_attention`` on the layer's pages (:func:`latent_decode`,
+        the entries located by ``format.latent_cache_heads``): q [B, n_q, D] (RoPE applied), pages [blocks, P, C],
+        block_table [B, >= ceil(max_len / P)], lengths [B] <= max_len -> [B, n_q, D]."""
         n_kv, D = self.local["k"], self.head_dim
-        heads = {p: latent_heads(e, getattr(self, f"{p}_cached"), self.cache_widths[p], self.padded[p], n_kv,
-                                 per_head=self.granularity == "head", int8=bool(self.cache_scales))
-                 for p, e in (("k", entries_k), ("v", entries_v))}
         cos, sin = self.rotary_emb.cos_sin_cache.float().chunk(2, dim=-1)
         bias = None if self.v_up.bias is None else self.v_up.bias.view(n_kv, D)
-        return latent_decode(q, heads["k"], heads["v"], lengths, self.k_up.weight.view(n_kv, D, -1),
-                             self.v_up.weight.view(n_kv, D, -1), bias, cos, sin, D**-0.5)
+        return latent_decode(q, pages, block_table, lengths, max_len, self.cache_heads,
+                             self.k_up.weight.view(n_kv, D, -1), self.v_up.weight.view(n_kv, D, -1), bias, cos, sin,
+                             D**-0.5)
 
     def rebuild_kv(self, c_k: torch.Tensor, c_v: torch.Tensor, positions: torch.Tensor):
         """Cache entries of k and v [L, .] at ``positions`` [L] -> K [L, n_kv D] (RoPE), V [L, n_kv D]: the padded
