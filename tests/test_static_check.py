@@ -1,5 +1,6 @@
-"""GPU readiness without a GPU: every launch variant of the latent kernel, compiled for sm_90 on this CPU,
-uses the tensor cores, spills nothing and fits in shared memory; the roofline model meets the design goals."""
+"""GPU readiness without a GPU: every launch variant of the latent kernel (strided and paged), compiled for sm_90
+on this CPU, uses the tensor cores, spills nothing and fits in shared memory; the roofline model meets the design
+goals."""
 
 import pytest
 
@@ -20,7 +21,8 @@ def test_every_variant_uses_tensor_cores_without_spills():
     result = static_check.static_check(archs=(90,), progress=False)
     split = [r for r in result["rows"] if r["kernel"] == "split"]
     variants = {r["variant"] for r in split}
-    assert {"bf16-g1", "bf16-g4", "int8-g1", "int8-g4", "shared-bf16-g1"} <= variants
+    assert {"bf16-g1", "bf16-g4", "int8-g1", "int8-g4", "shared-bf16-g1", "paged-bf16-g4", "paged-int8-g1",
+            "paged-int8-g4"} <= variants
     assert {r["rank"] for r in split} == {64, 45, MAX_RANK} and {r["block_n"] for r in split} == {
         c.kwargs["BLOCK_N"] for c in CONFIGS}
     for row in split:

@@ -7,7 +7,7 @@ dense flash decoding (SDPA over a bf16 K/V cache)
 
 latent kernel (:mod:`wsvd_kernels.latent_attention`), latents of rank r_k, r_v, e bytes per value
 (bf16 2, int8 1 + a float32 scale per token and head and latent):
-    bytes = B h_c L (r_k + r_v) e (+ int8: 2 * 4 B h_c L)  + bk + q + out
+    bytes = B h_c L (r_k + r_v) e (+ int8: 2 * 4 B h_c L)  + bk + q + out  (+ paged: 4 B ceil(L / P), block tables)
     h_c = n_kv per-head latents; 1 for a latent shared by every kv head (read from HBM once per
     sequence, then from L2 by each kv head's program); a joint (QSVD) latent serves K and V: r_v = r_k,
     stored once. At equal cache bytes a joint latent has rank 2 n_kv r, so rebuilding every head's
@@ -62,10 +62,11 @@ def dense_step(batch: int, n_q: int, n_kv: int, head_dim: int, seq_len: int) -> 
     return Step(cache + io, batch * n_q * seq_len * 4 * head_dim, 0.0)
 
 
-def latent_step(batch: int, n_q: int, n_kv: int, head_dim: int, seq_len: int, rank_k: int, rank_v: int,
-                latent: str = "bf16", joint: bool = False) -> Step:
+def latent_step(batch: int, n_q: int, n_kv: int, head_dim: int, seq_len: int, rank_k: float, rank_v: float,
+                latent: str = "bf16", joint: bool = False, page_size: int | None = None) -> Step:
     """The fused latent kernel (``latent`` "bf16" or "int8"; ``joint``: one latent of rank ``rank_k`` for
-    K and V of every kv head, ``rank_v`` ignored)."""
+    K and V of every kv head, ``rank_v`` ignored; ranks may be per-head means of unequal ranks). ``page_size``: the
+    paged variant, which also reads each sequence's block table, 4 bytes per page (from HBM once, then L2)."""
     group = n_q // n_kv
     rank_v = rank_k if joint else rank_v
     tokens = batch * (1 if joint else n_kv) * seq_len
@@ -73,6 +74,8 @@ def latent_step(batch: int, n_q: int, n_kv: int, head_dim: int, seq_len: int, ra
     stored = (1 if joint else 2) * tokens
     cache = (rank_k if joint else rank_k + rank_v) * tokens * per_value + (stored * INT8_SCALE if latent == "int8" else 0)
     io = n_kv * rank_k * head_dim * BF16 + batch * n_q * head_dim * BF16 + batch * n_q * rank_v * 4
+    if page_size:
+        cache += batch * -(-seq_len // page_size) * 4
     rows = 0 if group == 1 else max(16, group)
     work = batch * n_kv * seq_len
     tensor = work * (2 * rank_k * head_dim + 2 * rows * head_dim + 2 * rows * rank_v)

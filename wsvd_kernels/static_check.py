@@ -2,8 +2,9 @@
 
 Each variant is one specialisation the op can launch: latent dtype (bf16, fp16, int8 with bf16 dots),
 GQA group G (1: the GEMV path; 4: tensor-core score and value dots), a shared latent (joint/per-projection
-factors: head stride 0), the rank r (64, and 45: not a multiple of 16; shared latents also at the kernel's
-largest, MAX_RANK), times every autotuner
+factors: head stride 0), the paged variant (latents read from vLLM pages of PAGE_SIZE tokens through a block
+table, entries of an odd width: no alignment to specialise on), the rank r (64, and 45: not a multiple of 16;
+shared latents also at the kernel's largest, MAX_RANK), times every autotuner
 configuration for the target (:func:`wsvd_kernels.latent_attention.configs_for`). The arguments are meta tensors of the target
 shape, specialised by Triton's own binder exactly as a launch would (dtypes, 16-byte alignment,
 divisibility of strides and sizes), then ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch,
@@ -38,6 +39,7 @@ from .latent_attention import (
     kernel_arguments,
     latent_split_kernel,
     merge_splits_kernel,
+    paged_kernel_arguments,
 )
 
 ARCHS = (90,)
@@ -45,6 +47,7 @@ SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # largest shared memory per block
 RANKS = (64, 45)
 HEAD_DIM = 128
 SHAPE = dict(batch=16, n_kv=32, max_len=8192)  # WSVD Table 5-7 decode shape (Llama-2-7B attention)
+PAGE_SIZE = 16  # vLLM's default block size on CUDA
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +57,7 @@ class Variant:
     group: int  # query heads per kv head
     shared: bool = False  # one latent read by every kv head (expanded view, head stride 0)
     extra_ranks: tuple = ()  # checked besides RANKS
+    paged: bool = False  # read from pages through a block table (vLLM's latent cache)
 
     @property
     def compute(self) -> torch.dtype:
@@ -62,7 +66,9 @@ class Variant:
 
 VARIANTS = (Variant("bf16-g1", "bfloat16", 1), Variant("bf16-g4", "bfloat16", 4), Variant("fp16-g4", "float16", 4),
             Variant("int8-g1", "int8", 1), Variant("int8-g4", "int8", 4),
-            Variant("shared-bf16-g1", "bfloat16", 1, True, (MAX_RANK,)))
+            Variant("shared-bf16-g1", "bfloat16", 1, True, (MAX_RANK,)),
+            Variant("paged-bf16-g4", "bfloat16", 4, paged=True), Variant("paged-int8-g1", "int8", 1, paged=True),
+            Variant("paged-int8-g4", "int8", 4, paged=True))
 
 
 def _tool(name: str) -> str:
@@ -81,11 +87,23 @@ def _binder():
 
 def variant_call(variant: Variant, rank: int, *, head_dim: int = HEAD_DIM, batch: int = SHAPE["batch"],
                  n_kv: int = SHAPE["n_kv"], max_len: int = SHAPE["max_len"]):
-    """Meta-tensor arguments of one op call of this variant: the launcher's own kernel_arguments()."""
+    """Meta-tensor arguments of one op call of this variant: the launcher's own kernel_arguments() (paged:
+    paged_kernel_arguments(), entries of every head's k and v channels, int8 scales, and one spare column)."""
     meta = dict(device="meta")
     dt = variant.compute
     latent_heads = 1 if variant.shared else n_kv
     latent_dtype = torch.int8 if variant.latent == "int8" else dt
+    q, bk = (torch.empty(batch, n_kv * variant.group, head_dim, dtype=dt, **meta),
+             torch.empty(n_kv, rank, head_dim, dtype=dt, **meta))
+    tables = (torch.empty(max_len, head_dim // 2, **meta), torch.empty(max_len, head_dim // 2, **meta))
+    if variant.paged:
+        entry = 2 * latent_heads * (rank + (4 if variant.latent == "int8" else 0)) + 1
+        blocks = max_len // PAGE_SIZE
+        return paged_kernel_arguments(
+            q, torch.empty(batch * blocks, PAGE_SIZE, entry, dtype=latent_dtype, **meta),
+            torch.empty(batch, blocks, dtype=torch.int32, **meta), torch.empty(batch, dtype=torch.int64, **meta), bk,
+            torch.empty(6, n_kv, dtype=torch.int32, **meta), *tables, max_len=max_len, width_v=rank,
+            scale=head_dim**-0.5)
 
     def latent():
         c = torch.empty(batch, latent_heads, max_len, rank, dtype=latent_dtype, **meta)
@@ -96,11 +114,8 @@ def variant_call(variant: Variant, rank: int, *, head_dim: int = HEAD_DIM, batch
     if variant.latent == "int8":
         scales = {n: torch.empty(batch, latent_heads, max_len, **meta).expand(batch, n_kv, max_len)
                   for n in ("ck_scale", "cv_scale")}
-    return kernel_arguments(
-        torch.empty(batch, n_kv * variant.group, head_dim, dtype=dt, **meta), ck,
-        torch.empty(n_kv, rank, head_dim, dtype=dt, **meta), cv, torch.empty(batch, dtype=torch.int64, **meta),
-        torch.empty(max_len, head_dim // 2, **meta), torch.empty(max_len, head_dim // 2, **meta),
-        scale=head_dim**-0.5, **scales)
+    return kernel_arguments(q, ck, bk, cv, torch.empty(batch, dtype=torch.int64, **meta), *tables,
+                            scale=head_dim**-0.5, **scales)
 
 
 def compile_kernel(fn, args: tuple, kwargs: dict, arch: int):
