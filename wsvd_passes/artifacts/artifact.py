@@ -195,19 +195,21 @@ def load(directory: str | Path, *, decode: bool = False, max_cache_len: int = 25
     weights_path = Path(directory) / "weights.safetensors"
     if not weights_path.is_file():
         raise WsvdError(f"{directory} has no weights.safetensors: the artifact is incomplete, compress again")
+    weights = read_weights(directory, manifest)  # a damaged file fails here, before the model is captured
     lm = model if isinstance(model, LoadedModel) else load_model(model or manifest["model"])
-    if fingerprint(capture_forward(lm.model)) != manifest.get("model_sha256"):
+    captured = capture_forward(lm.model)
+    if fingerprint(captured) != manifest.get("model_sha256"):
         raise WsvdError(f"the weights of {lm.name} are not the ones {directory} was compressed "
                         "from: pass the original checkpoint with --model")
-    captured = (capture_decode(lm.model, batch_size=batch_size, max_cache_len=max_cache_len) if decode
-                else capture_forward(lm.model))
+    if decode:
+        captured = capture_decode(lm.model, batch_size=batch_size, max_cache_len=max_cache_len)
     recipe, bits = _recipe(manifest), parse_bits(manifest["bits"])
     sites = find_sites(captured.gm)
     plan = placeholder_plan(sites, manifest, recipe.granularity) if recipe.factor else None
     targets = placeholder_targets(sites) if recipe.qat else None
     base_names = set(captured.gm.state_dict())
     Pipeline(recipe_passes(recipe, bits, plan, targets, replay=True))(captured)
-    _put_tensors(captured, read_weights(directory, manifest), base_names, directory)
+    _put_tensors(captured, weights, base_names, directory)
     return Artifact(lm, captured, manifest)
 
 
