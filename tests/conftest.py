@@ -7,6 +7,12 @@ import torch
 from hypothesis import settings
 
 os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+# Under pytest-xdist (`-n auto`, the README's command) the workers share the cores: each gets its share of
+# threads, for itself and the CLI subprocesses it starts, instead of every worker's OpenMP pool spinning on all.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _threads = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
 # Derandomised so that CI runs are reproducible; deadline off because exports take seconds.
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
 settings.load_profile("ci")

@@ -17,13 +17,15 @@ needs_binder = pytest.mark.skipif(not BINDER, reason="this Triton release lacks 
 
 
 @needs_binder
-def test_every_variant_uses_tensor_cores_without_spills():
-    result = static_check.static_check(archs=(90,), progress=False)
+@pytest.mark.parametrize("ranks", [(45,), pytest.param(static_check.RANKS, marks=pytest.mark.slow)])
+def test_every_variant_uses_tensor_cores_without_spills(ranks):
+    """Every variant and autotuner configuration; the default run at rank 45 (the 64-column block, masked: the
+    same tiles as rank 64 plus the masks), `-m slow` at every rank of ``static_check.RANKS``."""
+    result = static_check.static_check(archs=(90,), ranks=ranks, progress=False)
     split = [r for r in result["rows"] if r["kernel"] == "split"]
     variants = {r["variant"] for r in split}
-    assert {"bf16-g1", "bf16-g4", "int8-g1", "int8-g4", "shared-bf16-g1", "paged-bf16-g4", "paged-int8-g1",
-            "paged-int8-g4"} <= variants
-    assert {r["rank"] for r in split} == {64, 45, MAX_RANK} and {r["block_n"] for r in split} == {
+    assert variants == {v.name for v in static_check.VARIANTS}
+    assert {r["rank"] for r in split} == {*ranks, MAX_RANK} and {r["block_n"] for r in split} == {
         c.kwargs["BLOCK_N"] for c in CONFIGS}
     for row in split:
         assert row["tensor_core"] > 0, row
