@@ -13,7 +13,10 @@ all three steps.
 
 Gradients: :func:`collect_gradients` runs one backward pass per calibration
 sequence (a "sample") and reduces the per-sample gradients g of the next-token
-loss w.r.t. chosen weights. The built-in reduction is the diagonal Fisher
+loss w.r.t. chosen weights. The forward keeps each decoder layer's input only and
+backward recomputes the layer's activations from it
+(:class:`~wsvd_passes.graph.checkpoint.LayerCheckpointed`: the same gradients bit for bit,
+one layer's activations alive at a time). The built-in reduction is the diagonal Fisher
 F = E_samples[g * g]; a callback sees every per-sample gradient for other
 reductions (e.g. projections onto singular vectors for rank importance).
 
@@ -33,6 +36,7 @@ from tqdm.auto import tqdm
 
 from ..errors import WsvdError
 from ..graph.capture import CapturedGraph
+from ..graph.checkpoint import LayerCheckpointed
 from ..graph.graph_utils import copy_meta
 from ..graph.pipeline import GraphPass, Pipeline
 from ..graph.sites import PASSTHROUGH_MODULE_PREFIX as OBSERVER_PREFIX
@@ -186,6 +190,7 @@ def collect_gradients(
     if missing:
         raise WsvdError(f"no parameter named {missing[0]!r} in the captured graph: pass weight targets from the sites")
     saved = {name: p.requires_grad for name, p in params.items()}
+    run = LayerCheckpointed(gm)
     fisher = {t: torch.zeros_like(params[t], dtype=torch.float32) for t in targets}
     count = 0
     try:
@@ -198,7 +203,7 @@ def collect_gradients(
                 ids, labels = sample if isinstance(sample, tuple) else (sample, sample)
                 kwargs, labels = {"input_ids": ids[None].to(captured.device)}, labels[None]
             with torch.enable_grad():
-                loss = next_token_loss(gm(**kwargs), labels)
+                loss = next_token_loss(run(**kwargs), labels)
                 grads = torch.autograd.grad(loss, [params[t] for t in targets])
             grads = dict(zip(targets, grads))
             if on_sample is not None:
