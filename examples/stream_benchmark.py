@@ -2,10 +2,13 @@
 
     python examples/stream_benchmark.py --shape tinyllama-1.1b --dir /tmp/tinyllama-random --json stream.json
     python examples/stream_benchmark.py --shape llama-2-7b --dir /tmp/llama7b-random    # 13.5 GB of disk
+    python examples/stream_benchmark.py --shape llama-2-7b --layers 2 --dir /tmp/llama7b-2    # the 7B layer shape, 2 layers
 
 Writes the checkpoint once (one shard per layer, never more than a layer in memory), then runs the
 compression in a child process and reports its peak RSS (getrusage of the child), CPU seconds, wall
-time and wall seconds per layer, beside the checkpoint's bf16 and float32 sizes.
+time and wall seconds per layer, beside the checkpoint's bf16 and float32 sizes. ``--layers N`` keeps the shape's
+widths with N decoder layers: runs of two depths give the cost of one more layer (their difference), the streamed
+peak RSS does not grow with depth (``pytest -m slow tests/test_stream.py -k depth``).
 """
 
 import argparse
@@ -24,6 +27,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama-1.1b")
     parser.add_argument("--dir", required=True, help="checkpoint directory (written when it has no config.json)")
+    parser.add_argument("--layers", type=int, help="decoder layers (default: the shape's own)")
     parser.add_argument("--recipe", default="wsvd-noq")
     parser.add_argument("--calib-windows", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -31,8 +35,16 @@ def main() -> None:
     args = parser.parse_args()
 
     hidden, intermediate, layers, heads, kv_heads = SHAPES[args.shape]
+    if args.layers is not None:
+        if args.layers < 1:
+            sys.exit(f"error: --layers must be at least 1, not {args.layers}")
+        layers = args.layers
     path = Path(args.dir)
-    if not (path / "config.json").is_file():
+    if (path / "config.json").is_file():
+        written = json.loads((path / "config.json").read_text())["num_hidden_layers"]
+        if written != layers:
+            sys.exit(f"error: {path} holds a checkpoint of {written} layers, not {layers}: give another --dir")
+    else:
         write_random_checkpoint(path, hidden=hidden, intermediate=intermediate, layers=layers, heads=heads,
                                 kv_heads=kv_heads)
     size = json.loads((path / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
