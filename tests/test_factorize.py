@@ -145,6 +145,22 @@ def test_rank_accounting_matches_the_paper_formulas():
     assert report.ranks[0]["k"] == [r_k] and report.rho2 == pytest.approx(2 * r_k / (2 * 96))
 
 
+def test_releasing_plan_frees_the_group_matrices_and_plans_the_same_factors():
+    captured = fresh_forward("tiny-llama-gqa")
+    calib = calibrate(captured, torch.randint(0, 384, (4, 40)), [RECIPES["wsvd-noq"]], progress=False)
+    key = (RECIPES["wsvd-noq"].granularity, RECIPES["wsvd-noq"].scaling)
+    sigmas = [g.sigma for g in calib.groups[key]]
+    plan, report = factor_plan(calib, RECIPES["wsvd-noq"], 0.5)
+    released, released_report = factor_plan(calib, RECIPES["wsvd-noq"], 0.5, release=True)
+    for layer, factors in plan.items():
+        for p in "qkv":
+            assert torch.equal(released[layer].downs[p], factors.downs[p]) and torch.equal(released[layer].ups[p], factors.ups[p])
+    assert released_report.as_dict() == report.as_dict()
+    groups = calib.groups[key]
+    assert all(g.source.is_meta and g.U.is_meta and g.Vh.is_meta and g.scaling is None for g in groups)
+    assert all(g.sigma is s for g, s in zip(groups, sigmas, strict=True))
+
+
 def test_whitening_jitter_fallback_and_failure():
     gram = torch.zeros(4, 4, dtype=torch.float64)
     gram[0, 0] = gram[1, 1] = 1.0  # rank 2: not positive definite

@@ -114,6 +114,12 @@ class Group:
     def dense_params(self) -> int:
         return self.shape[0] * self.shape[1]
 
+    def shapes_only(self) -> Group:
+        """This group without its matrices (source, U, Vh on the meta device, no scaling): what rank allocation and the
+        factor report read (key, shape, sigma)."""
+        meta = {f: torch.empty(getattr(self, f).shape, device="meta") for f in ("source", "U", "Vh")}
+        return dataclasses.replace(self, scaling=None, **meta)
+
     def factors(self, kept: torch.Tensor, beta: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
         """(up [m, r], down [r, E]) float64 for kept component indices."""
         s = self.sigma[kept]

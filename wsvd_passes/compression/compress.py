@@ -73,10 +73,13 @@ def calibrate(
     weights = {s.layer: {p: tensor_attr(captured.gm, getattr(s, f"{p}_proj").weight).detach() for p in PROJECTIONS}
                for s in sites}
     # the accumulators keep the float32 directions they read; the float64 groups (whitening factors and SVDs, 0.3 GB on
-    # SmolLM2-135M) are not held through the gradients but made again after them, the same bit for bit
+    # SmolLM2-135M) are made one layer at a time, not held through the gradients, and made again after them, the same
+    # bit for bit
     importance = [r for r in recipes if r.factor and r.allocation == "importance"]
-    accumulators = {key: ImportanceAccumulator(groups, sites[0].head_dim)
-                    for key, groups in _all_groups(sites, weights, stats, importance).items()}
+    accumulators: dict[tuple[str, str], list[ImportanceAccumulator]] = {}  # one per layer
+    for s in sites:
+        for key, groups in layer_groups(s, weights[s.layer], stats[s.layer], importance).items():
+            accumulators.setdefault(key, []).append(ImportanceAccumulator(groups, s.head_dim))
     release_memory()
     fisher, n, qat_targets = {}, 0, None
     samples = list(windows if grad_samples is None else windows[:grad_samples])
@@ -86,8 +89,9 @@ def calibrate(
 
         def on_sample(grads):
             by_proj = {targets[t]: g for t, g in grads.items()}
-            for acc in accumulators.values():
-                acc(by_proj)
+            for layers in accumulators.values():
+                for acc in layers:
+                    acc(by_proj)
             if rotated is not None:
                 rotated(by_proj)
 
@@ -98,7 +102,7 @@ def calibrate(
             qat_targets = rotated.targets({(s.layer, p): weights[s.layer][p] for s in sites for p in PROJECTIONS})
         del rotated
         release_memory()
-    scores = {key: acc.scores() for key, acc in accumulators.items()}
+    scores = {key: {k: v for acc in layers for k, v in acc.scores().items()} for key, layers in accumulators.items()}
     groups = _all_groups(sites, weights, stats, recipes)
     return Calibration(sites, stats, groups, scores, fisher, n, qat_targets, windows)
 
@@ -166,10 +170,12 @@ def allocate_ranks(groups: list[Group], scores: dict[tuple, torch.Tensor] | None
 
 
 def factor_plan(calib: Calibration, recipe: Recipe, rho1: float | None, rho2: float | None = None, *,
-                kept: Kept | None = None) -> tuple[dict[int, LayerFactors], FactorReport]:
+                kept: Kept | None = None, release: bool = False) -> tuple[dict[int, LayerFactors], FactorReport]:
     """Per-layer factors for ``recipe`` at parameter ratio ``rho1`` and/or cache ratio ``rho2`` (both None: full
     rank, exact); ``kept`` gives ranks allocated beforehand over more groups than ``calib`` holds (streamed
-    compression)."""
+    compression). ``release`` uses ``calib`` up: each layer's groups keep only their shapes and spectra
+    (:meth:`~wsvd_passes.algorithms.lowrank.Group.shapes_only`) once its factors are made, so their float64 whitening
+    factors and SVDs (0.3 GB on SmolLM2-135M) are freed layer by layer instead of held through the whole plan."""
     key = (recipe.granularity, recipe.scaling)
     if key not in calib.groups:
         raise WsvdError(f"recipe {recipe.name} was not part of this calibration: pass it to calibrate()")
@@ -180,8 +186,12 @@ def factor_plan(calib: Calibration, recipe: Recipe, rho1: float | None, rho2: fl
     plan, ranks, ft = {}, {}, {"loss_before": 0.0, "loss_after": 0.0} if recipe.finetune else None
     analysis = _Analysis()
     for site in calib.sites:
-        layer_groups = [g for g in groups if g.layer == site.layer]
-        plan[site.layer], ranks[site.layer] = _layer_factors(site, layer_groups, kept, recipe, calib, ft, analysis)
+        index = [j for j, g in enumerate(groups) if g.layer == site.layer]
+        plan[site.layer], ranks[site.layer] = _layer_factors(site, [groups[j] for j in index], kept, recipe, calib, ft,
+                                                             analysis)
+        if release:
+            for j in index:
+                groups[j] = groups[j].shapes_only()
     rho2_layers = [_cache_width(site, ranks[site.layer], recipe.granularity) / (2 * site.n_kv_heads * site.head_dim)
                    for site in calib.sites]
     rho1_layers = [achieved_rho1([g for g in groups if g.layer == s.layer], kept) for s in calib.sites]
@@ -277,7 +287,7 @@ def compress(captured: CapturedGraph, calib: Calibration | None, recipe: Recipe,
     """
     if in_place and recipe.heal_steps:
         raise WsvdError(f"recipe {recipe.name} heals against the uncompressed graph: compress a copy (in_place=False)")
-    plan, report = factor_plan(calib, recipe, rho1, rho2) if recipe.factor else (None, None)
+    plan, report = factor_plan(calib, recipe, rho1, rho2, release=in_place) if recipe.factor else (None, None)
     passes = recipe_passes(recipe, bits, plan, calib.qat_targets if calib else None, progress=progress,
                            heal_data=(LogitKL(captured), calib.windows) if calib else None)
     del plan  # held by FactorizeQKV until it has run

@@ -304,7 +304,7 @@ def calibrate_streamed(checkpoint: Checkpoint, windows: torch.Tensor, recipe: Re
         stats = collect_input_stats(captured, batches, progress=False)[0]
         store.put_stats(i, stats)
         store.put(f"input{i:05d}", {"hidden": hidden})
-        groups += [_shape_only(g) for g in layer_groups(site, _qkv_weights(captured, site), stats, [recipe])[key]]
+        groups += [g.shapes_only() for g in layer_groups(site, _qkv_weights(captured, site), stats, [recipe])[key]]
         with torch.no_grad():
             hidden = torch.cat([captured.gm(hidden_states=h) for h in hidden.split(1)])
         del captured, site, stats
@@ -317,12 +317,6 @@ def calibrate_streamed(checkpoint: Checkpoint, windows: torch.Tensor, recipe: Re
 
 def _qkv_weights(captured: CapturedGraph, site) -> dict[str, torch.Tensor]:
     return {p: tensor_attr(captured.gm, getattr(site, f"{p}_proj").weight).detach() for p in PROJECTIONS}
-
-
-def _shape_only(g: Group) -> Group:
-    """``g`` without its matrices: what rank allocation reads (key, shape, sigma)."""
-    meta = {f: torch.empty(getattr(g, f).shape, device="meta") for f in ("source", "U", "Vh")}
-    return dataclasses.replace(g, scaling=None, **meta)
 
 
 def _streamed_gradients(checkpoint: Checkpoint, windows: torch.Tensor, top: torch.Tensor, recipe: Recipe,
