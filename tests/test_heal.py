@@ -5,6 +5,7 @@ quantisers, artifacts reload the healed model exactly."""
 import copy
 import dataclasses
 import functools
+import itertools
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from wsvd_passes.cli import main
 from wsvd_passes.compression.compress import calibrate, compress, factor_plan
 from wsvd_passes.compression.recipes import RECIPES
 from wsvd_passes.eval.data import pydoc_text, token_windows
-from wsvd_passes.eval.evaluation import evaluate
+from wsvd_passes.eval.evaluation import MemoLogits, evaluate
 from wsvd_passes.graph.capture import capture_forward
 from wsvd_passes.graph.factor_spec import factor_spec
 from wsvd_passes.graph.graph_utils import tensor_attr
@@ -89,7 +90,7 @@ def test_healing_lowers_the_calibration_kl_and_reports_it_honestly():
 
 @pytest.mark.parametrize("recipe,bits", [("wsvd-heal-noq", "w16a16"), ("wsvd-heal", "w4a4")])
 def test_padding_stays_zero_and_only_factors_change(recipe, bits):
-    healed, report = _compressed(recipe, bits)
+    healed, _ = _compressed(recipe, bits)
     unhealed, _ = _compressed(recipe, bits, steps=0)
     factors = _factor_targets(healed.gm)
     before, after = unhealed.gm.state_dict(), healed.gm.state_dict()
@@ -216,3 +217,43 @@ def test_heal_steps_bad_input_gives_one_line(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_teacher_logits_are_computed_once_per_window_across_batches():
+    """Training batches draw windows in a new order each epoch: the dense logits are memoised per window, the
+    rows not seen yet computed in one call, and what comes back is what the model gives for that batch."""
+    calls = []
+
+    def fn(ids):
+        calls.append(len(ids))
+        return _base().gm(input_ids=ids)
+
+    teacher = MemoLogits(fn)
+    w = _windows()[:4]
+    first = teacher(w[[0, 1]])
+    again = teacher(w[[1, 2, 2, 0]])  # one new window, asked twice
+    assert calls == [2, 1]
+    with torch.no_grad():
+        direct = _base().gm(input_ids=w[[1, 2, 2, 0]])
+    assert torch.equal(again[3], first[0]) and torch.equal(again[1], again[2])
+    assert torch.allclose(again, direct, rtol=0, atol=1e-5)
+
+
+def test_learning_rate_warms_up_linearly_then_decays_by_a_cosine():
+    f = [heal.lr_factor(i, steps=20, warmup=0.1) for i in range(20)]
+    assert f[:2] == [0.5, 1.0]  # w = 2 warmup steps
+    assert all(a > b for a, b in itertools.pairwise(f[1:])) and 0 < f[-1] < 0.01  # strictly down, the last step still moves
+    assert f[2 + 18 // 2] == pytest.approx(0.5, abs=0.1)  # half-way down the cosine
+
+
+def test_training_kl_is_the_evaluated_kl_over_the_scored_positions():
+    """The training loss (float32, masked) is the mean KL over the positions evaluation scores (float64), with the
+    unscored (-100) labels left out, not averaged in."""
+    g = torch.Generator().manual_seed(0)
+    ref, logits = torch.randn(2, 6, 11, generator=g) * 3, torch.randn(2, 6, 11, generator=g) * 3
+    labels = torch.randint(0, 11, (2, 6), generator=g)
+    labels[0, 2:4] = labels[1, 5] = -100
+    keep = labels[:, 1:] != -100
+    p, q = (torch.log_softmax(x[:, :-1].double(), -1)[keep] for x in (ref, logits))
+    exact = float((p.exp() * (p - q)).sum(-1).mean())
+    assert float(heal.kl_loss(ref, logits, labels)) == pytest.approx(exact, rel=1e-6)

@@ -42,17 +42,32 @@ class EvalResult:
 
 
 class MemoLogits:
-    """``fn``'s logits computed once per distinct input (token ids, or image-text graph kwargs) and reused."""
+    """``fn``'s logits computed once per window and reused: token ids [B, S] are memoised row by row (the rows
+    not seen yet are computed in one call, so windows met again in other batches are not recomputed), image-text
+    graph kwargs as a whole. Holds float logits [S, V] per window: n windows x S x V x 4 bytes in float32."""
 
     def __init__(self, fn: Logits):
         self.fn, self.memo = fn, {}
 
     def __call__(self, inputs):
-        tensors = [inputs[k] for k in sorted(inputs)] if isinstance(inputs, dict) else [inputs]
-        key = tuple((tuple(t.shape), t.dtype, t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()) for t in tensors)
-        if key not in self.memo:
-            self.memo[key] = self.fn(inputs)
-        return self.memo[key]
+        if isinstance(inputs, dict):
+            key = tuple(_key(inputs[k]) for k in sorted(inputs))
+            if key not in self.memo:
+                self.memo[key] = self.fn(inputs)
+            return self.memo[key]
+        keys = [_key(row) for row in inputs]
+        first: dict[tuple, int] = {}  # each window not seen yet, at its first row in the batch
+        for i, k in enumerate(keys):
+            if k not in self.memo:
+                first.setdefault(k, i)
+        if missing := list(first.values()):
+            for i, row in zip(missing, self.fn(inputs[missing])):
+                self.memo[keys[i]] = row
+        return torch.stack([self.memo[k] for k in keys])
+
+
+def _key(t: torch.Tensor) -> tuple:
+    return tuple(t.shape), t.dtype, t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
 
 
 def evaluate(

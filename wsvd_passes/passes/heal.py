@@ -21,6 +21,12 @@ every ``clip_every`` steps) with a straight-through gradient; the graph's activa
 (latents per token per head included) are switched to their straight-through form while training.
 So the loss is the loss of the quantised graph that is deployed.
 
+Adam on the masters (S2 at its own rate), the learning rate warmed up linearly over the first
+``warmup`` fraction of the steps and then decayed by a cosine (:func:`lr_factor`); ``batch_size``
+windows per step, reshuffled each epoch. The dense model's logits are computed once per window and
+kept (:class:`~wsvd_passes.eval.evaluation.MemoLogits`): each step runs the compressed graph forward
+and backward only; the backward reaches the masters through the frozen weights (no weight gradients).
+
 A slice of the calibration windows (``val_fraction``, at least one) is held back: the validation
 loss is measured on the written (deployed) graph every ``eval_every`` steps, the best state is kept,
 and training stops after ``patience`` evaluations without improvement. The calibration loss is
@@ -81,7 +87,7 @@ class _Latent:
 
     def masks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Rank masks [n, r, 1] (rows of D) and [n, 1, r] (columns of U)."""
-        n, r = self.down_master.shape[:2]
+        r = self.down_master.shape[1]
         keep = (torch.arange(r, device=self.down_master.device) < torch.tensor(self.ranks, device=self.down_master.device)[:, None])
         keep = keep.to(self.down_master.dtype)
         return keep[:, :, None], keep[:, None, :]
@@ -138,18 +144,20 @@ class LogitKL:
 
     def __init__(self, reference: CapturedGraph):
         self.reference = reference
+        # the dense logits, computed once per window (training and scoring share them); the exact float logits
+        # are kept, not a top-k: n windows x S x V x 4 bytes (SmolLM2-135M, 64 windows of 256: 3.2 GB)
+        self.teacher = MemoLogits(lambda x: _call(reference.gm, x))
 
     def loss(self, gm: GraphModule, tensors: dict[str, torch.Tensor], batch, device: torch.device) -> torch.Tensor:
         kwargs, labels = split_batch(batch, device)
         inputs = kwargs if isinstance(batch, dict) else kwargs["input_ids"]
         with torch.no_grad():
-            ref = _call(self.reference.gm, inputs)
+            ref = self.teacher(inputs)
         return kl_loss(ref, _call_with(gm, tensors, inputs), labels)
 
     def scorer(self, device: torch.device, batch_size: int):
-        """``score(gm, data)``: the mean KL of ``gm`` over ``data`` (the dense logits computed once per window)."""
-        teacher = MemoLogits(lambda x: _call(self.reference.gm, x))
-        return lambda gm, data: evaluate(lambda x: _call(gm, x), data, reference=teacher, progress=False,
+        """``score(gm, data)``: the mean KL of ``gm`` over ``data``."""
+        return lambda gm, data: evaluate(lambda x: _call(gm, x), data, reference=self.teacher, progress=False,
                                          device=device, batch_size=batch_size).kl
 
 
@@ -181,10 +189,10 @@ class LayerOutputError:
 
 def kl_loss(ref_logits: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean over scored positions (t < S-1, label t+1 != -100) of KL(p_ref || p), float32, differentiable in ``logits``."""
-    keep = labels[:, 1:].to(logits.device) != -100
-    ref = F.log_softmax(ref_logits[:, :-1].float(), -1)[keep]
-    logp = F.log_softmax(logits[:, :-1].float(), -1)[keep]
-    return (ref.exp() * (ref - logp)).sum(-1).mean()
+    keep = (labels[:, 1:].to(logits.device) != -100).float()  # [B, S-1]; a mask, not an index: no scatter in the backward
+    ref = F.log_softmax(ref_logits[:, :-1].float(), -1)
+    logp = F.log_softmax(logits[:, :-1].float(), -1)
+    return ((ref.exp() * (ref - logp)).sum(-1) * keep).sum() / keep.sum()
 
 
 def _call(gm: torch.nn.Module, batch) -> torch.Tensor:
@@ -202,7 +210,7 @@ class Heal(GraphPass):
     """
 
     def __init__(self, objective: LogitKL | LayerOutputError, windows, *, steps: int, lr: float = 1e-5, weight_bits: int = 16,
-                 s2: bool = False, s2_lr: float = 1e-3, batch_size: int = 2, val_fraction: float = 0.125,
+                 s2: bool = False, s2_lr: float = 1e-3, warmup: float = 0.1, batch_size: int = 2, val_fraction: float = 0.125,
                  eval_every: int = 10, patience: int = 3, clip_every: int = 10, score_windows: int = 8, seed: int = 0,
                  progress: bool = False):
         if steps < 0:
@@ -211,6 +219,7 @@ class Heal(GraphPass):
             raise WsvdError(f"healing needs at least 2 calibration windows (one held back for validation), got {len(windows)}")
         self.objective, self.windows = objective, windows
         self.steps, self.lr, self.weight_bits, self.s2, self.s2_lr = steps, lr, weight_bits, s2, s2_lr
+        self.warmup = warmup
         self.batch_size, self.eval_every, self.patience, self.clip_every = batch_size, eval_every, patience, clip_every
         if not isinstance(windows, torch.Tensor):
             self.batch_size = 1  # image-text samples differ in length, layer samples are one window: one per step
@@ -235,6 +244,7 @@ class Heal(GraphPass):
         if rotations:
             groups.append({"params": rotations, "lr": self.s2_lr})
         opt = torch.optim.Adam(groups)
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(lr_factor, steps=self.steps, warmup=self.warmup))
         order = self._order()
         clips: dict[str, torch.Tensor] = {}
         straight = _StraightThrough(gm)
@@ -251,6 +261,7 @@ class Heal(GraphPass):
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                 opt.step()
+                schedule.step()
                 losses.append(loss.item())
                 if step % self.eval_every == 0 or step == self.steps:
                     train_history.append((step, sum(losses) / len(losses)))
@@ -274,7 +285,7 @@ class Heal(GraphPass):
         self._write(gm, latents)
         self.report.update({  # in place: holders of the pass's report see it filled
             "objective": self.objective.name, "steps": self.steps, "steps_taken": step, "best_step": best[1],
-            "lr": self.lr, "s2": bool(rotations), "batch_size": self.batch_size, "train_windows": len(self.train),
+            "lr": self.lr, "warmup": self.warmup, "s2": bool(rotations), "batch_size": self.batch_size, "train_windows": len(self.train),
             "val_windows": len(self.val), "calib_windows": len(scored), "calib_before": calib_before,
             "calib_after": score(scored), "val_before": val_before, "val_after": best[0], "val_history": history,
             "train_history": train_history,
@@ -335,6 +346,18 @@ class Heal(GraphPass):
                     t.copy_(saved)
                 if rotation is not None:
                     lat.rotation.load_state_dict(rotation)
+
+
+def lr_factor(i: int, *, steps: int, warmup: float) -> float:
+    """The learning rate of step i + 1 (i = 0 .. steps - 1) over the peak: linear warmup over the first
+    w = max(1, round(warmup * steps)) steps, then a cosine to zero,
+
+        f(i) = (i + 1) / w                                  for i < w
+        f(i) = (1 + cos(pi (i + 1 - w) / (steps + 1 - w))) / 2   otherwise (the last step still moves)."""
+    w = max(1, round(warmup * steps))
+    if i < w:
+        return (i + 1) / w
+    return 0.5 * (1 + math.cos(math.pi * (i + 1 - w) / (steps + 1 - w)))
 
 
 def _call_with(gm: GraphModule, tensors: dict[str, torch.Tensor], inputs) -> torch.Tensor:
