@@ -1,10 +1,19 @@
-"""Healing on SmolLM2-135M: wsvd-noq at rho1 0.5 without healing and with healing at the given STEPS:LR
-pairs (e.g. `python examples/heal_smollm2.py 60:1e-5 60:3e-5`), calibration 64 windows of the calibration half,
-evaluation 32 windows of the evaluation half (ppl, KL and top-1 against the uncompressed model, measured in the
-same run). Prints one JSON line per setting with wall and CPU seconds of its compression.
-The `wsvd table` equivalent: `wsvd table --model smollm2-135m --recipes wsvd-noq,wsvd-heal-noq --rho1 0.5`."""
+"""Healing on SmolLM2-135M, from a compressed artifact: evaluate the uncompressed model, the artifact and the
+artifact healed with each STEPS:LR:WARMUP:BATCH setting, all in one run (the dense logits computed once).
 
-import dataclasses
+    wsvd compress --model smollm2-135m --recipe wsvd-noq --rho1 0.5 --save-dtype float32 --no-stream --out runs/noq
+    python examples/heal_smollm2.py runs/noq 30:1e-4:0.1:2 30:3e-4:0.1:2
+
+Healing is the last pass of a `-heal` recipe, so healing the float32 artifact of `wsvd-noq` (or of `wsvd`, whose
+recorded bits put the weight quantiser and S2 in the loop) is what `compress` does for `wsvd-heal-noq` (`wsvd-heal`),
+with the setting given here instead of the recipe's. Calibration: 64 windows of the calibration half (the artifact's
+default), the last 8 held back for validation; evaluation: 32 windows of the evaluation half, measured after healing
+and never seen by it (choose settings by the validation KL in the healing report, not by these figures). Prints one
+JSON line per row: ppl, its ratio to fp, KL and top-1 against the uncompressed model, and for a healed row the
+healing's wall and CPU seconds (user + sys, all threads) and its report (calibration and validation KL, validation
+curve)."""
+
+import copy
 import json
 import sys
 import time
@@ -12,26 +21,45 @@ import time
 import torch
 
 from wsvd_passes.algorithms.quantize import parse_bits
-from wsvd_passes.compression.compress import calibrate, compress
-from wsvd_passes.compression.recipes import RECIPES
+from wsvd_passes.artifacts import artifact
 from wsvd_passes.eval.data import pydoc_text, token_windows
 from wsvd_passes.eval.evaluation import MemoLogits, evaluate
 from wsvd_passes.graph.capture import capture_forward
+from wsvd_passes.graph.pipeline import Pipeline
 from wsvd_passes.models.registry import load_model
+from wsvd_passes.passes.heal import Heal, LogitKL
 
+if len(sys.argv) < 3 or any(len(a.split(":")) != 4 for a in sys.argv[2:]):
+    sys.exit("error: usage: heal_smollm2.py ARTIFACT STEPS:LR:WARMUP:BATCH [...]")
 torch.set_num_threads(2)
 lm = load_model("smollm2-135m")
-calw = token_windows(lm.tokenizer, pydoc_text("calibration"), 256, 64)
-evw = token_windows(lm.tokenizer, pydoc_text("evaluation"), 256, 32)
+art = artifact.load(sys.argv[1], model=lm)
 base = capture_forward(lm.model)
-t = time.time(); r = RECIPES["wsvd-heal-noq"]
-calib = calibrate(base, calw, [r], progress=False); print("calib", time.time() - t, flush=True)
+calibration = art.manifest["calibration"]
+if calibration["source"] != "pydoc_data.topics:calibration":
+    sys.exit(f"error: {sys.argv[1]} was calibrated on {calibration['source']}; this script heals on the pydoc calibration half")
+calw = token_windows(lm.tokenizer, pydoc_text("calibration"), calibration["seq_len"], calibration["windows"])
+evw = token_windows(lm.tokenizer, pydoc_text("evaluation"), 256, 32)
 ref = MemoLogits(lambda ids: base.gm(input_ids=ids))
-fp = evaluate(ref, evw, progress=False); print("fp", fp.ppl, flush=True)
-for steps, lr in [(0, 0)] + [(int(a.split(":")[0]), float(a.split(":")[1])) for a in sys.argv[1:]]:
-    t = time.time(); c0 = time.process_time()
-    c, rep = compress(base, calib, dataclasses.replace(r, heal_steps=steps, heal_lr=lr or 1e-5), 0.5, parse_bits("w16a16"))
-    res = evaluate(lambda ids: c.gm(input_ids=ids), evw, reference=ref, progress=False)
-    print(json.dumps({"steps": steps, "lr": lr, "ppl": res.ppl, "kl": res.kl, "top1": res.top1, "rho2": rep.rho2,
-                      "wall": time.time() - t, "cpu": time.process_time() - c0, "heal": rep.heal}), flush=True)
-    del c
+fp = evaluate(ref, evw, progress=False)
+print(json.dumps({"row": "fp", "ppl": fp.ppl}), flush=True)
+
+
+def row(name, graph, **extra):
+    r = evaluate(lambda ids: graph.gm(input_ids=ids), evw, reference=ref, progress=False)
+    print(json.dumps({"row": name, "ppl": r.ppl, "x_fp": r.ppl / fp.ppl, "kl": r.kl, "top1": r.top1, **extra}), flush=True)
+
+
+recipe = art.manifest["recipe"]
+row(recipe["name"], art.captured)
+weight_bits = parse_bits(art.manifest["bits"]).weight if recipe["quantize"] else 16
+objective = LogitKL(base)
+for setting in sys.argv[2:]:
+    steps, lr, warmup, batch = setting.split(":")
+    graph = copy.deepcopy(art.captured)
+    p = Heal(objective, calw, steps=int(steps), lr=float(lr), warmup=float(warmup), batch_size=int(batch),
+             weight_bits=weight_bits, s2=recipe["qat"], s2_lr=recipe["qat_s2_lr"])
+    t, c = time.time(), time.process_time()
+    Pipeline([p])(graph)
+    row(f"{recipe['name']} healed {setting}", graph, wall=time.time() - t, cpu=time.process_time() - c, heal=p.report)
+    del graph

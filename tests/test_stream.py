@@ -128,7 +128,7 @@ def test_streamed_healing_lowers_each_layers_output_error_and_the_artifact_has_t
             if name.endswith(("q_proj.weight", "k_proj.weight")):
                 t.mul_(6)
     model.save_pretrained(tmp_path / "ckpt")
-    r = dataclasses.replace(RECIPES[recipe], heal_steps=20, heal_lr=1e-4, qat_steps=0)
+    r = dataclasses.replace(RECIPES[recipe], heal_steps=20, heal_lr=2e-4, qat_steps=0)
     windows = torch.randint(0, 384, (8, 33), generator=torch.Generator().manual_seed(5))
     out = tmp_path / "out"
     manifest = compress_checkpoint(tmp_path / "ckpt", windows, r, 0.3, parse_bits(bits), out, calibration={},
