@@ -131,7 +131,7 @@ def test_evaluation_and_validation_windows_never_train():
     compressed = copy.deepcopy(base)
     Pipeline([FactorizeQKV(plan)])(compressed)
     handles = [g.register_forward_pre_hook(spy, with_kwargs=True) for g in (base.gm, compressed.gm)]
-    pass_ = heal.Heal(heal.LogitKL(base), calib.windows, steps=6, batch_size=4, eval_every=3)
+    pass_ = heal.Heal(heal.LogitKL(base), calib.windows, steps=6, lr=1e-5, batch_size=4, eval_every=3)
     Pipeline([pass_])(compressed)
     for h in handles:
         h.remove()
@@ -175,7 +175,7 @@ def test_straight_through_gradient_reaches_down_projections_behind_the_latent_qu
     unhealed, _ = _compressed("wsvd-heal", "w4a4", steps=0)
     gm = copy.deepcopy(unhealed.gm)
     latents = heal._latents(gm, find_sites(gm), s2=False)
-    pass_ = heal.Heal(heal.LogitKL(_base()), _windows(), steps=1, weight_bits=4)
+    pass_ = heal.Heal(heal.LogitKL(_base()), _windows(), steps=1, lr=1e-5, weight_bits=4)
     ids = _windows()[:2]
     with torch.no_grad():
         ref = _base().gm(input_ids=ids)

@@ -209,7 +209,7 @@ class Heal(GraphPass):
     values before/after, the steps taken and the time.
     """
 
-    def __init__(self, objective: LogitKL | LayerOutputError, windows, *, steps: int, lr: float = 1e-5, weight_bits: int = 16,
+    def __init__(self, objective: LogitKL | LayerOutputError, windows, *, steps: int, lr: float, weight_bits: int = 16,
                  s2: bool = False, s2_lr: float = 1e-3, warmup: float = 0.1, batch_size: int = 2, val_fraction: float = 0.125,
                  eval_every: int = 10, patience: int = 3, clip_every: int = 10, score_windows: int = 8, seed: int = 0,
                  progress: bool = False):
