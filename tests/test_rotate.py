@@ -13,7 +13,7 @@ from wsvd_passes.eval.generation import greedy_generate
 from wsvd_passes.graph.capture import capture_decode, capture_forward
 from wsvd_passes.graph.pipeline import Pipeline, same_function
 from wsvd_passes.graph.residual import find_residual_stream
-from wsvd_passes.passes.rotate import OnlineHadamard, RotateResidual, RotateValueHeads
+from wsvd_passes.passes.rotate import OnlineHadamard, RotateResidual, RotateValueHeads, rotated_rows
 
 
 def _double_llama(heads, kv_heads, head_dim, bias, seed, layers=2):
@@ -52,6 +52,14 @@ def test_rotations_compute_the_same_function(kv_heads, gqa, head_dim, bias, seed
     same_function(rotated.gm, reference, inputs, atol=1e-6)
     same_function(rotated.reexport().module(), reference, inputs, atol=1e-6)
     assert not any(g for g in (n.gamma for n in find_residual_stream(rotated.gm).norms))  # gammas fused away
+
+
+def test_rotation_in_row_blocks_is_the_whole_product():
+    weight, gamma, S1 = torch.randn(37, 12), torch.rand(12, dtype=torch.float64) + 0.5, random_hadamard(12, seed=1)
+    for g in (None, gamma):
+        whole = ((weight.double() if g is None else weight.double() * g[None, :]) @ S1).float()
+        blocked = rotated_rows(weight, S1, g, rows=5)  # 8 blocks, the last of 2 rows
+        assert blocked.dtype == torch.float32 and torch.equal(blocked, whole)
 
 
 def test_hadamard_is_exactly_orthogonal_for_awkward_orders():

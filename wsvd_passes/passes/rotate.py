@@ -84,12 +84,12 @@ def _weight(gm: GraphModule, node: Node, index: int = 1) -> torch.Tensor:
     return tensor_attr(gm, node.args[index].target).detach().double()
 
 
-def _rotated_rows(gm: GraphModule, node: Node, index: int, S1: torch.Tensor, gamma: torch.Tensor | None = None,
-                  rows: int = 4096) -> torch.Tensor:
-    """(W diag(gamma)) S1 for W [n, E] = ``node``'s ``index``-th tensor, in float64 ``rows`` rows at a time and
-    returned in W's dtype: a [V, E] embedding table or LM head never has a whole float64 copy (8 V E bytes, and
-    as many for the product) alive, only one block's. Row i is computed exactly as in the whole product."""
-    weight = tensor_attr(gm, node.args[index].target).detach()
+def rotated_rows(weight: torch.Tensor, S1: torch.Tensor, gamma: torch.Tensor | None = None,
+                 rows: int = 4096) -> torch.Tensor:
+    """(W diag(gamma)) S1 for W [n, E], in float64 ``rows`` rows at a time and returned in W's dtype: a [V, E]
+    embedding table or LM head never has a whole float64 copy (8 V E bytes, and as many for the product) alive,
+    only one block's. Row i is computed as in the whole product (tested)."""
+    weight = weight.detach()
     out = torch.empty(weight.shape[0], S1.shape[1], dtype=weight.dtype, device=weight.device)
     for i in range(0, weight.shape[0], rows):
         block = weight[i:i + rows].double()
@@ -110,7 +110,7 @@ class RotateResidual(GraphPass):
         tied_heads = set()
         if is_call(stream.embedding, aten.embedding.default):
             tied_heads = set(logits_linears(gm)) if gm.meta.get(TIED_HEAD, False) else set()
-            replace_tensor_arg(gm, stream.embedding, 0, _rotated_rows(gm, stream.embedding, 0, S1), "rot")
+            replace_tensor_arg(gm, stream.embedding, 0, rotated_rows(tensor_attr(gm, stream.embedding.args[0].target), S1), "rot")
         elif not gm.meta.get(RESIDUAL_INPUT, False):  # a streamed layer's input arrives rotated
             _rotate_input(gm, stream.embedding, S1)
         for norm in stream.norms:
@@ -120,7 +120,7 @@ class RotateResidual(GraphPass):
                 if reader in tied_heads:  # the rotated table itself: one tensor, no float64 copies of E [V, E]
                     _keep_tied(gm, reader, tensor_attr(gm, stream.embedding.args[0].target), S1.T @ torch.diag(gamma) @ S1)
                 else:
-                    replace_tensor_arg(gm, reader, 1, _rotated_rows(gm, reader, 1, S1, gamma), "rot")
+                    replace_tensor_arg(gm, reader, 1, rotated_rows(tensor_attr(gm, reader.args[1].target), S1, gamma), "rot")
             if norm.gamma:
                 norm.out.replace_all_uses_with(norm.normalised)
                 gm.graph.erase_node(norm.out)
