@@ -24,7 +24,7 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _stack(thread_id: int, depth: int = 6) -> str:
+def _stack(thread_id: int, depth: int = 8) -> str:
     frame = sys._current_frames().get(thread_id)
     frames = traceback.extract_stack(frame)[-depth:] if frame is not None else []
     return " <- ".join(f"{f.filename.rpartition('site-packages/')[2]}:{f.lineno} {f.name}" for f in reversed(frames))
@@ -37,10 +37,10 @@ def run(argv: list[str]) -> int:
     def sample():
         while not state["done"]:
             rss = _rss()
-            if rss > state["peak"]:
-                state["peak"] = rss
+            if rss > state["peak"]:  # the stack at every new maximum, so the final one is where the peak is
+                state["peak"], state["where"] = rss, _stack(main_thread)
                 if rss > state["reported"] + STEP:
-                    state["reported"], state["where"] = rss, _stack(main_thread)
+                    state["reported"] = rss
                     print(f"[mem] {time.perf_counter() - start:7.1f} s {rss / 2**30:.2f} GiB  {state['where']}",
                           file=sys.stderr, flush=True)
             time.sleep(0.05)
@@ -50,7 +50,7 @@ def run(argv: list[str]) -> int:
         return main(argv)
     finally:
         state["done"] = True
-        print(f"[mem] peak {state['peak'] / 2**30:.2f} GiB after {time.perf_counter() - start:.0f} s, last reported at "
+        print(f"[mem] peak {state['peak'] / 2**30:.2f} GiB after {time.perf_counter() - start:.0f} s, at "
               f"{state['where']}", file=sys.stderr)
 
 

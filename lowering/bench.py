@@ -74,14 +74,15 @@ def _llama(shape: dict, device: str, dtype: torch.dtype, seed: int) -> torch.nn.
 def uniform_head_plan(decoder, rank_ratio: float):
     """Per-head factors of every q/k/v head at the uniform rank ``rank_ratio * head_dim`` (plain SVD)."""
     sites = find_sites(decoder.gm)
-    groups = []
+    weights, groups = {}, []
     for s in sites:
-        weights = {p: tensor_attr(decoder.gm, getattr(s, f"{p}_proj").weight).detach().double().cpu() for p in PROJECTIONS}
-        groups += split_groups(s.layer, weights, make_scaling(None, "none", s.hidden_size), "head", s.head_dim)
+        weights[s.layer] = {p: tensor_attr(decoder.gm, getattr(s, f"{p}_proj").weight).detach().double().cpu()
+                            for p in PROJECTIONS}
+        groups += split_groups(s.layer, weights[s.layer], make_scaling(None, "none", s.hidden_size), "head", s.head_dim)
     rank = max(1, round(rank_ratio * sites[0].head_dim))
     # rho1 that makes floor(rho1 * E H / (E + H)) equal the requested rank
     E, H = sites[0].hidden_size, sites[0].head_dim
-    calib = Calibration(sites, [], {("head", "none"): groups}, {}, {}, 0)
+    calib = Calibration(sites, [], weights, {("head", "none"): [g.shapes_only() for g in groups]}, {}, {}, 0)
     plan, report = factor_plan(calib, _UNIFORM_HEADS, min(1.0, (rank + 0.5) * (E + H) / (E * H)))
     device, dtype = tensor_attr(decoder.gm, sites[0].q_proj.weight).device, tensor_attr(decoder.gm, sites[0].q_proj.weight).dtype
     for f in plan.values():

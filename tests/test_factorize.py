@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from wsvd_passes.algorithms.lowrank import make_scaling, svd_group, whitening_factor
 from wsvd_passes.compression.calibration import InputStats
-from wsvd_passes.compression.compress import calibrate, factor_plan
+from wsvd_passes.compression.compress import calibrate, factor_plan, layer_groups
 from wsvd_passes.compression.recipes import RECIPES
 from wsvd_passes.errors import WsvdError
 from wsvd_passes.graph.capture import capture_forward
@@ -145,20 +145,25 @@ def test_rank_accounting_matches_the_paper_formulas():
     assert report.ranks[0]["k"] == [r_k] and report.rho2 == pytest.approx(2 * r_k / (2 * 96))
 
 
-def test_releasing_plan_frees_the_group_matrices_and_plans_the_same_factors():
+def test_calibration_keeps_group_shapes_only_and_the_plan_makes_each_layers_groups_again_bit_for_bit():
+    """The calibration holds no float64 group matrices; factor_plan makes each layer's again from its weights and
+    statistics, with the spectra that ranked them (so the kept components are the ones allocated)."""
     captured = fresh_forward("tiny-llama-gqa")
-    calib = calibrate(captured, torch.randint(0, 384, (4, 40)), [RECIPES["wsvd-noq"]], progress=False)
-    key = (RECIPES["wsvd-noq"].granularity, RECIPES["wsvd-noq"].scaling)
-    sigmas = [g.sigma for g in calib.groups[key]]
-    plan, report = factor_plan(calib, RECIPES["wsvd-noq"], 0.5)
-    released, released_report = factor_plan(calib, RECIPES["wsvd-noq"], 0.5, release=True)
-    for layer, factors in plan.items():
-        for p in "qkv":
-            assert torch.equal(released[layer].downs[p], factors.downs[p]) and torch.equal(released[layer].ups[p], factors.ups[p])
-    assert released_report.as_dict() == report.as_dict()
-    groups = calib.groups[key]
+    recipe = RECIPES["wsvd-noq"]
+    calib = calibrate(captured, torch.randint(0, 384, (4, 40)), [recipe], progress=False)
+    groups = calib.groups[(recipe.granularity, recipe.scaling)]
     assert all(g.source.is_meta and g.U.is_meta and g.Vh.is_meta and g.scaling is None for g in groups)
-    assert all(g.sigma is s for g, s in zip(groups, sigmas, strict=True))
+    for i, site in enumerate(calib.sites):
+        again = layer_groups(site, calib.weights[site.layer], calib.stats[i], [recipe])[(recipe.granularity, recipe.scaling)]
+        kept = [g for g in groups if g.layer == site.layer]
+        assert [g.key for g in again] == [g.key for g in kept]
+        assert all(torch.equal(a.sigma, k.sigma) for a, k in zip(again, kept, strict=True))
+    first, report = factor_plan(calib, recipe, 0.5)
+    second, report_again = factor_plan(calib, recipe, 0.5)
+    assert report_again.as_dict() == report.as_dict()
+    for layer, factors in first.items():
+        for p in "qkv":
+            assert torch.equal(second[layer].downs[p], factors.downs[p]) and torch.equal(second[layer].ups[p], factors.ups[p])
 
 
 def test_whitening_jitter_fallback_and_failure():

@@ -47,8 +47,11 @@ class Calibration:
     """Measurements shared by every recipe and ratio on one model and calibration set."""
 
     sites: list[AttentionSite]
-    stats: list[SiteStats]
-    groups: dict[tuple[str, str], list[Group]]  # (granularity, scaling) -> groups of all layers
+    stats: list[SiteStats | None]  # None: no statistics (recipes without scaling only)
+    weights: dict[int, dict[str, torch.Tensor]]  # layer -> proj -> dense weight [out, E] (the graph's, not copies)
+    # (granularity, scaling) -> groups of all layers, shapes and spectra only (Group.shapes_only): what rank allocation
+    # and the report read; factor_plan makes one layer's float64 matrices again at a time (the same bits)
+    groups: dict[tuple[str, str], list[Group]]
     scores: dict[tuple[str, str], dict[tuple, torch.Tensor]]  # importance per component
     fisher: dict[tuple[int, str], torch.Tensor]  # (layer, proj) -> E[g*g] [out, E]
     samples: int
@@ -57,7 +60,8 @@ class Calibration:
 
     def release(self) -> None:
         """Drop every measurement (one-shot compression, once its passes hold what they still read)."""
-        self.stats, self.groups, self.scores, self.fisher, self.qat_targets, self.windows = [], {}, {}, {}, None, None
+        self.stats, self.weights, self.groups, self.scores, self.fisher = [], {}, {}, {}, {}
+        self.qat_targets = self.windows = None
 
 
 def calibrate(
@@ -72,14 +76,16 @@ def calibrate(
     release_memory()  # the batches' activations and logits
     weights = {s.layer: {p: tensor_attr(captured.gm, getattr(s, f"{p}_proj").weight).detach() for p in PROJECTIONS}
                for s in sites}
-    # the accumulators keep the float32 directions they read; the float64 groups (whitening factors and SVDs, 0.3 GB on
-    # SmolLM2-135M) are made one layer at a time, not held through the gradients, and made again after them, the same
-    # bit for bit
-    importance = [r for r in recipes if r.factor and r.allocation == "importance"]
+    # the float64 groups (whitening factors and SVDs, 0.3 GB on SmolLM2-135M) are made one layer at a time: the
+    # accumulators keep the float32 directions they read, the calibration the shapes and spectra
+    importance = {(r.granularity, r.scaling) for r in recipes if r.factor and r.allocation == "importance"}
     accumulators: dict[tuple[str, str], list[ImportanceAccumulator]] = {}  # one per layer
+    groups: dict[tuple[str, str], list[Group]] = {}
     for s in sites:
-        for key, groups in layer_groups(s, weights[s.layer], stats[s.layer], importance).items():
-            accumulators.setdefault(key, []).append(ImportanceAccumulator(groups, s.head_dim))
+        for key, layer in layer_groups(s, weights[s.layer], stats[s.layer], recipes).items():
+            if key in importance:
+                accumulators.setdefault(key, []).append(ImportanceAccumulator(layer, s.head_dim))
+            groups.setdefault(key, []).extend(g.shapes_only() for g in layer)
     release_memory()
     fisher, n, qat_targets = {}, 0, None
     samples = list(windows if grad_samples is None else windows[:grad_samples])
@@ -103,29 +109,19 @@ def calibrate(
         del rotated
         release_memory()
     scores = {key: {k: v for acc in layers for k, v in acc.scores().items()} for key, layers in accumulators.items()}
-    groups = _all_groups(sites, weights, stats, recipes)
-    return Calibration(sites, stats, groups, scores, fisher, n, qat_targets, windows)
+    return Calibration(sites, stats, weights, groups, scores, fisher, n, qat_targets, windows)
 
 
-def _all_groups(sites: list[AttentionSite], weights: dict[int, dict[str, torch.Tensor]], stats: list[SiteStats],
-               recipes: list[Recipe]) -> dict[tuple[str, str], list[Group]]:
-    """The SVD groups of every layer (:func:`layer_groups`), by (granularity, scaling)."""
-    groups = {}
-    for s in sites:
-        for key, layer in layer_groups(s, weights[s.layer], stats[s.layer], recipes).items():
-            groups.setdefault(key, []).extend(layer)
-    return groups
-
-
-def layer_groups(site: AttentionSite, weights: dict[str, torch.Tensor], stats: SiteStats, recipes: list[Recipe]
+def layer_groups(site: AttentionSite, weights: dict[str, torch.Tensor], stats: SiteStats | None, recipes: list[Recipe]
                  ) -> dict[tuple[str, str], list[Group]]:
-    """The SVD groups of one layer's q/k/v ``weights`` for every (granularity, scaling) of ``recipes``."""
+    """The SVD groups of one layer's q/k/v ``weights`` for every (granularity, scaling) of ``recipes`` (deterministic:
+    made again from the same inputs, the same bits)."""
     groups = {}
     for r in (r for r in recipes if r.factor):
         key = (r.granularity, r.scaling)
         if key not in groups:
-            scaling = make_scaling(stats.qkv, r.scaling, site.hidden_size, alpha=r.alpha, where=f"layer {site.layer}",
-                                   device=stats.qkv.gram.device)
+            scaling = make_scaling(stats.qkv if stats else None, r.scaling, site.hidden_size, alpha=r.alpha,
+                                   where=f"layer {site.layer}", device=weights["q"].device)
             groups[key] = split_groups(site.layer, weights, scaling, r.granularity, site.head_dim)
     return groups
 
@@ -170,12 +166,11 @@ def allocate_ranks(groups: list[Group], scores: dict[tuple, torch.Tensor] | None
 
 
 def factor_plan(calib: Calibration, recipe: Recipe, rho1: float | None, rho2: float | None = None, *,
-                kept: Kept | None = None, release: bool = False) -> tuple[dict[int, LayerFactors], FactorReport]:
+                kept: Kept | None = None) -> tuple[dict[int, LayerFactors], FactorReport]:
     """Per-layer factors for ``recipe`` at parameter ratio ``rho1`` and/or cache ratio ``rho2`` (both None: full
     rank, exact); ``kept`` gives ranks allocated beforehand over more groups than ``calib`` holds (streamed
-    compression). ``release`` uses ``calib`` up: each layer's groups keep only their shapes and spectra
-    (:meth:`~wsvd_passes.algorithms.lowrank.Group.shapes_only`) once its factors are made, so their float64 whitening
-    factors and SVDs (0.3 GB on SmolLM2-135M) are freed layer by layer instead of held through the whole plan."""
+    compression). Ranks are allocated on the calibration's shapes and spectra; each layer's float64 groups (whitening
+    factors and SVDs) are made again from its weights and statistics when its factors are made, and freed after."""
     key = (recipe.granularity, recipe.scaling)
     if key not in calib.groups:
         raise WsvdError(f"recipe {recipe.name} was not part of this calibration: pass it to calibrate()")
@@ -185,13 +180,9 @@ def factor_plan(calib: Calibration, recipe: Recipe, rho1: float | None, rho2: fl
         kept = allocate_ranks(groups, calib.scores.get(key), recipe, rho1, rho2, cache_dense)
     plan, ranks, ft = {}, {}, {"loss_before": 0.0, "loss_after": 0.0} if recipe.finetune else None
     analysis = _Analysis()
-    for site in calib.sites:
-        index = [j for j, g in enumerate(groups) if g.layer == site.layer]
-        plan[site.layer], ranks[site.layer] = _layer_factors(site, [groups[j] for j in index], kept, recipe, calib, ft,
-                                                             analysis)
-        if release:
-            for j in index:
-                groups[j] = groups[j].shapes_only()
+    for i, site in enumerate(calib.sites):
+        layer = layer_groups(site, calib.weights[site.layer], calib.stats[i] if calib.stats else None, [recipe])[key]
+        plan[site.layer], ranks[site.layer] = _layer_factors(site, layer, kept, recipe, calib, ft, analysis)
     rho2_layers = [_cache_width(site, ranks[site.layer], recipe.granularity) / (2 * site.n_kv_heads * site.head_dim)
                    for site in calib.sites]
     rho1_layers = [achieved_rho1([g for g in groups if g.layer == s.layer], kept) for s in calib.sites]
@@ -287,7 +278,7 @@ def compress(captured: CapturedGraph, calib: Calibration | None, recipe: Recipe,
     """
     if in_place and recipe.heal_steps:
         raise WsvdError(f"recipe {recipe.name} heals against the uncompressed graph: compress a copy (in_place=False)")
-    plan, report = factor_plan(calib, recipe, rho1, rho2, release=in_place) if recipe.factor else (None, None)
+    plan, report = factor_plan(calib, recipe, rho1, rho2) if recipe.factor else (None, None)
     passes = recipe_passes(recipe, bits, plan, calib.qat_targets if calib else None, progress=progress,
                            heal_data=(LogitKL(captured), calib.windows) if calib else None)
     del plan  # held by FactorizeQKV until it has run

@@ -418,7 +418,7 @@ def compress_streamed(checkpoint: Checkpoint, calib: StreamedCalibration, recipe
         stats = calib.store.stats(i)
         fisher = calib.store.get(f"fisher{i:05d}") if recipe.finetune else {}
         targets = _qat_targets(calib.store, i) if recipe.qat else None
-        layer = Calibration([site], [stats], layer_groups(site, _qkv_weights(captured, site), stats, [recipe]),
+        layer = Calibration([site], [stats], {i: _qkv_weights(captured, site)}, {key: [g for g in calib.groups if g.layer == i]},
                             {key: calib.scores}, {(i, p): f for p, f in fisher.items()}, calib.samples, targets)
         plan, report = factor_plan(layer, recipe, rho1, kept=kept)
         passes = recipe_passes(recipe, bits, plan, targets, heal_data=(LayerOutputError(), samples) if samples else None)
