@@ -5,6 +5,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,8 +20,11 @@ from wsvd_passes.compression.compress import calibrate, compress, factor_plan
 from wsvd_passes.compression.recipes import RECIPES
 from wsvd_passes.compression.stream import Checkpoint, calibrate_streamed, compress_checkpoint, compress_streamed
 from wsvd_passes.errors import WsvdError
+from wsvd_passes.eval.mm_data import image_text_samples, load_items, sample_items
 
 MODEL = "tiny-llama-gqa"
+VLM = "tiny-llava"  # 1-D RoPE: streamed; tiny-qwen2-vl (multimodal RoPE) is refused
+DATA = Path(__file__).parent / "data" / "mc_synthetic" / "data.jsonl"
 WINDOWS = torch.randint(0, 384, (4, 33), generator=torch.Generator().manual_seed(3))
 
 
@@ -33,11 +37,38 @@ def checkpoint_dir(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("recipe", ["wsvd-noq", "svd-llm"])
-def test_streamed_calibration_gives_the_whole_models_ranks_and_factors(checkpoint_dir, recipe, tmp_path):
+@pytest.fixture(scope="module")
+def vlm_checkpoint_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vlm")
+    lm = tiny(VLM)
+    lm.model.save_pretrained(path)  # transformers writes LLaVA's legacy key names (language_model.model.*)
+    lm.processor.save_pretrained(path)
+    return path
+
+
+def calibration_data(request, model):
+    """(checkpoint directory, whole-model data, streamed data) of ``model``: the same text windows, or the image-text
+    samples of the whole model and those of the eager front read from the checkpoint (vision tower, projector, merge
+    into the embeddings), checked to be equal bit for bit and of different lengths (layer graphs of any length)."""
+    if model == MODEL:
+        return request.getfixturevalue("checkpoint_dir"), WINDOWS, WINDOWS
+    path = request.getfixturevalue("vlm_checkpoint_dir")
+    items = sample_items(load_items(DATA), 2, 0)  # what --calib-samples 2 draws
+    whole, streamed = image_text_samples(tiny(model), items), stream.front_samples(Checkpoint(path), items)
+    assert streamed[0]["labels"].shape != streamed[1]["labels"].shape
+    for mine, theirs in zip(streamed, whole):
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    return path, whole, streamed
+
+
+@pytest.mark.parametrize("model,recipe", [(MODEL, "wsvd-noq"), (MODEL, "svd-llm"), (VLM, "wsvd-noq")])
+def test_streamed_calibration_gives_the_whole_models_ranks_and_factors(model, recipe, tmp_path, request):
+    """Statistics, importance scores and the Fisher of the layer-wise backward (answer-only labels for the VLM) equal
+    the whole graph's; so do the ranks and the factors of the shards."""
     r = RECIPES[recipe]
-    whole = calibrate(tiny_forward(MODEL), WINDOWS, [r], progress=False)
-    streamed = calibrate_streamed(Checkpoint(checkpoint_dir), WINDOWS, r, tmp_path, progress=False)
+    checkpoint_dir, data, streamed_data = calibration_data(request, model)
+    whole = calibrate(tiny_forward(model), data, [r], progress=False)
+    streamed = calibrate_streamed(Checkpoint(checkpoint_dir), streamed_data, r, tmp_path, progress=False)
     plan, report = factor_plan(whole, r, 0.6)
     for key, s in whole.scores.get((r.granularity, r.scaling), {}).items():
         torch.testing.assert_close(streamed.scores[key], s, rtol=1e-4, atol=1e-12)
@@ -95,16 +126,67 @@ def test_streamed_wsvd_w8a8e8_is_the_whole_models_artifact(checkpoint_dir, tmp_p
     loaded = artifact.load(out)
     base = tiny_forward(MODEL)
     compressed, report = compress(base, calibrate(base, WINDOWS, [recipe], progress=False), recipe, 0.6, bits)
-    assert manifest["ranks"] == {str(k): v for k, v in report.ranks.items()}
-    whole = artifact.packed_changes(artifact.digests(base.gm), compressed.gm, torch.float32)[1]
-    assert manifest["storage"]["quantized"] == whole["quantized"]  # the same weights quantised, packed alike
+    whole = assert_same_compression(manifest, loaded, base, compressed, report)
     assert any("embed_tokens" in name for name in whole["quantized"])
     layers = len(manifest["ranks"])  # equal tensors of different shards are stored once (every MLP's Hadamard)
     assert sum(n.endswith("online_hadamard") for n in manifest["storage"]["aliases"]) == layers - 1
+
+
+def assert_same_compression(manifest, loaded, base, compressed, report) -> dict:
+    """The reloaded streamed artifact (``manifest``, ``loaded``) is the whole-model compression of ``base``
+    (``compressed``, ``report``): the same ranks, the same weights quantised and packed alike, every tensor equal to
+    float rounding. Returns the whole-model packing layout."""
+    assert manifest["ranks"] == {str(k): v for k, v in report.ranks.items()}
+    whole = artifact.packed_changes(artifact.digests(base.gm), compressed.gm, torch.float32)[1]
+    assert manifest["storage"]["quantized"] == whole["quantized"]
     mine, theirs = loaded.captured.gm.state_dict(), compressed.gm.state_dict()
     assert sorted(mine) == sorted(theirs)
     for name, t in theirs.items():
         torch.testing.assert_close(mine[name], t, rtol=1e-5, atol=1e-7, msg=name)
+    return whole
+
+
+@pytest.mark.slow  # 22 and 15 CPU s: each a streamed and a whole-model compression and a reloaded artifact
+@pytest.mark.parametrize("recipe,bits,cli", [("wsvd-noq", "w16", True), ("wsvd", "w8a8", False)])
+def test_a_streamed_vlm_is_the_whole_vlms_artifact(tmp_path, recipe, bits, cli, request):
+    """LLaVA streamed, through the CLI (--calib) or without QAT steps (see above; the CLI runs the recipe's): the same
+    ranks and tensors as the whole-model compression (factors, S1 applied to the incoming embeddings, W8A8 weights)
+    and, reloaded, the same logits."""
+    r, b = RECIPES[recipe] if cli else dataclasses.replace(RECIPES[recipe], qat_steps=0), parse_bits(bits)
+    checkpoint_dir, whole_samples, samples = calibration_data(request, VLM)
+    out = tmp_path / "streamed"
+    if cli:
+        assert main(["compress", "--stream", "--model", str(checkpoint_dir), "--recipe", recipe, "--rho1", "0.6",
+                     "--bits", bits, "--calib", str(DATA), "--calib-samples", "2", "--save-dtype", "float32", "--quiet",
+                     "--out", str(out)]) == 0
+        manifest = json.loads((out / "manifest.json").read_text())
+    else:
+        manifest = compress_checkpoint(checkpoint_dir, samples, r, 0.6, b, out, calibration={}, environment={},
+                                       save_dtype=torch.float32, progress=False)
+    loaded = artifact.load(out)  # the VLM checkpoint (fingerprint of its decoder and LM head) and every tensor name
+    base = tiny_forward(VLM)
+    compressed, report = compress(base, calibrate(base, whole_samples, [r], progress=False), r, 0.6, b)
+    assert_same_compression(manifest, loaded, base, compressed, report)
+    assert ("wsvd_input_rotation" in loaded.captured.gm.state_dict()) == r.rotate
+    kwargs = {"inputs_embeds": samples[1]["inputs_embeds"]}
+    with torch.no_grad():
+        expected = compressed.gm(**kwargs)
+        torch.testing.assert_close(loaded.captured.gm(**kwargs), expected, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(base.gm(**kwargs), expected, atol=1e-3)
+
+
+def test_vlms_stream_with_image_text_data_and_multimodal_rope_is_refused(vlm_checkpoint_dir, checkpoint_dir, tmp_path,
+                                                                          capsys):
+    tiny("tiny-qwen2-vl").model.config.save_pretrained(tmp_path / "qwen2-vl")
+    argv = ["compress", "--stream", "--recipe", "wsvd-noq", "--rho1", "0.5", "--quiet", "--out", str(tmp_path / "x")]
+    for model, extra, message in [
+            (tmp_path / "qwen2-vl", ["--calib", str(DATA)], "multimodal RoPE ((t, h, w) positions per token), which the "
+             "streamed layer graphs do not take: compress it with --no-stream"),
+            (vlm_checkpoint_dir, [], "is a vision-language model: give image-text calibration data with --calib"),
+            (checkpoint_dir, ["--calib", str(DATA)], "is a text-only model: use --calib-data FILE.txt")]:
+        assert main(argv + ["--model", str(model), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize("recipe,bits", [("wsvd-heal-noq", "w16"), ("wsvd-heal", "w8a8")])
@@ -225,7 +307,7 @@ def test_bad_checkpoints_and_recipes_are_one_line_errors(checkpoint_dir, tmp_pat
     assert "error: --stream reads a checkpoint directory" in capsys.readouterr().err
     for extra, message in [(["--recipe", "wsvd-noq", "--rho2", "0.5"], "--stream allocates ranks under --rho1 only"),
                            (["--recipe", "qsvd", "--rho1", "0.5", "--bits", "w8a8", "--tune-beta"],
-                            "drop --tune-beta and --calib")]:
+                            "--stream compresses with the recipe's own beta: drop --tune-beta")]:
         assert main(["compress", "--stream", "--model", str(checkpoint_dir), "--calib-windows", "2", "--seq-len", "17",
                      "--quiet", "--out", str(tmp_path / "y"), *extra]) == 2
         err = capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import platform
 import time
@@ -110,7 +111,11 @@ def int8_runtime(args, graph) -> str:
 
 def require_text_model(lm, instead: str) -> None:
     if lm.processor is not None:
-        raise WsvdError(f"{lm.name} is a vision-language model and this command takes text: use `wsvd {instead}`")
+        raise _takes_text(lm.name, instead)
+
+
+def _takes_text(name: str, instead: str) -> WsvdError:
+    return WsvdError(f"{name} is a vision-language model and this command takes text: use `wsvd {instead}`")
 
 
 def quiet_libraries(quiet: bool) -> None:
@@ -137,6 +142,7 @@ def prepare(args, recipe_names: list[str]):
     from ..compression.memory import WHOLE_MODEL_MMAP_THRESHOLD, bound_heap
     from ..compression.recipes import get_recipe
     from ..eval.data import text_source, token_windows
+    from ..eval.mm_data import image_text_samples
     from ..graph.capture import capture_forward
 
     bound_heap(WHOLE_MODEL_MMAP_THRESHOLD)  # the whole model's stages free large temporaries (see bound_heap)
@@ -147,7 +153,8 @@ def prepare(args, recipe_names: list[str]):
             raise WsvdError(f"--{flag.replace('_', '-')} {value} must be at least 1")
     lm = load_lm(args, args.model)
     if lm.processor is not None or getattr(args, "calib", None):
-        windows, provenance = image_text_calibration(args, lm)
+        windows, provenance = image_text_calibration(args, lm.name, lm.processor is not None,
+                                                     functools.partial(image_text_samples, lm))
     else:
         text, provenance = text_source(args.calib_data, "calibration")
         windows = token_windows(lm.tokenizer, text, args.seq_len, args.calib_windows)
@@ -160,21 +167,22 @@ def prepare(args, recipe_names: list[str]):
     return lm, captured, calib, recipes, provenance
 
 
-def image_text_calibration(args, lm):
-    """Labelled image-text samples of --calib and their provenance."""
+def image_text_calibration(args, name: str, vlm: bool, samples_of):
+    """Labelled image-text samples of --calib for the model ``name`` (``vlm``: whether it is a vision-language model),
+    made by ``samples_of(items)``, and their provenance."""
     from ..eval.data import text_source
-    from ..eval.mm_data import image_text_samples, load_items, sample_items
+    from ..eval.mm_data import load_items, sample_items
 
-    if lm.processor is None:
-        raise WsvdError(f"--calib takes image-text data, but {lm.name} is a text-only model: use --calib-data FILE.txt")
+    if not vlm:
+        raise WsvdError(f"--calib takes image-text data, but {name} is a text-only model: use --calib-data FILE.txt")
     if args.command in ("table", "generate"):
-        require_text_model(lm, "compress --calib data.jsonl, then eval --mc")
+        raise _takes_text(name, "compress --calib data.jsonl, then eval --mc")
     if not args.calib:
-        raise WsvdError(f"{lm.name} is a vision-language model: give image-text calibration data with --calib data.jsonl")
+        raise WsvdError(f"{name} is a vision-language model: give image-text calibration data with --calib data.jsonl")
     items = sample_items(load_items(args.calib), args.calib_samples, args.calib_seed)
     provenance = text_source(args.calib, "calibration")[1]
     provenance.update(items=[i.id for i in items], seed=args.calib_seed)
-    return image_text_samples(lm, items), provenance
+    return samples_of(items), provenance
 
 
 def bits_of(args):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -133,19 +134,21 @@ def _stream_refusal(args) -> str | None:
         return "--stream allocates ranks under --rho1 only: drop --rho2 (cache budgets are whole-model for now)"
     if not Path(args.model).is_dir():
         return f"--stream reads a checkpoint directory; {args.model} is not one (save it with save_pretrained)"
-    if args.tune_beta or args.calib:
-        return "--stream calibrates on text with the recipe's own beta: drop --tune-beta and --calib"
+    if args.tune_beta:
+        return "--stream compresses with the recipe's own beta: drop --tune-beta"
     return unstreamable(get_recipe(args.recipe))
 
 
 def _compress_streamed(args, out: str, save_dtype: torch.dtype) -> dict:
-    """``compress --stream``: the checkpoint directory --model compressed layer by layer (:mod:`wsvd_passes.compression.stream`)."""
+    """``compress --stream``: the checkpoint directory --model compressed layer by layer (:mod:`wsvd_passes.compression.stream`),
+    calibrated on text windows (a causal LM) or on --calib image-text samples through the eager front (a VLM)."""
     import transformers
 
     from ..compression.recipes import get_recipe
-    from ..compression.stream import compress_checkpoint
+    from ..compression.stream import Checkpoint, compress_checkpoint, front_samples
     from ..device import parse_dtype
     from ..eval.data import text_source, token_windows
+    from .common import image_text_calibration
 
     if (refusal := _stream_refusal(args)) is not None:
         raise WsvdError(refusal)
@@ -153,15 +156,20 @@ def _compress_streamed(args, out: str, save_dtype: torch.dtype) -> dict:
     bits = bits_of(args)
     if args.calib_windows < 1 or (args.grad_samples is not None and args.grad_samples < 1):
         raise WsvdError("--calib-windows and --grad-samples must be at least 1")
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
-    except (OSError, ValueError) as e:
-        raise WsvdError(f"cannot read the tokenizer in {args.model}: {str(e).splitlines()[0]}") from None
-    text, provenance = text_source(args.calib_data, "calibration")
-    windows = token_windows(tokenizer, text, args.seq_len, args.calib_windows)
-    provenance.update(windows=len(windows), seq_len=args.seq_len)
+    checkpoint = Checkpoint(args.model, parse_dtype(args.dtype))
+    if checkpoint.vlm or args.calib:
+        data, provenance = image_text_calibration(args, args.model, checkpoint.vlm,
+                                                  functools.partial(front_samples, checkpoint))
+    else:
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
+        except (OSError, ValueError) as e:
+            raise WsvdError(f"cannot read the tokenizer in {args.model}: {str(e).splitlines()[0]}") from None
+        text, provenance = text_source(args.calib_data, "calibration")
+        data = token_windows(tokenizer, text, args.seq_len, args.calib_windows)
+    provenance.update(windows=len(data), seq_len=args.seq_len)
     (recipe,) = with_heal(args, [get_recipe(args.recipe)])
-    return compress_checkpoint(args.model, windows, recipe, rho1, bits, out, dtype=parse_dtype(args.dtype),
+    return compress_checkpoint(args.model, data, recipe, rho1, bits, out, dtype=parse_dtype(args.dtype),
                                grad_samples=args.grad_samples, offload_dir=args.offload_dir, resume=args.resume,
                                calibration=provenance, environment=run_environment(),
                                save_dtype=save_dtype, progress=not args.quiet)

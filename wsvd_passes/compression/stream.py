@@ -2,15 +2,18 @@
 
 The model is built on the meta device; a decoder layer's weights are read from the checkpoint's
 safetensors (memory-mapped, :class:`Checkpoint`) only while that layer is processed, then freed.
-Each layer is exported as its own graph ``gm(hidden_states [1, S, E]) -> [1, S, E]`` (one window, static
-shapes; causal mask and RoPE computed inside, parameter names as in the whole-model capture, ``gm.meta`` saying
+Each layer is exported as its own graph ``gm(hidden_states [1, S, E]) -> [1, S, E]`` (one window at a time: static
+shapes for text windows, any S for image-text samples; causal mask and RoPE computed inside, parameter names as in the whole-model capture, ``gm.meta`` saying
 which layer it is and that its input is the residual stream), so
 :func:`~wsvd_passes.graph.sites.find_sites` and the recipe's passes run on it unchanged. The embedding,
 final norm and LM head form one more graph, the model with no layers (:func:`capture_top`), which
 the same passes rotate and quantise. For n calibration windows of S tokens and L layers:
 
-1. forward, bottom up: h_0 = embed(ids); for layer i the Gram statistics of its q/k/v input and
-   o_proj input, its SVD groups, and h_{i+1} = layer_i(h_i). The inputs h_i [n, S, E] stay on
+1. forward, bottom up: h_0 = embed(ids) for text windows; for a VLM, h_0 = the decoder's ``inputs_embeds``,
+   made once per image-text sample by the eager front (:func:`front_samples`: the model without its decoder
+   layers runs its vision tower, projector and merge of image features into the token embeddings, as the
+   whole-model mode does); for layer i the Gram statistics of its q/k/v input and
+   o_proj input, its SVD groups, and h_{i+1} = layer_i(h_i). The inputs h_i (n x [1, S, E]) stay on
    the CPU (or in ``offload_dir``) for step 2.
 2. backward, top down, one window at a time: the next-token loss and g_L = dL/dh_L through the
    final norm and LM head; then for each layer its forward recomputed from h_i under autograd
@@ -28,7 +31,13 @@ rotated in the no-layer graph. The result equals the whole-model compression up 
 rounding (same ranks, factors and quantisers). Recipes that heal do it layer-locally here
 (:class:`~wsvd_passes.passes.heal.LayerOutputError`: each compressed layer's output against the dense
 layer's on the stored inputs h_i, targets h_{i+1}, both rotated by S1 when the recipe rotates),
-not end to end on the logits as the whole-model mode does. VLMs are not streamed.
+not end to end on the logits as the whole-model mode does.
+
+VLMs with 1-D RoPE stream (LLaVA, LLaVA-Next, Idefics3/SmolVLM: tested on tiny-llava): their layer graphs are named as
+the whole-model decoder capture names them (``decoder.layers.{i}``), their no-layer graph is ``inputs_embeds ->
+logits`` through the final norm and LM head, and a rotating recipe rotates the incoming embeddings there
+(``x -> x S1``, as in the whole-model mode; layer graphs are fed ``h S1``). Qwen2-VL (multimodal RoPE: (t, h, w)
+positions per token, which the layer graphs do not take) is refused in one line: compress it with ``--no-stream``.
 """
 
 from __future__ import annotations
@@ -48,62 +57,103 @@ from ..algorithms.quantize import Bits
 from ..algorithms.rank_allocation import ImportanceAccumulator, above_break_even, achieved_rho1
 from ..artifacts.artifact import digests, library_version, packed_changes, save_streamed, shard_metadata, write_shard
 from ..errors import WsvdError
-from ..graph.capture import CapturedGraph, capture_forward, unlift
+from ..graph.capture import CapturedGraph, capture_forward, logits_module, unlift, uses_mrope, vision_language
 from ..graph.graph_utils import FIRST_LAYER, NO_LAYERS, RESIDUAL_INPUT, tensor_attr
 from ..graph.pipeline import GraphPass, Pipeline
 from ..graph.sites import AttentionSite, find_sites
 from ..passes.heal import Heal, LayerOutputError
 from ..passes.qat import LocalQAT, QATTarget, RotatedTargets
 from ..passes.rotate import S1_SEED, qkv_bases
-from .calibration import InputStats, SiteStats, collect_input_stats, next_token_loss
+from .calibration import InputStats, SiteStats, collect_input_stats, next_token_loss, split_batch
 from .compress import Calibration, FactorReport, allocate_ranks, factor_plan, layer_groups, recipe_passes
 from .memory import bound_heap, release_memory
 from .recipes import Recipe
 
 
 class Checkpoint:
-    """A Hugging Face checkpoint directory read tensor by tensor from its safetensors (memory-mapped)."""
+    """A Hugging Face checkpoint directory (a causal LM, or a VLM with 1-D RoPE) read tensor by tensor from its
+    safetensors (memory-mapped).
+
+    Tensors are named as in the model (``skeleton``, on the meta device); the file's keys are mapped to those names by
+    transformers' own checkpoint conversion (``save_pretrained`` writes LLaVA's ``model.language_model.*`` as
+    ``language_model.model.*``). ``decoder`` is the language decoder's path in the model (``model``,
+    ``model.language_model``, ``model.text_model``: the module ``get_decoder()`` returns), ``embedding`` and ``head``
+    those of the input and output embeddings; ``graph_paths`` maps model paths to the whole-model capture's
+    (:func:`~wsvd_passes.graph.capture.logits_module`), ``graph_names`` the capture's tensor names to the model's.
+    """
 
     def __init__(self, path: str | Path, dtype: torch.dtype = torch.float32):
         import transformers
-        from safetensors import safe_open
 
         self.path, self.dtype = Path(path), dtype
         if not (self.path / "config.json").is_file():
             raise WsvdError(f"--stream reads a local checkpoint: {path} has no config.json (give a directory)")
         self.config = transformers.AutoConfig.from_pretrained(self.path)
-        self.config._attn_implementation = "sdpa"
+        self.text_config = self.config.get_text_config()
+        self.config._attn_implementation = self.text_config._attn_implementation = "sdpa"
+        self.vlm = vision_language(self.config)
+        if self.vlm and uses_mrope(self.config):
+            raise WsvdError(f"{path} is a {type(self.config).__name__.removesuffix('Config')} model with multimodal RoPE "
+                            "((t, h, w) positions per token), which the streamed layer graphs do not take: compress it "
+                            "with --no-stream")
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
-            where = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         elif (self.path / "model.safetensors").is_file():
-            where = None
+            files = ["model.safetensors"]
         else:
             raise WsvdError(f"{path} has no model.safetensors(.index.json): --stream reads safetensors checkpoints")
-        files = sorted(set(where.values())) if where else ["model.safetensors"]
         missing = [f for f in files if not (self.path / f).is_file()]
         if missing:
             raise WsvdError(f"{path} lacks the shard {missing[0]} named by its index: download the whole checkpoint")
-        if where is None:
-            with safe_open(self.path / "model.safetensors", "pt") as f:
-                where = {k: "model.safetensors" for k in f.keys()}
-        self._where = where
+        auto = transformers.AutoModelForImageTextToText if self.vlm else transformers.AutoModelForCausalLM
         with torch.device("meta"):
-            self.skeleton = transformers.AutoModelForCausalLM.from_config(self.config)
-        self.names = list(self.skeleton.state_dict())  # with a tied head both names appear
+            self.skeleton = auto.from_config(self.config)
+        self._where = self._file_keys(files)
+        paths = {id(m): n for n, m in self.skeleton.named_modules()}
+        self.decoder, self.embedding, self.head = (paths[id(m)] for m in (
+            self.skeleton.get_decoder(), self.skeleton.get_input_embeddings(), self.skeleton.get_output_embeddings()))
+        names = {}  # tensor id -> model names (a tied head and its embedding share one)
+        for name, t in self.skeleton.state_dict(keep_vars=True).items():
+            names.setdefault(id(t), []).append(name)
+        self._aliases = {n: group for group in names.values() for n in group}
+        wrapper = logits_module(self.skeleton)
+        self.graph_paths = {paths[id(m)]: n for n, m in wrapper.named_modules() if id(m) in paths}
+        self.graph_names = {n: names[id(t)][0] for n, t in wrapper.state_dict(keep_vars=True).items()}
+
+    def _file_keys(self, files: list[str]) -> dict[str, tuple[str, str]]:
+        """Model tensor name -> (file, key), by transformers' renaming of checkpoint keys (tensors that transformers
+        converts on loading, e.g. fused experts, are refused)."""
+        from safetensors import safe_open
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        mapping = get_model_conversion_mapping(self.skeleton)
+        renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+        converters = [t for t in mapping if isinstance(t, WeightConverter)]
+        expected, prefix = self.skeleton.state_dict(), self.skeleton.base_model_prefix
+        where = {}
+        for file in files:
+            with safe_open(self.path / file, "pt") as f:
+                for key in f.keys():
+                    name, converted = rename_source_key(key, renamings, converters, prefix, expected)
+                    if converted is not None:
+                        raise WsvdError(f"{self.path}: transformers converts the checkpoint tensor {key} on loading "
+                                        "(not a plain rename), which --stream does not read: compress with --no-stream")
+                    where[name if name in expected else key] = (file, key)
+        return where
 
     def tensor(self, name: str) -> torch.Tensor:
-        """The checkpoint tensor ``name`` (a tied LM head reads the embedding) in the model dtype, checked
-        against the model's shape."""
-        key = name
-        if key not in self._where and key == "lm_head.weight" and getattr(self.config, "tie_word_embeddings", False):
-            key = "model.embed_tokens.weight"
-        if key not in self._where:
-            raise WsvdError(f"{self.path}: the checkpoint has no tensor {key}: its shards are incomplete or belong to "
+        """The model tensor ``name`` (a tied LM head reads the embedding) from the checkpoint in the model dtype,
+        checked against the model's shape."""
+        stored = next((self._where[n] for n in self._aliases.get(name, [name]) if n in self._where), None)
+        if stored is None:
+            raise WsvdError(f"{self.path}: the checkpoint has no tensor {name}: its shards are incomplete or belong to "
                             "another model")
         from safetensors import safe_open
 
-        with safe_open(self.path / self._where[key], "pt") as f:  # mapped only while read: RSS stays one tensor
+        file, key = stored
+        with safe_open(self.path / file, "pt") as f:  # mapped only while read: RSS stays one tensor
             value = f.get_tensor(key).to(self.dtype)
         expected = self.skeleton.get_parameter(name).shape
         if value.shape != expected:
@@ -119,12 +169,35 @@ class Checkpoint:
         module.load_state_dict(state, assign=True, strict=True)
         return module.eval()
 
+    def without_layers(self) -> torch.nn.Module:
+        """The whole model with no decoder layers (embedding, final norm, LM head; a VLM's vision tower and
+        projector), loaded by transformers from the checkpoint (its non-persistent buffers built as it builds them)."""
+        import transformers
+
+        config = copy.deepcopy(self.config)
+        text = config.get_text_config()
+        text.num_hidden_layers = 0
+        if getattr(text, "layer_types", None) is not None:
+            text.layer_types = []
+        auto = transformers.AutoModelForImageTextToText if self.vlm else transformers.AutoModelForCausalLM
+        logging = transformers.utils.logging
+        verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+        logging.set_verbosity_error()  # its load report lists every layer tensor as unexpected
+        logging.disable_progress_bar()
+        try:
+            model = auto.from_pretrained(self.path, config=config, dtype=self.dtype, attn_implementation="sdpa")
+        finally:
+            logging.set_verbosity(verbosity)
+            if bars:
+                logging.enable_progress_bar()
+        return model.eval()
+
     def fingerprint(self) -> str:
         """:func:`~wsvd_passes.artifacts.artifact.fingerprint` of the whole-model capture, one tensor at a time."""
         digest = hashlib.sha256()
-        for name in sorted(self.names):
-            digest.update(f"model.{name}".encode())
-            digest.update(self.tensor(name).contiguous().view(torch.uint8).numpy().tobytes())
+        for name in sorted(self.graph_names):
+            digest.update(name.encode())
+            digest.update(self.tensor(self.graph_names[name]).contiguous().view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
 
 
@@ -152,21 +225,28 @@ def available_memory() -> int | None:
     return None
 
 
-class _LayerStack(torch.nn.Module):
-    """``model.model.layers.{i}`` and the rotary embedding, so the graph names tensors as the whole capture does."""
+def _place(root: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
+    """Put ``module`` at the dotted ``path`` under ``root``, creating empty modules on the way, so that the graph
+    names its tensors as the whole-model capture does."""
+    *owners, leaf = path.split(".")
+    for name in owners:
+        if not hasattr(root, name):
+            root.add_module(name, torch.nn.Module())
+        root = getattr(root, name)
+    root.add_module(leaf, module)
 
 
 class LayerForward(torch.nn.Module):
-    """One decoder layer as ``hidden_states [B, S, E] -> [B, S, E]`` with the model's causal mask and RoPE."""
+    """One decoder layer as ``hidden_states [B, S, E] -> [B, S, E]`` with the model's causal mask and RoPE, at the
+    path the whole-model capture gives it (``model.model.layers.{i}``, ``decoder.layers.{i}``)."""
 
     def __init__(self, checkpoint: Checkpoint, index: int):
         super().__init__()
-        self.index, self.config = index, checkpoint.config
-        self.model = _LayerStack()
-        self.model.model = _LayerStack()
-        self.model.model.layers = _LayerStack()
-        self.model.model.layers.add_module(str(index), checkpoint.module(f"model.layers.{index}"))
-        self.model.model.rotary_emb = type(checkpoint.skeleton.model.rotary_emb)(config=checkpoint.config)
+        self.config, decoder = checkpoint.text_config, checkpoint.skeleton.get_decoder()
+        self.layer = checkpoint.graph_paths[f"{checkpoint.decoder}.layers.{index}"]
+        self.rotary = checkpoint.graph_paths[f"{checkpoint.decoder}.rotary_emb"]
+        _place(self, self.layer, checkpoint.module(f"{checkpoint.decoder}.layers.{index}"))
+        _place(self, self.rotary, type(decoder.rotary_emb)(config=self.config))  # its buffers, built on the CPU
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         from transformers.masking_utils import create_causal_mask
@@ -174,41 +254,36 @@ class LayerForward(torch.nn.Module):
         positions = torch.arange(hidden_states.shape[1], device=hidden_states.device).unsqueeze(0)
         mask = create_causal_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=None, cache=None,
                                   position_ids=positions)
-        layer = getattr(self.model.model.layers, str(self.index))
-        return layer(hidden_states, attention_mask=mask, position_ids=positions,
-                     position_embeddings=self.model.model.rotary_emb(hidden_states, position_ids=positions))
+        rotary = self.get_submodule(self.rotary)
+        return self.get_submodule(self.layer)(hidden_states, attention_mask=mask, position_ids=positions,
+                                              position_embeddings=rotary(hidden_states, position_ids=positions))
 
 
-def capture_layer(checkpoint: Checkpoint, index: int, seq_len: int = 17) -> CapturedGraph:
+def capture_layer(checkpoint: Checkpoint, index: int, seq_len: int | None = 17) -> CapturedGraph:
     """Export decoder layer ``index`` (its weights loaded now) for one window of ``seq_len`` tokens (the calibration
-    length; the compression step only edits the graph, so its default length is arbitrary).
+    length; the compression step only edits the graph, so its default length is arbitrary), or of any length for
+    ``seq_len=None`` (image-text samples differ in length).
 
-    Static shapes on purpose: torch.export with dynamic dims keeps each export's ShapeEnv and FakeTensorMode
+    Static shapes where they do: torch.export with dynamic dims keeps each export's ShapeEnv and FakeTensorMode
     alive for the rest of the process (torch 2.13; measured: one more of each per export, also with a bare
-    ``nn.Linear``), so memory grew with depth; the layer graphs are run one window at a time."""
+    ``nn.Linear``), so memory grew with depth (measured at width 1024: 16 layers over 2 cost 38 MB more peak RSS,
+    16 MB with static shapes); the layer graphs are run one window at a time."""
     module = LayerForward(checkpoint, index)
-    example = torch.zeros(1, seq_len, checkpoint.config.hidden_size, dtype=checkpoint.dtype)
+    example = torch.zeros(1, seq_len or 17, checkpoint.text_config.hidden_size, dtype=checkpoint.dtype)
+    dynamic = None if seq_len else {"hidden_states": {1: torch.export.Dim(
+        "seq", min=2, max=int(getattr(checkpoint.text_config, "max_position_embeddings", 4096)))}}
     with torch.no_grad():
-        ep = torch.export.export(module, (), kwargs={"hidden_states": example}, strict=False)
+        ep = torch.export.export(module, (), kwargs={"hidden_states": example}, dynamic_shapes=dynamic, strict=False)
     gm = unlift(ep)
     gm.meta.update({FIRST_LAYER: index, RESIDUAL_INPUT: True})
-    return CapturedGraph(gm, "forward", {"hidden_states": example}, None, checkpoint.config)
+    return CapturedGraph(gm, "forward", {"hidden_states": example}, dynamic, checkpoint.text_config)
 
 
 def capture_top(checkpoint: Checkpoint) -> CapturedGraph:
-    """The model with no decoder layers, ``input_ids -> logits`` through the embedding, the final norm and the LM
-    head (their weights loaded now): where the recipe's passes rotate and quantise those, as in the whole graph."""
-    import transformers
-
-    config = copy.deepcopy(checkpoint.config)
-    config.num_hidden_layers = 0
-    if getattr(config, "layer_types", None) is not None:
-        config.layer_types = []
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config)
-    model.load_state_dict({n: checkpoint.tensor(n) for n in model.state_dict()}, assign=True, strict=True)
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # its buffers were built on the meta device
-    captured = capture_forward(model.eval())
+    """The model with no decoder layers, captured as the whole model is (``input_ids -> logits`` through the
+    embedding, the final norm and the LM head; a VLM's ``inputs_embeds -> logits`` through the final norm and the
+    LM head): where the recipe's passes rotate and quantise those, as in the whole graph."""
+    captured = capture_forward(checkpoint.without_layers())
     captured.gm.meta[NO_LAYERS] = True
     return captured
 
@@ -226,6 +301,14 @@ class LayerStore:
         from safetensors.torch import load_file
 
         return load_file(self.directory / f"{name}.safetensors")
+
+    def put_hidden(self, layer: int, hidden: list[torch.Tensor]) -> None:
+        """Layer ``layer``'s input h_i, one [1, S_n, E] tensor per sample."""
+        self.put(f"input{layer:05d}", {str(n): h for n, h in enumerate(hidden)})
+
+    def hidden(self, layer: int) -> list[torch.Tensor]:
+        t = self.get(f"input{layer:05d}")
+        return [t[str(n)] for n in range(len(t))]
 
     def put_stats(self, layer: int, stats: SiteStats) -> None:
         self.put(f"stats{layer:05d}", {f"qkv.{f}": torch.as_tensor(getattr(stats.qkv, f)) for f in ("gram", "absmean", "tokens")})
@@ -282,64 +365,92 @@ def unstreamable(recipe: Recipe) -> str | None:
     return None
 
 
-def calibrate_streamed(checkpoint: Checkpoint, windows: torch.Tensor, recipe: Recipe, work_dir: str | Path, *,
-                       grad_samples: int | None = None, progress: bool = True
-                       ) -> StreamedCalibration:
-    """What :func:`~wsvd_passes.compression.compress.calibrate` measures, layer by layer (steps 1 and 2 above)."""
-    if len(windows) < 2:
-        raise WsvdError(f"{len(windows)} calibration window(s) are too few: give at least 2 (the paper uses 256)")
+def decoder_inputs(checkpoint: Checkpoint, data: torch.Tensor | list[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(h_0 [1, S_n, E], labels [1, S_n]) per sample of ``data``: text windows (token ids [n, S], embedded here;
+    labels = ids) or image-text samples (``inputs_embeds`` from the eager front, :func:`front_samples`, and labels)."""
+    if torch.is_tensor(data):
+        table = checkpoint.tensor(f"{checkpoint.embedding}.weight")
+        return [torch.nn.functional.embedding(w, table) for w in data.split(1)], list(data.split(1))
+    samples = [split_batch(sample) for sample in data]
+    return [kwargs["inputs_embeds"].to(checkpoint.dtype) for kwargs, _ in samples], [labels for _, labels in samples]
+
+
+def front_samples(checkpoint: Checkpoint, items: list) -> list[dict]:
+    """The eager front of a VLM, run once per image-text item (:class:`~wsvd_passes.eval.mm_data.MMItem`): the model
+    without its decoder layers (vision tower, projector, embedding; :meth:`Checkpoint.without_layers`) and the
+    checkpoint's processor make each item's labelled sample (``inputs_embeds`` = h_0, ``labels``), exactly as the
+    whole-model mode does (:func:`~wsvd_passes.eval.mm_data.image_text_samples`)."""
+    from ..eval.mm_data import image_text_samples
+    from ..models.registry import LoadedModel
+    from ..models.vlm import load_processor
+
+    processor = load_processor(checkpoint.path, checkpoint.config.model_type)
+    front = LoadedModel(str(checkpoint.path), checkpoint.without_layers(), processor.tokenizer, processor)
+    return image_text_samples(front, items)
+
+
+def _seq_len(hidden: list[torch.Tensor]) -> int | None:
+    """The length the layer graphs are captured for: the samples' common length, or None (any) when they differ."""
+    lengths = {h.shape[1] for h in hidden}
+    return lengths.pop() if len(lengths) == 1 else None
+
+
+def calibrate_streamed(checkpoint: Checkpoint, data: torch.Tensor | list[dict], recipe: Recipe, work_dir: str | Path,
+                       *, grad_samples: int | None = None, progress: bool = True) -> StreamedCalibration:
+    """What :func:`~wsvd_passes.compression.compress.calibrate` measures, layer by layer (steps 1 and 2 above), on
+    ``data`` (:func:`decoder_inputs`)."""
+    if len(data) < 2:
+        raise WsvdError(f"{len(data)} calibration window(s) are too few: give at least 2 (the paper uses 256)")
     if (refusal := unstreamable(recipe)) is not None:
         raise WsvdError(refusal)
     store = LayerStore(work_dir)
     key = (recipe.granularity, recipe.scaling)
     with torch.no_grad():
-        hidden = torch.nn.functional.embedding(windows, checkpoint.tensor("model.embed_tokens.weight"))
-    groups, heads = [], None
-    for i in tqdm(range(checkpoint.config.num_hidden_layers), desc="streamed statistics", unit="layer",
-                  disable=not progress):
-        captured = capture_layer(checkpoint, i, windows.shape[1])
+        hidden, labels = decoder_inputs(checkpoint, data)
+    groups, heads, layers = [], None, checkpoint.text_config.num_hidden_layers
+    for i in tqdm(range(layers), desc="streamed statistics", unit="layer", disable=not progress):
+        captured = capture_layer(checkpoint, i, _seq_len(hidden))
         (site,) = find_sites(captured.gm)
         heads = heads or {k: getattr(site, k) for k in ("n_heads", "n_kv_heads", "head_dim", "hidden_size")}
-        batches = [{"hidden_states": h, "labels": None} for h in hidden.split(1)]
-        stats = collect_input_stats(captured, batches, progress=False)[0]
+        stats = collect_input_stats(captured, [{"hidden_states": h, "labels": None} for h in hidden], progress=False)[0]
         store.put_stats(i, stats)
-        store.put(f"input{i:05d}", {"hidden": hidden})
+        store.put_hidden(i, hidden)
         groups += [g.shapes_only() for g in layer_groups(site, _qkv_weights(captured, site), stats, [recipe])[key]]
         with torch.no_grad():
-            hidden = torch.cat([captured.gm(hidden_states=h) for h in hidden.split(1)])
+            hidden = [captured.gm(hidden_states=h) for h in hidden]
         del captured, site, stats
         release_memory()
-    store.put(f"input{checkpoint.config.num_hidden_layers:05d}", {"hidden": hidden})  # the last layer's output
-    samples = windows if grad_samples is None else windows[:grad_samples]
-    scores = _streamed_gradients(checkpoint, samples, hidden, recipe, store, progress)
-    return StreamedCalibration(heads, checkpoint.config.num_hidden_layers, groups, scores, len(samples), store)
+    store.put_hidden(layers, hidden)  # the last layer's output
+    n = len(hidden) if grad_samples is None else grad_samples
+    scores = _streamed_gradients(checkpoint, labels[:n], hidden[:n], recipe, store, progress)
+    return StreamedCalibration(heads, layers, groups, scores, len(labels[:n]), store)
 
 
 def _qkv_weights(captured: CapturedGraph, site) -> dict[str, torch.Tensor]:
     return {p: tensor_attr(captured.gm, getattr(site, f"{p}_proj").weight).detach() for p in PROJECTIONS}
 
 
-def _streamed_gradients(checkpoint: Checkpoint, windows: torch.Tensor, top: torch.Tensor, recipe: Recipe,
+def _streamed_gradients(checkpoint: Checkpoint, labels: list[torch.Tensor], top: list[torch.Tensor], recipe: Recipe,
                         store: LayerStore, progress: bool) -> dict[tuple, torch.Tensor]:
     """Importance scores (returned); Fisher E[g*g] of q/k/v (stored per layer, ``fisher{i}``) and, for recipes with
     local QAT, the rotated dense q/k/v weights and their Fisher (``qat{i}``), from per-window gradients by a
-    layer-wise backward."""
+    layer-wise backward (``top``: the last layer's outputs h_L, ``labels`` those of the same windows)."""
     if recipe.allocation != "importance" and not recipe.finetune and not recipe.qat:
         return {}
-    norm, head = checkpoint.module("model.norm"), checkpoint.tensor("lm_head.weight")
+    norm, head = checkpoint.module(f"{checkpoint.decoder}.norm"), checkpoint.tensor(f"{checkpoint.head}.weight")
     upstream = []  # dL/dh at the current layer boundary, per window [1, S, E]
-    for n in range(len(windows)):
-        h = top[n:n + 1].detach().requires_grad_(True)
+    for h_L, label in zip(top, labels):
+        h = h_L.detach().requires_grad_(True)
         with torch.enable_grad():
-            loss = next_token_loss(torch.nn.functional.linear(norm(h), head), windows[n:n + 1])
+            loss = next_token_loss(torch.nn.functional.linear(norm(h), head), label)
             upstream.append(torch.autograd.grad(loss, h)[0])
     del norm, head
     scores = {}
-    layers = checkpoint.config.num_hidden_layers
+    layers = checkpoint.text_config.num_hidden_layers
     for i in tqdm(reversed(range(layers)), total=layers, desc="streamed gradients", unit="layer", disable=not progress):
-        captured = capture_layer(checkpoint, i, windows.shape[1])
+        inputs = store.hidden(i)[:len(labels)]
+        captured = capture_layer(checkpoint, i, _seq_len(inputs))
         (site,) = find_sites(captured.gm)
-        inputs = store.get(f"input{i:05d}")["hidden"]
         weights = _trainable(captured, site)
         rotated = RotatedTargets(qkv_bases(captured.gm, [site])) if recipe.qat else None
         accumulator = None
@@ -347,8 +458,8 @@ def _streamed_gradients(checkpoint: Checkpoint, windows: torch.Tensor, top: torc
             groups = layer_groups(site, _qkv_weights(captured, site), store.stats(i), [recipe])
             accumulator = ImportanceAccumulator(groups[(recipe.granularity, recipe.scaling)], site.head_dim)
         sums = {p: torch.zeros_like(w, dtype=torch.float32) for p, w in weights.items()}
-        for n in range(len(windows)):
-            x = inputs[n:n + 1].detach().requires_grad_(True)
+        for n in range(len(labels)):
+            x = inputs[n].detach().requires_grad_(True)
             with torch.enable_grad():
                 grads = torch.autograd.grad(captured.gm(hidden_states=x), [x] + list(weights.values()), upstream[n])
             upstream[n] = grads[0]
@@ -361,7 +472,7 @@ def _streamed_gradients(checkpoint: Checkpoint, windows: torch.Tensor, top: torc
                 sums[p] += by_proj[(i, p)].float().square()
         if accumulator is not None:
             scores.update(accumulator.scores())
-        store.put(f"fisher{i:05d}", {p: sums[p] / len(windows) for p in PROJECTIONS})
+        store.put(f"fisher{i:05d}", {p: sums[p] / len(labels) for p in PROJECTIONS})
         if rotated is not None:
             targets = rotated.targets({(i, p): w for p, w in weights.items()})
             store.put(f"qat{i:05d}", {**{f"{p}.weight": targets[(i, p)].weight for p in PROJECTIONS},
@@ -385,11 +496,11 @@ def _trainable(captured: CapturedGraph, site: AttentionSite) -> dict[str, torch.
 def _heal_samples(store: LayerStore, layer: int, recipe: Recipe) -> list[dict[str, torch.Tensor]]:
     """Layer ``layer``'s healing samples, one per window: its dense input h_i and output h_{i+1} [1, S, E], in the
     rotated basis (h S1) when the recipe rotates, as its compressed graph sees them."""
-    x, y = (store.get(f"input{j:05d}")["hidden"] for j in (layer, layer + 1))
+    x, y = store.hidden(layer), store.hidden(layer + 1)
     if recipe.rotate:
-        S1 = random_hadamard(x.shape[-1], S1_SEED).to(x.dtype)
-        x, y = x @ S1, y @ S1
-    return [{"hidden_states": a, "target": b} for a, b in zip(x.split(1), y.split(1))]
+        S1 = random_hadamard(x[0].shape[-1], S1_SEED).to(x[0].dtype)
+        x, y = [h @ S1 for h in x], [h @ S1 for h in y]
+    return [{"hidden_states": a, "target": b} for a, b in zip(x, y)]
 
 
 def _qat_targets(store: LayerStore, layer: int) -> dict[tuple[int, str], QATTarget]:
@@ -413,7 +524,7 @@ def compress_streamed(checkpoint: Checkpoint, calib: StreamedCalibration, recipe
             shards.append(shard)
             continue
         samples = _heal_samples(calib.store, i, recipe) if recipe.heal_steps else None
-        captured = capture_layer(checkpoint, i, *([samples[0]["hidden_states"].shape[1]] if samples else []))
+        captured = capture_layer(checkpoint, i, *([_seq_len([s["hidden_states"] for s in samples])] if samples else []))
         (site,) = find_sites(captured.gm)
         stats = calib.store.stats(i)
         fisher = calib.store.get(f"fisher{i:05d}") if recipe.finetune else {}
@@ -479,11 +590,12 @@ def _merged(reports: list[FactorReport], groups: list[Group], kept) -> FactorRep
         qat, heal)
 
 
-def compress_checkpoint(path: str | Path, windows: torch.Tensor, recipe: Recipe, rho1: float, bits: Bits,
+def compress_checkpoint(path: str | Path, data: torch.Tensor | list[dict], recipe: Recipe, rho1: float, bits: Bits,
                         out: str | Path, *, dtype: torch.dtype = torch.float32, grad_samples: int | None = None,
                         offload_dir: str | Path | None = None, resume: bool = False, calibration: dict,
                         environment: dict, save_dtype: torch.dtype = torch.bfloat16, progress: bool = True) -> dict:
-    """Streamed compression of the checkpoint at ``path`` into the artifact directory ``out``; its manifest.
+    """Streamed compression of the checkpoint at ``path`` into the artifact directory ``out``, calibrated on
+    ``data`` (:func:`decoder_inputs`); its manifest.
 
     Per-layer inputs, statistics and Fisher wait in ``offload_dir/.stream-work`` (default ``out``), removed at
     the end. ``resume`` continues a run that was killed: the same model, recipe, rho1 and calibration windows
@@ -498,7 +610,7 @@ def compress_checkpoint(path: str | Path, windows: torch.Tensor, recipe: Recipe,
     run = {"wsvd_version": library_version(),  # shards written by another version may lack what this one reads
            "model": str(Path(path).resolve()), "config": checkpoint.config.to_dict(), "dtype": str(dtype),
            "recipe": dataclasses.asdict(recipe), "rho1": rho1, "bits": bits.name, "grad_samples": grad_samples,
-           "windows_sha256": hashlib.sha256(windows.contiguous().numpy().tobytes()).hexdigest()}
+           "windows_sha256": _sha256(data)}
     if resume:
         if not (work / "run.json").is_file():
             raise WsvdError(f"--resume: {work} holds no interrupted run: compress without --resume")
@@ -517,7 +629,7 @@ def compress_checkpoint(path: str | Path, windows: torch.Tensor, recipe: Recipe,
     store = LayerStore(work)
     calib = load_calibration(store) if resume else None
     if calib is None:
-        calib = calibrate_streamed(checkpoint, windows, recipe, work, grad_samples=grad_samples, progress=progress)
+        calib = calibrate_streamed(checkpoint, data, recipe, work, grad_samples=grad_samples, progress=progress)
         save_calibration(calib)
     report, shards = compress_streamed(checkpoint, calib, recipe, rho1, bits, out, save_dtype=save_dtype,
                                        progress=progress)
@@ -527,3 +639,11 @@ def compress_checkpoint(path: str | Path, windows: torch.Tensor, recipe: Recipe,
                              calibration=calibration, environment=environment)
     shutil.rmtree(work, ignore_errors=True)
     return manifest
+
+
+def _sha256(data: torch.Tensor | list[dict]) -> str:
+    """sha256 of the calibration data (token ids, or every tensor of the image-text samples)."""
+    digest = hashlib.sha256()
+    for t in [data] if torch.is_tensor(data) else [t for sample in data for _, t in sorted(sample.items())]:
+        digest.update(t.contiguous().numpy().tobytes())
+    return digest.hexdigest()

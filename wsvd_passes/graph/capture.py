@@ -89,6 +89,12 @@ class DecoderLogits(torch.nn.Module):
         return self.lm_head(hidden)
 
 
+def logits_module(model: torch.nn.Module) -> torch.nn.Module:
+    """What the full-sequence capture exports: :class:`DecoderLogits` of a VLM, else :class:`CausalLMLogits`. Its
+    parameter names are the graph's (``model.model.layers.0...``, ``decoder.layers.0...``)."""
+    return DecoderLogits(model) if is_vlm(model) else CausalLMLogits(model)
+
+
 def unlift(ep: torch.export.ExportedProgram) -> torch.fx.GraphModule:
     """The exported program as an editable GraphModule (parameters and buffers as attributes)."""
     # check_guards=False keeps the input-shape guard node out of the graph we edit;
@@ -104,8 +110,13 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 def is_vlm(model: torch.nn.Module) -> bool:
-    """True for image-text models (their config has a vision config)."""
-    return getattr(getattr(model, "config", None), "vision_config", None) is not None
+    """True for image-text models (:func:`vision_language` of their config)."""
+    return vision_language(getattr(model, "config", None))
+
+
+def vision_language(config) -> bool:
+    """Whether ``config`` is an image-text model's: it has a vision config."""
+    return getattr(config, "vision_config", None) is not None
 
 
 def uses_mrope(config) -> bool:
@@ -166,7 +177,7 @@ def capture_forward(model: torch.nn.Module, *, example_batch: int = 2, example_l
     try:
         with torch.no_grad():
             ep = torch.export.export(
-                CausalLMLogits(model), (), kwargs={"input_ids": example}, dynamic_shapes=dynamic, strict=False
+                logits_module(model), (), kwargs={"input_ids": example}, dynamic_shapes=dynamic, strict=False
             )
     except Exception as e:  # noqa: BLE001 - re-raised as one user-facing line
         raise _export_error(e, "full-sequence forward") from e
@@ -220,7 +231,7 @@ def _capture_decoder_forward(model: torch.nn.Module, *, example_batch: int = 2, 
         example["position_ids"], dynamic["position_ids"] = positions, {1: batch, 2: seq}
     try:
         with torch.no_grad():
-            ep = torch.export.export(DecoderLogits(model), (), kwargs=example, dynamic_shapes=dynamic, strict=False)
+            ep = torch.export.export(logits_module(model), (), kwargs=example, dynamic_shapes=dynamic, strict=False)
     except Exception as e:  # noqa: BLE001 - re-raised as one user-facing line
         raise _export_error(e, "language decoder") from e
     return CapturedGraph(unlift(ep), "forward", example, dynamic, config)

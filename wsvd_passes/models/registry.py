@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ..errors import WsvdError
+from ..graph.capture import vision_language
 from .vlm import VLM_NAMES, load_vlm
 
 SMOLLM2 = "smollm2-135m"
@@ -124,7 +125,7 @@ def _load_checkpoint(path: Path, *, name: str, dtype: torch.dtype) -> LoadedMode
         config = transformers.AutoConfig.from_pretrained(path)
     except (ValueError, OSError) as e:
         raise WsvdError(f"cannot read the config in {path}: {str(e).splitlines()[0]}") from None
-    if getattr(config, "vision_config", None) is not None and type(config) in transformers.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
+    if vision_language(config) and type(config) in transformers.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
         return _vlm(str(path), *load_vlm(str(path), dtype=dtype), dtype)
     if type(config) not in transformers.MODEL_FOR_CAUSAL_LM_MAPPING:
         raise WsvdError(

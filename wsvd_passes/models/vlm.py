@@ -189,16 +189,23 @@ def _load_checkpoint(path: Path, dtype: torch.dtype):
                                                                          attn_implementation="sdpa")
     except (ValueError, OSError) as e:
         raise WsvdError(f"cannot load the vision-language model in {path}: {str(e).strip().splitlines()[0]}") from None
+    return model.eval(), load_processor(path, model.config.model_type)
+
+
+def load_processor(path: Path, model_type: str):
+    """The image-text processor saved in the checkpoint directory ``path`` (Qwen2-VL's without its video processor)."""
+    import transformers
+
     try:
         processor, problem = transformers.AutoProcessor.from_pretrained(path), "it is not an image-text processor"
     except (ImportError, TypeError, ValueError, AttributeError, OSError) as e:
         processor, problem = None, str(e).strip().splitlines()[0]
     if not hasattr(processor, "image_processor"):
-        if model.config.model_type != "qwen2_vl":
+        if model_type != "qwen2_vl":
             raise WsvdError(f"cannot load the processor in {path} ({problem}): save it next to the weights "
                             "(processor.save_pretrained)")
         processor = image_only_qwen2_vl_processor().from_pretrained(path)  # no video processor (torchvision)
-    return model.eval(), processor
+    return processor
 
 
 class _DecoderReached(Exception):
