@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import functools
 import json
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from wsvd_passes.errors import WsvdError
 from wsvd_passes.eval.mm_data import image_text_samples, load_items, sample_items
 
 MODEL = "tiny-llama-gqa"
-VLM = "tiny-llava"  # 1-D RoPE: streamed; tiny-qwen2-vl (multimodal RoPE) is refused
+VLM, MROPE_VLM = "tiny-llava", "tiny-qwen2-vl"  # 1-D RoPE; multimodal RoPE ((t, h, w) position ids in every layer)
 DATA = Path(__file__).parent / "data" / "mc_synthetic" / "data.jsonl"
 WINDOWS = torch.randint(0, 384, (4, 33), generator=torch.Generator().manual_seed(3))
 
@@ -38,12 +39,16 @@ def checkpoint_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def vlm_checkpoint_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("vlm")
-    lm = tiny(VLM)
-    lm.model.save_pretrained(path)  # transformers writes LLaVA's legacy key names (language_model.model.*)
-    lm.processor.save_pretrained(path)
-    return path
+def vlm_checkpoints(tmp_path_factory):
+    """name -> the checkpoint directory (weights and processor) of that tiny VLM, written once per module."""
+    @functools.cache
+    def save(name):
+        path = tmp_path_factory.mktemp(name)
+        lm = tiny(name)
+        lm.model.save_pretrained(path)  # transformers writes LLaVA's legacy key names (language_model.model.*)
+        lm.processor.save_pretrained(path)
+        return path
+    return save
 
 
 def calibration_data(request, model):
@@ -52,7 +57,7 @@ def calibration_data(request, model):
     into the embeddings), checked to be equal bit for bit and of different lengths (layer graphs of any length)."""
     if model == MODEL:
         return request.getfixturevalue("checkpoint_dir"), WINDOWS, WINDOWS
-    path = request.getfixturevalue("vlm_checkpoint_dir")
+    path = request.getfixturevalue("vlm_checkpoints")(model)
     items = sample_items(load_items(DATA), 2, 0)  # what --calib-samples 2 draws
     whole, streamed = image_text_samples(tiny(model), items), stream.front_samples(Checkpoint(path), items)
     assert streamed[0]["labels"].shape != streamed[1]["labels"].shape
@@ -61,7 +66,8 @@ def calibration_data(request, model):
     return path, whole, streamed
 
 
-@pytest.mark.parametrize("model,recipe", [(MODEL, "wsvd-noq"), (MODEL, "svd-llm"), (VLM, "wsvd-noq")])
+@pytest.mark.parametrize("model,recipe", [(MODEL, "wsvd-noq"), (MODEL, "svd-llm"), (VLM, "wsvd-noq"),
+                                          pytest.param(MROPE_VLM, "wsvd-noq", marks=pytest.mark.slow)])
 def test_streamed_calibration_gives_the_whole_models_ranks_and_factors(model, recipe, tmp_path, request):
     """Statistics, importance scores and the Fisher of the layer-wise backward (answer-only labels for the VLM) equal
     the whole graph's; so do the ranks and the factors of the shards."""
@@ -146,14 +152,15 @@ def assert_same_compression(manifest, loaded, base, compressed, report) -> dict:
     return whole
 
 
-@pytest.mark.slow  # 22 and 15 CPU s: each a streamed and a whole-model compression and a reloaded artifact
-@pytest.mark.parametrize("recipe,bits,cli", [("wsvd-noq", "w16", True), ("wsvd", "w8a8", False)])
-def test_a_streamed_vlm_is_the_whole_vlms_artifact(tmp_path, recipe, bits, cli, request):
-    """LLaVA streamed, through the CLI (--calib) or without QAT steps (see above; the CLI runs the recipe's): the same
-    ranks and tensors as the whole-model compression (factors, S1 applied to the incoming embeddings, W8A8 weights)
-    and, reloaded, the same logits."""
+@pytest.mark.slow  # 15 to 25 CPU s each: a streamed and a whole-model compression and a reloaded artifact
+@pytest.mark.parametrize("model,recipe,bits,cli", [(VLM, "wsvd-noq", "w16", True), (VLM, "wsvd", "w8a8", False),
+                                                   (MROPE_VLM, "wsvd", "w8a8", False)])
+def test_a_streamed_vlm_is_the_whole_vlms_artifact(tmp_path, model, recipe, bits, cli, request):
+    """LLaVA and Qwen2-VL streamed, through the CLI (--calib) or without QAT steps (see above; the CLI runs the
+    recipe's): the same ranks and tensors as the whole-model compression (factors, S1 applied to the incoming
+    embeddings, W8A8 weights) and, reloaded, the same logits."""
     r, b = RECIPES[recipe] if cli else dataclasses.replace(RECIPES[recipe], qat_steps=0), parse_bits(bits)
-    checkpoint_dir, whole_samples, samples = calibration_data(request, VLM)
+    checkpoint_dir, whole_samples, samples = calibration_data(request, model)
     out = tmp_path / "streamed"
     if cli:
         assert main(["compress", "--stream", "--model", str(checkpoint_dir), "--recipe", recipe, "--rho1", "0.6",
@@ -164,25 +171,37 @@ def test_a_streamed_vlm_is_the_whole_vlms_artifact(tmp_path, recipe, bits, cli, 
         manifest = compress_checkpoint(checkpoint_dir, samples, r, 0.6, b, out, calibration={}, environment={},
                                        save_dtype=torch.float32, progress=False)
     loaded = artifact.load(out)  # the VLM checkpoint (fingerprint of its decoder and LM head) and every tensor name
-    base = tiny_forward(VLM)
+    base = tiny_forward(model)
     compressed, report = compress(base, calibrate(base, whole_samples, [r], progress=False), r, 0.6, b)
     assert_same_compression(manifest, loaded, base, compressed, report)
     assert ("wsvd_input_rotation" in loaded.captured.gm.state_dict()) == r.rotate
-    kwargs = {"inputs_embeds": samples[1]["inputs_embeds"]}
+    kwargs = {k: v for k, v in samples[1].items() if k != "labels"}
     with torch.no_grad():
         expected = compressed.gm(**kwargs)
         torch.testing.assert_close(loaded.captured.gm(**kwargs), expected, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(base.gm(**kwargs), expected, atol=1e-3)
 
 
-def test_vlms_stream_with_image_text_data_and_multimodal_rope_is_refused(vlm_checkpoint_dir, checkpoint_dir, tmp_path,
-                                                                          capsys):
-    tiny("tiny-qwen2-vl").model.config.save_pretrained(tmp_path / "qwen2-vl")
+def test_vlms_stream_with_image_text_data_and_checkpoints_transformers_converts_are_refused(vlm_checkpoints,
+                                                                                               checkpoint_dir, tmp_path,
+                                                                                               capsys):
+    from safetensors.torch import save_file
+    from transformers import Qwen3VLMoeConfig
+
+    moe = tmp_path / "qwen3-vl-moe"  # its experts are one fused tensor per layer, which transformers converts
+    Qwen3VLMoeConfig(text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                      head_dim=16, num_experts=2, moe_intermediate_size=16),
+                     vision_config=dict(depth=1, out_hidden_size=32)).save_pretrained(moe)
+    save_file({"model.language_model.layers.0.mlp.experts.down_proj": torch.zeros(2, 16, 32)},  # as save_pretrained
+              moe / "model.safetensors")                                                         # names it
+    vlm = vlm_checkpoints(VLM)
+    capsys.readouterr()
     argv = ["compress", "--stream", "--recipe", "wsvd-noq", "--rho1", "0.5", "--quiet", "--out", str(tmp_path / "x")]
     for model, extra, message in [
-            (tmp_path / "qwen2-vl", ["--calib", str(DATA)], "multimodal RoPE ((t, h, w) positions per token), which the "
-             "streamed layer graphs do not take: compress it with --no-stream"),
-            (vlm_checkpoint_dir, [], "is a vision-language model: give image-text calibration data with --calib"),
+            (moe, ["--calib", str(DATA)], "transformers converts the checkpoint tensor "
+             "model.language_model.layers.0.mlp.experts.down_proj on loading (not a plain rename), which --stream "
+             "does not read: compress with --no-stream"),
+            (vlm, [], "is a vision-language model: give image-text calibration data with --calib"),
             (checkpoint_dir, ["--calib", str(DATA)], "is a text-only model: use --calib-data FILE.txt")]:
         assert main(argv + ["--model", str(model), *extra]) == 2
         err = capsys.readouterr().err

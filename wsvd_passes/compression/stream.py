@@ -33,11 +33,13 @@ rounding (same ranks, factors and quantisers). Recipes that heal do it layer-loc
 layer's on the stored inputs h_i, targets h_{i+1}, both rotated by S1 when the recipe rotates),
 not end to end on the logits as the whole-model mode does.
 
-VLMs with 1-D RoPE stream (LLaVA, LLaVA-Next, Idefics3/SmolVLM: tested on tiny-llava): their layer graphs are named as
-the whole-model decoder capture names them (``decoder.layers.{i}``), their no-layer graph is ``inputs_embeds ->
-logits`` through the final norm and LM head, and a rotating recipe rotates the incoming embeddings there
-(``x -> x S1``, as in the whole-model mode; layer graphs are fed ``h S1``). Qwen2-VL (multimodal RoPE: (t, h, w)
-positions per token, which the layer graphs do not take) is refused in one line: compress it with ``--no-stream``.
+VLMs stream (LLaVA, LLaVA-Next, Idefics3/SmolVLM, Qwen2-VL: tested on tiny-llava and tiny-qwen2-vl): their layer
+graphs are named as the whole-model decoder capture names them (``decoder.layers.{i}``); a multimodal-RoPE model's
+layer graphs also take each sample's (t, h, w) ``position_ids [3, 1, S]`` from the eager front, as its whole-model
+graph does; the no-layer graph is ``inputs_embeds (, position_ids) -> logits`` through the final norm and LM head, and
+a rotating recipe rotates the incoming embeddings there (``x -> x S1``, as in the whole-model mode; layer graphs are
+fed ``h S1``). Checkpoints whose tensors transformers converts on loading (not a plain rename: fused MoE experts,
+e.g. Qwen3-VL-MoE) are refused in one line: compress them with ``--no-stream``.
 """
 
 from __future__ import annotations
@@ -71,8 +73,8 @@ from .recipes import Recipe
 
 
 class Checkpoint:
-    """A Hugging Face checkpoint directory (a causal LM, or a VLM with 1-D RoPE) read tensor by tensor from its
-    safetensors (memory-mapped).
+    """A Hugging Face checkpoint directory (a causal LM or a VLM) read tensor by tensor from its safetensors
+    (memory-mapped).
 
     Tensors are named as in the model (``skeleton``, on the meta device); the file's keys are mapped to those names by
     transformers' own checkpoint conversion (``save_pretrained`` writes LLaVA's ``model.language_model.*`` as
@@ -91,11 +93,7 @@ class Checkpoint:
         self.config = transformers.AutoConfig.from_pretrained(self.path)
         self.text_config = self.config.get_text_config()
         self.config._attn_implementation = self.text_config._attn_implementation = "sdpa"
-        self.vlm = vision_language(self.config)
-        if self.vlm and uses_mrope(self.config):
-            raise WsvdError(f"{path} is a {type(self.config).__name__.removesuffix('Config')} model with multimodal RoPE "
-                            "((t, h, w) positions per token), which the streamed layer graphs do not take: compress it "
-                            "with --no-stream")
+        self.vlm, self.mrope = vision_language(self.config), uses_mrope(self.config)
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -237,8 +235,9 @@ def _place(root: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
 
 
 class LayerForward(torch.nn.Module):
-    """One decoder layer as ``hidden_states [B, S, E] -> [B, S, E]`` with the model's causal mask and RoPE, at the
-    path the whole-model capture gives it (``model.model.layers.{i}``, ``decoder.layers.{i}``)."""
+    """One decoder layer as ``hidden_states [B, S, E] (, position_ids [3, B, S]) -> [B, S, E]`` with the model's causal
+    mask and RoPE, at the path the whole-model capture gives it (``model.model.layers.{i}``, ``decoder.layers.{i}``).
+    RoPE is at positions 0..S-1, or at a multimodal-RoPE model's (t, h, w) ``position_ids`` (Qwen2-VL)."""
 
     def __init__(self, checkpoint: Checkpoint, index: int):
         super().__init__()
@@ -248,15 +247,15 @@ class LayerForward(torch.nn.Module):
         _place(self, self.layer, checkpoint.module(f"{checkpoint.decoder}.layers.{index}"))
         _place(self, self.rotary, type(decoder.rotary_emb)(config=self.config))  # its buffers, built on the CPU
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         from transformers.masking_utils import create_causal_mask
 
         positions = torch.arange(hidden_states.shape[1], device=hidden_states.device).unsqueeze(0)
         mask = create_causal_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=None, cache=None,
                                   position_ids=positions)
-        rotary = self.get_submodule(self.rotary)
+        rope = self.get_submodule(self.rotary)(hidden_states, position_ids=positions if position_ids is None else position_ids)
         return self.get_submodule(self.layer)(hidden_states, attention_mask=mask, position_ids=positions,
-                                              position_embeddings=rotary(hidden_states, position_ids=positions))
+                                              position_embeddings=rope)
 
 
 def capture_layer(checkpoint: Checkpoint, index: int, seq_len: int | None = 17) -> CapturedGraph:
@@ -268,15 +267,19 @@ def capture_layer(checkpoint: Checkpoint, index: int, seq_len: int | None = 17) 
     alive for the rest of the process (torch 2.13; measured: one more of each per export, also with a bare
     ``nn.Linear``), so memory grew with depth (measured at width 1024: 16 layers over 2 cost 38 MB more peak RSS,
     16 MB with static shapes); the layer graphs are run one window at a time."""
-    module = LayerForward(checkpoint, index)
-    example = torch.zeros(1, seq_len or 17, checkpoint.text_config.hidden_size, dtype=checkpoint.dtype)
-    dynamic = None if seq_len else {"hidden_states": {1: torch.export.Dim(
-        "seq", min=2, max=int(getattr(checkpoint.text_config, "max_position_embeddings", 4096)))}}
+    module, S = LayerForward(checkpoint, index), seq_len or 17
+    example = {"hidden_states": torch.zeros(1, S, checkpoint.text_config.hidden_size, dtype=checkpoint.dtype)}
+    if checkpoint.mrope:  # (t, h, w) positions: a graph input, as in the whole-model capture
+        example["position_ids"] = torch.arange(S).expand(3, 1, S).contiguous()
+    dynamic = None
+    if not seq_len:
+        seq = torch.export.Dim("seq", min=2, max=int(getattr(checkpoint.text_config, "max_position_embeddings", 4096)))
+        dynamic = {"hidden_states": {1: seq}, **({"position_ids": {2: seq}} if checkpoint.mrope else {})}
     with torch.no_grad():
-        ep = torch.export.export(module, (), kwargs={"hidden_states": example}, dynamic_shapes=dynamic, strict=False)
+        ep = torch.export.export(module, (), kwargs=example, dynamic_shapes=dynamic, strict=False)
     gm = unlift(ep)
     gm.meta.update({FIRST_LAYER: index, RESIDUAL_INPUT: True})
-    return CapturedGraph(gm, "forward", {"hidden_states": example}, dynamic, checkpoint.text_config)
+    return CapturedGraph(gm, "forward", example, dynamic, checkpoint.text_config)
 
 
 def capture_top(checkpoint: Checkpoint) -> CapturedGraph:
@@ -309,6 +312,17 @@ class LayerStore:
     def hidden(self, layer: int) -> list[torch.Tensor]:
         t = self.get(f"input{layer:05d}")
         return [t[str(n)] for n in range(len(t))]
+
+    def put_positions(self, positions: list[torch.Tensor] | None) -> None:
+        """The samples' multimodal-RoPE position ids [3, 1, S_n] (the same for every layer), when the model has them."""
+        if positions is not None:
+            self.put("positions", {str(n): p for n, p in enumerate(positions)})
+
+    def layer_inputs(self, layer: int) -> list[dict[str, torch.Tensor]]:
+        """Layer ``layer``'s graph inputs per sample: h_i (and position ids)."""
+        path = self.directory / "positions.safetensors"
+        positions = self.get("positions") if path.is_file() else None
+        return graph_inputs(self.hidden(layer), [positions[str(n)] for n in range(len(positions))] if positions else None)
 
     def put_stats(self, layer: int, stats: SiteStats) -> None:
         self.put(f"stats{layer:05d}", {f"qkv.{f}": torch.as_tensor(getattr(stats.qkv, f)) for f in ("gram", "absmean", "tokens")})
@@ -365,14 +379,23 @@ def unstreamable(recipe: Recipe) -> str | None:
     return None
 
 
-def decoder_inputs(checkpoint: Checkpoint, data: torch.Tensor | list[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(h_0 [1, S_n, E], labels [1, S_n]) per sample of ``data``: text windows (token ids [n, S], embedded here;
-    labels = ids) or image-text samples (``inputs_embeds`` from the eager front, :func:`front_samples`, and labels)."""
+def decoder_inputs(checkpoint: Checkpoint, data: torch.Tensor | list[dict]
+                   ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor] | None]:
+    """(h_0 [1, S_n, E], labels [1, S_n], multimodal-RoPE position ids [3, 1, S_n] or None) per sample of ``data``:
+    text windows (token ids [n, S], embedded here; labels = ids) or image-text samples (``inputs_embeds`` and
+    ``position_ids`` from the eager front, :func:`front_samples`, and labels)."""
     if torch.is_tensor(data):
         table = checkpoint.tensor(f"{checkpoint.embedding}.weight")
-        return [torch.nn.functional.embedding(w, table) for w in data.split(1)], list(data.split(1))
+        return [torch.nn.functional.embedding(w, table) for w in data.split(1)], list(data.split(1)), None
     samples = [split_batch(sample) for sample in data]
-    return [kwargs["inputs_embeds"].to(checkpoint.dtype) for kwargs, _ in samples], [labels for _, labels in samples]
+    positions = [kwargs["position_ids"] for kwargs, _ in samples] if checkpoint.mrope else None
+    return ([kwargs["inputs_embeds"].to(checkpoint.dtype) for kwargs, _ in samples], [labels for _, labels in samples],
+            positions)
+
+
+def graph_inputs(hidden: list[torch.Tensor], positions: list[torch.Tensor] | None) -> list[dict[str, torch.Tensor]]:
+    """A layer graph's kwargs per sample: ``hidden_states`` (and ``position_ids`` for multimodal RoPE)."""
+    return [{"hidden_states": h, **({"position_ids": positions[n]} if positions else {})} for n, h in enumerate(hidden)]
 
 
 def front_samples(checkpoint: Checkpoint, items: list) -> list[dict]:
@@ -406,19 +429,21 @@ def calibrate_streamed(checkpoint: Checkpoint, data: torch.Tensor | list[dict], 
     store = LayerStore(work_dir)
     key = (recipe.granularity, recipe.scaling)
     with torch.no_grad():
-        hidden, labels = decoder_inputs(checkpoint, data)
+        hidden, labels, positions = decoder_inputs(checkpoint, data)
+    store.put_positions(positions)
     groups, heads, layers = [], None, checkpoint.text_config.num_hidden_layers
     for i in tqdm(range(layers), desc="streamed statistics", unit="layer", disable=not progress):
         captured = capture_layer(checkpoint, i, _seq_len(hidden))
         (site,) = find_sites(captured.gm)
         heads = heads or {k: getattr(site, k) for k in ("n_heads", "n_kv_heads", "head_dim", "hidden_size")}
-        stats = collect_input_stats(captured, [{"hidden_states": h, "labels": None} for h in hidden], progress=False)[0]
+        inputs = graph_inputs(hidden, positions)
+        stats = collect_input_stats(captured, [{**kwargs, "labels": None} for kwargs in inputs], progress=False)[0]
         store.put_stats(i, stats)
         store.put_hidden(i, hidden)
         groups += [g.shapes_only() for g in layer_groups(site, _qkv_weights(captured, site), stats, [recipe])[key]]
         with torch.no_grad():
-            hidden = [captured.gm(hidden_states=h) for h in hidden]
-        del captured, site, stats
+            hidden = [captured.gm(**kwargs) for kwargs in inputs]
+        del captured, site, stats, inputs
         release_memory()
     store.put_hidden(layers, hidden)  # the last layer's output
     n = len(hidden) if grad_samples is None else grad_samples
@@ -448,8 +473,8 @@ def _streamed_gradients(checkpoint: Checkpoint, labels: list[torch.Tensor], top:
     scores = {}
     layers = checkpoint.text_config.num_hidden_layers
     for i in tqdm(reversed(range(layers)), total=layers, desc="streamed gradients", unit="layer", disable=not progress):
-        inputs = store.hidden(i)[:len(labels)]
-        captured = capture_layer(checkpoint, i, _seq_len(inputs))
+        inputs = store.layer_inputs(i)[:len(labels)]
+        captured = capture_layer(checkpoint, i, _seq_len([kwargs["hidden_states"] for kwargs in inputs]))
         (site,) = find_sites(captured.gm)
         weights = _trainable(captured, site)
         rotated = RotatedTargets(qkv_bases(captured.gm, [site])) if recipe.qat else None
@@ -459,9 +484,10 @@ def _streamed_gradients(checkpoint: Checkpoint, labels: list[torch.Tensor], top:
             accumulator = ImportanceAccumulator(groups[(recipe.granularity, recipe.scaling)], site.head_dim)
         sums = {p: torch.zeros_like(w, dtype=torch.float32) for p, w in weights.items()}
         for n in range(len(labels)):
-            x = inputs[n].detach().requires_grad_(True)
+            x = inputs[n]["hidden_states"].detach().requires_grad_(True)
             with torch.enable_grad():
-                grads = torch.autograd.grad(captured.gm(hidden_states=x), [x] + list(weights.values()), upstream[n])
+                grads = torch.autograd.grad(captured.gm(**{**inputs[n], "hidden_states": x}), [x] + list(weights.values()),
+                                            upstream[n])
             upstream[n] = grads[0]
             by_proj = {(i, p): g for p, g in zip(PROJECTIONS, grads[1:])}
             if accumulator is not None:
@@ -496,11 +522,10 @@ def _trainable(captured: CapturedGraph, site: AttentionSite) -> dict[str, torch.
 def _heal_samples(store: LayerStore, layer: int, recipe: Recipe) -> list[dict[str, torch.Tensor]]:
     """Layer ``layer``'s healing samples, one per window: its dense input h_i and output h_{i+1} [1, S, E], in the
     rotated basis (h S1) when the recipe rotates, as its compressed graph sees them."""
-    x, y = store.hidden(layer), store.hidden(layer + 1)
-    if recipe.rotate:
-        S1 = random_hadamard(x[0].shape[-1], S1_SEED).to(x[0].dtype)
-        x, y = [h @ S1 for h in x], [h @ S1 for h in y]
-    return [{"hidden_states": a, "target": b} for a, b in zip(x, y)]
+    inputs, targets = store.layer_inputs(layer), store.hidden(layer + 1)
+    S1 = random_hadamard(targets[0].shape[-1], S1_SEED).to(targets[0].dtype) if recipe.rotate else None
+    return [{**kwargs, "hidden_states": kwargs["hidden_states"] @ S1, "target": y @ S1} if S1 is not None else
+            {**kwargs, "target": y} for kwargs, y in zip(inputs, targets)]
 
 
 def _qat_targets(store: LayerStore, layer: int) -> dict[tuple[int, str], QATTarget]:

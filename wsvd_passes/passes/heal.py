@@ -164,7 +164,8 @@ class LogitKL:
 class LayerOutputError:
     """The relative output error of one decoder layer's graph ``gm(hidden_states [1, S, E]) -> [1, S, E]`` against
     the dense layer, e = sum ||f_c(x) - y||^2 / sum ||y - x||^2, over samples ``{"hidden_states": x, "target": y}``
-    (the dense layer's input and output, in the graph's basis: rotated by S1 when the recipe rotates)."""
+    (the dense layer's input and output, in the graph's basis: rotated by S1 when the recipe rotates; and the
+    graph's other inputs, e.g. multimodal-RoPE ``position_ids``)."""
 
     name = "layer_output_error"
 
@@ -183,7 +184,8 @@ class LayerOutputError:
     @staticmethod
     def _terms(gm, tensors, sample, device) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = sample["hidden_states"].to(device), sample["target"].to(device)
-        out = torch.func.functional_call(gm, tensors, kwargs={"hidden_states": x}, strict=False, tie_weights=False)
+        kwargs = {k: v.to(device) for k, v in sample.items() if k != "target"}
+        out = torch.func.functional_call(gm, tensors, kwargs=kwargs, strict=False, tie_weights=False)
         return (out.float() - y.float()).square().sum(), (y.float() - x.float()).square().sum()
 
 
