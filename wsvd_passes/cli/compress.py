@@ -45,7 +45,8 @@ def add_parser(sub) -> None:
     co.add_argument("--save-pt2", action="store_true", help="also write model.pt2 (torch.export.save)")
     co.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                     help="one decoder layer in memory at a time, read from the checkpoint directory's safetensors (the "
-                    "low-rank recipes, quantised or not; healing per layer). Default: on when the whole-model mode would not "
+                    "low-rank recipes, quantised or not; healing per layer; a VLM's language decoder, its --calib samples "
+                    "through the vision tower once each). Default: on when the whole-model mode would not "
                     "fit in the available memory, which is then said in one line; --no-stream forces the whole model")
     co.add_argument("--offload-dir", help="streamed (implies --stream): where per-layer activations, statistics and "
                     "Fisher wait between passes (default: a folder in --out)")
