@@ -379,8 +379,8 @@ def unstreamable(recipe: Recipe) -> str | None:
     return None
 
 
-def decoder_inputs(checkpoint: Checkpoint, data: torch.Tensor | list[dict]
-                   ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor] | None]:
+def calibration_inputs(checkpoint: Checkpoint, data: torch.Tensor | list[dict]
+                       ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor] | None]:
     """(h_0 [1, S_n, E], labels [1, S_n], multimodal-RoPE position ids [3, 1, S_n] or None) per sample of ``data``:
     text windows (token ids [n, S], embedded here; labels = ids) or image-text samples (``inputs_embeds`` and
     ``position_ids`` from the eager front, :func:`front_samples`, and labels)."""
@@ -421,7 +421,7 @@ def _seq_len(hidden: list[torch.Tensor]) -> int | None:
 def calibrate_streamed(checkpoint: Checkpoint, data: torch.Tensor | list[dict], recipe: Recipe, work_dir: str | Path,
                        *, grad_samples: int | None = None, progress: bool = True) -> StreamedCalibration:
     """What :func:`~wsvd_passes.compression.compress.calibrate` measures, layer by layer (steps 1 and 2 above), on
-    ``data`` (:func:`decoder_inputs`)."""
+    ``data`` (:func:`calibration_inputs`)."""
     if len(data) < 2:
         raise WsvdError(f"{len(data)} calibration window(s) are too few: give at least 2 (the paper uses 256)")
     if (refusal := unstreamable(recipe)) is not None:
@@ -429,7 +429,7 @@ def calibrate_streamed(checkpoint: Checkpoint, data: torch.Tensor | list[dict], 
     store = LayerStore(work_dir)
     key = (recipe.granularity, recipe.scaling)
     with torch.no_grad():
-        hidden, labels, positions = decoder_inputs(checkpoint, data)
+        hidden, labels, positions = calibration_inputs(checkpoint, data)
     store.put_positions(positions)
     groups, heads, layers = [], None, checkpoint.text_config.num_hidden_layers
     for i in tqdm(range(layers), desc="streamed statistics", unit="layer", disable=not progress):
@@ -620,7 +620,7 @@ def compress_checkpoint(path: str | Path, data: torch.Tensor | list[dict], recip
                         offload_dir: str | Path | None = None, resume: bool = False, calibration: dict,
                         environment: dict, save_dtype: torch.dtype = torch.bfloat16, progress: bool = True) -> dict:
     """Streamed compression of the checkpoint at ``path`` into the artifact directory ``out``, calibrated on
-    ``data`` (:func:`decoder_inputs`); its manifest.
+    ``data`` (:func:`calibration_inputs`); its manifest.
 
     Per-layer inputs, statistics and Fisher wait in ``offload_dir/.stream-work`` (default ``out``), removed at
     the end. ``resume`` continues a run that was killed: the same model, recipe, rho1 and calibration windows
