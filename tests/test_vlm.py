@@ -114,6 +114,26 @@ def test_latent_cache_and_lowering_decode_image_and_text(name):
     torch.testing.assert_close(_steps(lowered, embeds), factored, atol=5e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("extra, message", [
+    ({"deepstack_visual_embeds": [torch.zeros(4, 96)]}, "feeds its language decoder 'deepstack_visual_embeds'"),
+    ({"attention_mask": torch.tensor([[0] + [1] * 137])}, "attention_mask has zeros")])
+def test_decoder_inputs_the_graph_would_drop_are_refused(extra, message):
+    """A VLM whose decoder takes more than the graph's inputs (Qwen3-VL's deepstack features) or a padded sample would
+    silently compute something else: refused in one line."""
+    lm = tiny("tiny-llava")
+    from wsvd_passes.eval.mm_data import _image, prompt_text
+
+    item = load_items(DATA)[1]
+    processed = lm.processor(text=prompt_text(lm.processor, item), images=[_image(item)], return_tensors="pt")
+    handle = lm.model.get_decoder().register_forward_pre_hook(lambda m, a, k: (a, {**k, **extra}), with_kwargs=True)
+    try:
+        with pytest.raises(WsvdError, match=message):
+            decoder_inputs(lm.model, processed)
+    finally:
+        handle.remove()
+    assert decoder_inputs(lm.model, processed).kwargs["inputs_embeds"].shape[1] == 138
+
+
 def test_multimodal_rope_is_refused_where_positions_are_1d():
     lm = tiny("tiny-qwen2-vl")
     with pytest.raises(WsvdError, match="multimodal RoPE"):

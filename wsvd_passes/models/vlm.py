@@ -220,6 +220,15 @@ class DecoderInputs:
     input_ids: torch.Tensor  # [B, S], aligned with inputs_embeds
 
 
+# What the language decoder may be called with: the graph takes inputs_embeds and (multimodal RoPE) position_ids, and
+# builds its causal mask and positions itself (an all-ones attention mask, checked)
+_GRAPH_INPUTS = ("inputs_embeds", "position_ids", "attention_mask", "cache_position")
+
+
+def _has_tensor(value) -> bool:
+    return torch.is_tensor(value) or (isinstance(value, (list, tuple)) and any(torch.is_tensor(v) for v in value))
+
+
 @torch.no_grad()
 def decoder_inputs(model: torch.nn.Module, processed: dict) -> DecoderInputs:
     """Run the vision tower, projector and embedding merge of ``model`` on processor outputs.
@@ -244,6 +253,14 @@ def decoder_inputs(model: torch.nn.Module, processed: dict) -> DecoderInputs:
         handle.remove()
     if seen.get("inputs_embeds") is None:
         raise WsvdError(f"{type(model).__name__} did not call its language decoder with inputs_embeds: unsupported VLM")
+    extra = [k for k, v in seen.items() if k not in _GRAPH_INPUTS and _has_tensor(v)]
+    if extra:  # e.g. Qwen3-VL's deepstack visual features, added inside the decoder's layers
+        raise WsvdError(f"{type(model).__name__} feeds its language decoder {extra[0]!r} besides the input embeddings, "
+                        "which the captured decoder graph does not take: this VLM is not supported yet")
+    mask = seen.get("attention_mask")
+    if torch.is_tensor(mask) and not bool(mask.bool().all()):
+        raise WsvdError("the processor padded this sample (attention_mask has zeros), which the decoder graph cannot "
+                        "mask: give one unpadded sample at a time")
     ids = processed["input_ids"]
     kwargs = {"inputs_embeds": seen["inputs_embeds"].to(model.dtype)}
     if kwargs["inputs_embeds"].shape[:2] != ids.shape:
