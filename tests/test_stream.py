@@ -66,25 +66,28 @@ def calibration_data(request, model):
     return path, whole, streamed
 
 
-@pytest.mark.parametrize("model,recipe", [(MODEL, "wsvd-noq"), (MODEL, "svd-llm"), (VLM, "wsvd-noq"),
-                                          pytest.param(MROPE_VLM, "wsvd-noq", marks=pytest.mark.slow)])
-def test_streamed_calibration_gives_the_whole_models_ranks_and_factors(model, recipe, tmp_path, request):
+@pytest.mark.parametrize("model,recipe,rho1,rho2", [(MODEL, "wsvd-noq", None, 0.5), (MODEL, "svd-llm", 0.6, 0.4),
+                                                    (VLM, "wsvd-noq", 0.6, None),
+                                                    pytest.param(MROPE_VLM, "wsvd-noq", 0.6, None, marks=pytest.mark.slow)])
+def test_streamed_calibration_gives_the_whole_models_ranks_and_factors(model, recipe, rho1, rho2, tmp_path, request):
     """Statistics, importance scores and the Fisher of the layer-wise backward (answer-only labels for the VLM) equal
-    the whole graph's; so do the ranks and the factors of the shards."""
+    the whole graph's; so do the ranks and the factors of the shards, under a parameter budget (rho1), a cache budget
+    (rho2) or both."""
     r = RECIPES[recipe]
     checkpoint_dir, data, streamed_data = calibration_data(request, model)
     whole = calibrate(tiny_forward(model), data, [r], progress=False)
     streamed = calibrate_streamed(Checkpoint(checkpoint_dir), streamed_data, r, tmp_path, progress=False)
-    plan, report = factor_plan(whole, r, 0.6)
+    plan, report = factor_plan(whole, r, rho1, rho2)
     for key, s in whole.scores.get((r.granularity, r.scaling), {}).items():
         torch.testing.assert_close(streamed.scores[key], s, rtol=1e-4, atol=1e-12)
     for (layer, p), f in whole.fisher.items():  # the layer-wise backward gives the whole graph's gradients
         assert f.abs().max() > 0
         torch.testing.assert_close(streamed.store.get(f"fisher{layer:05d}")[p], f, rtol=1e-4, atol=1e-12)
-    sreport, shards = compress_streamed(Checkpoint(checkpoint_dir), streamed, r, 0.6, parse_bits("w16"), tmp_path / "out",
-                                        progress=False)
+    sreport, shards = compress_streamed(Checkpoint(checkpoint_dir), streamed, r, rho1, parse_bits("w16"), tmp_path / "out",
+                                        rho2=rho2, progress=False)
     assert sreport.ranks == report.ranks and len(plan) == len(shards) - 1 == 2  # and the no-layer graph's shard
     assert sreport.rho1 == pytest.approx(report.rho1) and sreport.rho2 == pytest.approx(report.rho2)
+    assert sreport.rho2_target == report.rho2_target == rho2 and (rho2 is None or report.rho2 <= rho2 + 1e-9)
     for layer, shard in enumerate(shards[:-1]):
         saved = load_file(shard)
         for p in plan[layer].downs:
@@ -324,7 +327,7 @@ def test_bad_checkpoints_and_recipes_are_one_line_errors(checkpoint_dir, tmp_pat
     assert main(["compress", "--model", MODEL, "--recipe", "wsvd-noq", "--rho1", "0.5", "--stream", "--out",
                  str(tmp_path / "x")]) == 2
     assert "error: --stream reads a checkpoint directory" in capsys.readouterr().err
-    for extra, message in [(["--recipe", "wsvd-noq", "--rho2", "0.5"], "--stream allocates ranks under --rho1 only"),
+    for extra, message in [(["--recipe", "wsvd-noq", "--rho2", "0.01"], "rho2 0.01 is below the minimum of 1 component"),
                            (["--recipe", "qsvd", "--rho1", "0.5", "--bits", "w8a8", "--tune-beta"],
                             "--stream compresses with the recipe's own beta: drop --tune-beta")]:
         assert main(["compress", "--stream", "--model", str(checkpoint_dir), "--calib-windows", "2", "--seq-len", "17",
@@ -332,11 +335,11 @@ def test_bad_checkpoints_and_recipes_are_one_line_errors(checkpoint_dir, tmp_pat
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1
     monkeypatch.setattr(stream, "available_memory", lambda: 1)  # would not fit, cannot stream: said, runs whole-model
-    assert main(["compress", "--model", str(checkpoint_dir), "--recipe", "wsvd-noq", "--rho2", "0.6", "--calib-windows",
-                 "2", "--seq-len", "17", "--grad-samples", "2", "--quiet", "--out", str(tmp_path / "z")]) == 0
+    assert main(["compress", "--model", str(checkpoint_dir), "--recipe", "quarot", "--rho1", "0.6", "--bits", "w8a8",
+                 "--calib-windows", "2", "--seq-len", "17", "--quiet", "--out", str(tmp_path / "z")]) == 0
     err = capsys.readouterr().err
     assert err.startswith("warning: the whole-model compression needs about") and err.count("\n") == 1
-    assert "cannot stream (--stream allocates ranks under --rho1 only" in err
+    assert "cannot stream (recipe quarot has no low-rank factors" in err
     assert not json.loads((tmp_path / "z" / "manifest.json").read_text()).get("streamed")
 
 

@@ -130,9 +130,7 @@ def _stream_refusal(args) -> str | None:
     from ..compression.recipes import get_recipe
     from ..compression.stream import unstreamable
 
-    ((rho1, rho2),) = ratio_targets(args, single=True)
-    if rho2 is not None or rho1 is None:
-        return "--stream allocates ranks under --rho1 only: drop --rho2 (cache budgets are whole-model for now)"
+    ratio_targets(args, single=True)  # --rho1 and/or --rho2, one value each
     if not Path(args.model).is_dir():
         return f"--stream reads a checkpoint directory; {args.model} is not one (save it with save_pretrained)"
     if args.tune_beta:
@@ -153,7 +151,7 @@ def _compress_streamed(args, out: str, save_dtype: torch.dtype) -> dict:
 
     if (refusal := _stream_refusal(args)) is not None:
         raise WsvdError(refusal)
-    ((rho1, _),) = ratio_targets(args, single=True)
+    ((rho1, rho2),) = ratio_targets(args, single=True)
     bits = bits_of(args)
     if args.calib_windows < 1 or (args.grad_samples is not None and args.grad_samples < 1):
         raise WsvdError("--calib-windows and --grad-samples must be at least 1")
@@ -170,7 +168,7 @@ def _compress_streamed(args, out: str, save_dtype: torch.dtype) -> dict:
         data = token_windows(tokenizer, text, args.seq_len, args.calib_windows)
     provenance.update(windows=len(data), seq_len=args.seq_len)
     (recipe,) = with_heal(args, [get_recipe(args.recipe)])
-    return compress_checkpoint(args.model, data, recipe, rho1, bits, out, dtype=parse_dtype(args.dtype),
+    return compress_checkpoint(args.model, data, recipe, rho1, bits, out, rho2=rho2, dtype=parse_dtype(args.dtype),
                                grad_samples=args.grad_samples, offload_dir=args.offload_dir, resume=args.resume,
                                calibration=provenance, environment=run_environment(),
                                save_dtype=save_dtype, progress=not args.quiet)

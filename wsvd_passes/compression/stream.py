@@ -533,14 +533,16 @@ def _qat_targets(store: LayerStore, layer: int) -> dict[tuple[int, str], QATTarg
     return {(layer, p): QATTarget(t[f"{p}.weight"], t[f"{p}.fisher"]) for p in PROJECTIONS}
 
 
-def compress_streamed(checkpoint: Checkpoint, calib: StreamedCalibration, recipe: Recipe, rho1: float, bits: Bits,
-                      out: str | Path, *, save_dtype: torch.dtype = torch.bfloat16, progress: bool = True
-                      ) -> tuple[FactorReport, list[Path]]:
-    """Ranks allocated over all layers, then each layer compressed by the recipe's passes (step 3 above) and its new
-    tensors written packed as its own shard of ``out`` with its report (a layer whose shard exists is not redone:
-    ``--resume``), then the no-layer graph's shard. Returns the factor report of the whole model and the shards."""
+def compress_streamed(checkpoint: Checkpoint, calib: StreamedCalibration, recipe: Recipe, rho1: float | None, bits: Bits,
+                      out: str | Path, *, rho2: float | None = None, save_dtype: torch.dtype = torch.bfloat16,
+                      progress: bool = True) -> tuple[FactorReport, list[Path]]:
+    """Ranks allocated over all layers under ``rho1`` and/or the cache budget ``rho2`` (as in the whole-model mode),
+    then each layer compressed by the recipe's passes (step 3 above) and its new tensors written packed as its own
+    shard of ``out`` with its report (a layer whose shard exists is not redone: ``--resume``), then the no-layer
+    graph's shard. Returns the factor report of the whole model and the shards."""
     key = (recipe.granularity, recipe.scaling)
-    kept = allocate_ranks(calib.groups, calib.scores, recipe, rho1)
+    cache_dense = calib.layers * 2 * calib.heads["n_kv_heads"] * calib.heads["head_dim"]  # every layer alike
+    kept = allocate_ranks(calib.groups, calib.scores, recipe, rho1, rho2, cache_dense)
     shards, reports = [], []
     for i in tqdm(range(calib.layers), desc="streamed compression", unit="layer", disable=not progress):
         shard, spectra = Path(out) / f"layer{i:05d}.safetensors", f"spectra{i:05d}"
@@ -556,7 +558,7 @@ def compress_streamed(checkpoint: Checkpoint, calib: StreamedCalibration, recipe
         targets = _qat_targets(calib.store, i) if recipe.qat else None
         layer = Calibration([site], [stats], {i: _qkv_weights(captured, site)}, {key: [g for g in calib.groups if g.layer == i]},
                             {key: calib.scores}, {(i, p): f for p, f in fisher.items()}, calib.samples, targets)
-        plan, report = factor_plan(layer, recipe, rho1, kept=kept)
+        plan, report = factor_plan(layer, recipe, rho1, rho2, kept=kept)
         passes = recipe_passes(recipe, bits, plan, targets, heal_data=(LayerOutputError(), samples) if samples else None)
         report.qat = next((p.report for p in passes if isinstance(p, LocalQAT)), None)  # filled in as the passes run
         report.heal = next((p.report for p in passes if isinstance(p, Heal)), None)
@@ -568,7 +570,7 @@ def compress_streamed(checkpoint: Checkpoint, calib: StreamedCalibration, recipe
         release_memory()
     top = recipe_passes(dataclasses.replace(recipe, heal_steps=0), bits, {}, {})  # it has no factors to heal
     shards.append(_write_compressed(capture_top(checkpoint), top, out, TOP_SHARD, save_dtype))
-    return _merged(reports, calib.groups, kept), shards
+    return _merged(reports, calib.groups, kept, rho2), shards
 
 
 TOP_SHARD = "top"  # the shard of the no-layer graph (embedding, final norm, LM head)
@@ -589,10 +591,10 @@ def _report_of(text: str, spectra: dict[str, torch.Tensor]) -> FactorReport:
     d = json.loads(text)
     return FactorReport(d["rho1"], d["rho2"], {int(k): v for k, v in d["ranks"].items()}, d["rho1_per_layer"],
                         d["rho2_per_layer"], [tuple(k) for k in d["above_break_even"]], d["finetune"],
-                        {int(k): v for k, v in d["reconstruction"].items()}, spectra, d["qat"], d["heal"])
+                        {int(k): v for k, v in d["reconstruction"].items()}, spectra, d["qat"], d["heal"], d["rho2_target"])
 
 
-def _merged(reports: list[FactorReport], groups: list[Group], kept) -> FactorReport:
+def _merged(reports: list[FactorReport], groups: list[Group], kept, rho2_target: float | None) -> FactorReport:
     """One report of all layers from the per-layer ones (rho1 over all groups, rho2 the mean over layers)."""
     rho2 = [r for report in reports for r in report.rho2_per_layer]
     ft = qat = heal = None
@@ -612,18 +614,19 @@ def _merged(reports: list[FactorReport], groups: list[Group], kept) -> FactorRep
         achieved_rho1(groups, kept), sum(rho2) / len(rho2), {k: v for r in reports for k, v in r.ranks.items()},
         [x for r in reports for x in r.rho1_per_layer], rho2, above_break_even(groups, kept), ft,
         {k: v for r in reports for k, v in r.reconstruction.items()}, {k: v for r in reports for k, v in r.spectra.items()},
-        qat, heal)
+        qat, heal, rho2_target)
 
 
-def compress_checkpoint(path: str | Path, data: torch.Tensor | list[dict], recipe: Recipe, rho1: float, bits: Bits,
-                        out: str | Path, *, dtype: torch.dtype = torch.float32, grad_samples: int | None = None,
+def compress_checkpoint(path: str | Path, data: torch.Tensor | list[dict], recipe: Recipe, rho1: float | None, bits: Bits,
+                        out: str | Path, *, rho2: float | None = None, dtype: torch.dtype = torch.float32,
+                        grad_samples: int | None = None,
                         offload_dir: str | Path | None = None, resume: bool = False, calibration: dict,
                         environment: dict, save_dtype: torch.dtype = torch.bfloat16, progress: bool = True) -> dict:
     """Streamed compression of the checkpoint at ``path`` into the artifact directory ``out``, calibrated on
     ``data`` (:func:`calibration_inputs`); its manifest.
 
     Per-layer inputs, statistics and Fisher wait in ``offload_dir/.stream-work`` (default ``out``), removed at
-    the end. ``resume`` continues a run that was killed: the same model, recipe, rho1 and calibration windows
+    the end. ``resume`` continues a run that was killed: the same model, recipe, rho1, rho2 and calibration windows
     (checked), with its calibration and the layers already written kept. Fixes glibc's mmap threshold for the
     rest of the process (:func:`bound_heap`).
     """
@@ -634,7 +637,7 @@ def compress_checkpoint(path: str | Path, data: torch.Tensor | list[dict], recip
     work = Path(offload_dir or out) / ".stream-work"
     run = {"wsvd_version": library_version(),  # shards written by another version may lack what this one reads
            "model": str(Path(path).resolve()), "config": checkpoint.config.to_dict(), "dtype": str(dtype),
-           "recipe": dataclasses.asdict(recipe), "rho1": rho1, "bits": bits.name, "grad_samples": grad_samples,
+           "recipe": dataclasses.asdict(recipe), "rho1": rho1, "rho2": rho2, "bits": bits.name, "grad_samples": grad_samples,
            "windows_sha256": _sha256(data)}
     if resume:
         if not (work / "run.json").is_file():
@@ -656,7 +659,7 @@ def compress_checkpoint(path: str | Path, data: torch.Tensor | list[dict], recip
     if calib is None:
         calib = calibrate_streamed(checkpoint, data, recipe, work, grad_samples=grad_samples, progress=progress)
         save_calibration(calib)
-    report, shards = compress_streamed(checkpoint, calib, recipe, rho1, bits, out, save_dtype=save_dtype,
+    report, shards = compress_streamed(checkpoint, calib, recipe, rho1, bits, out, rho2=rho2, save_dtype=save_dtype,
                                        progress=progress)
     calibration = {**calibration, "grad_samples": calib.samples}
     manifest = save_streamed(out, model=run["model"], model_sha256=checkpoint.fingerprint(), shards=shards,
