@@ -20,7 +20,7 @@ the same passes rotate and quantise. For n calibration windows of S tokens and L
    gives the window's gradients of q/k/v (rank importance, Fisher) and g_i = dL/dh_i. Recipes
    with local QAT also need the Fisher in the rotated basis: :class:`~wsvd_passes.passes.qat.RotatedTargets`
    maps the same per-window gradients there, as in the whole-model mode.
-3. ranks allocated globally under rho1 (:func:`~wsvd_passes.compression.compress.factor_plan`, unchanged);
+3. ranks allocated globally under rho1 and/or the cache budget rho2 (:func:`~wsvd_passes.compression.compress.allocate_ranks`, unchanged);
    then per layer the recipe's passes (:func:`~wsvd_passes.compression.compress.recipe_passes`: factorise,
    rotate, local QAT, fake-quantise) and its new tensors written packed as a shard
    (:func:`~wsvd_passes.artifacts.artifact.packed_changes`); then the no-layer graph's.
