@@ -16,8 +16,10 @@ from wsvd_passes.artifacts import artifact
 from wsvd_passes.cli import main
 from wsvd_passes.compression.compress import calibrate, compress, factor_plan
 from wsvd_passes.compression.recipes import RECIPES
+from wsvd_passes.errors import WsvdError
 from wsvd_passes.eval.data import pydoc_text, token_windows
 from wsvd_passes.eval.evaluation import MemoLogits, evaluate
+from wsvd_passes.eval.topk import TopK, top_k
 from wsvd_passes.graph.capture import capture_forward
 from wsvd_passes.graph.factor_spec import factor_spec
 from wsvd_passes.graph.graph_utils import tensor_attr
@@ -77,6 +79,7 @@ def _kl(gm, windows):
 def test_healing_lowers_the_calibration_kl_and_reports_it_honestly():
     compressed, report = _compressed("wsvd-heal-noq", "w16a16")
     h = report.heal
+    assert h["teacher_topk"] == heal.TEACHER_TOPK < _model().model.config.vocab_size  # a top-k teacher, scored exactly
     assert h["steps_taken"] >= h["best_step"] > 0  # a trained state won (else nothing was healed)
     assert h["calib_after"] < 0.9 * h["calib_before"]
     assert h["val_after"] < h["val_before"]
@@ -257,3 +260,36 @@ def test_training_kl_is_the_evaluated_kl_over_the_scored_positions():
     p, q = (torch.log_softmax(x[:, :-1].double(), -1)[keep] for x in (ref, logits))
     exact = float((p.exp() * (p - q)).sum(-1).mean())
     assert float(heal.kl_loss(ref, logits, labels)) == pytest.approx(exact, rel=1e-6)
+
+
+@pytest.mark.parametrize("k", [0, 3])
+def test_teacher_keeps_top_k_for_training_and_scores_stay_exact(k):
+    """teacher_topk k: per window the memo holds the top k (uint16 ids) and the tail, not [S, V] logits (k = 0: the
+    logits); the training loss is the (top-k) KL to the dense logits, below the exact KL at k = 3; scores are exact."""
+    objective = heal.LogitKL(_base(), teacher_topk=k)
+    gm, w, cpu = _compressed("wsvd-heal-noq", "w16a16", steps=0)[0].gm, _windows()[:3], torch.device("cpu")
+    with torch.no_grad():
+        loss = float(objective.loss(gm, {}, w[[0, 1]], cpu))
+        again = objective.teacher(w[[2, 0]])  # rows memoised across batches, fields stacked back
+        dense, logits = _base().gm(input_ids=w), gm(input_ids=w)
+    exact, v = _kl(gm, w[:2]), dense.shape[-1]
+    rows = list(objective.teacher.memo.values())
+    assert len(rows) == 3
+    if k:
+        assert all(isinstance(r, TopK) and r.logp.shape == r.ids.shape == (32, k) and r.ids.dtype == torch.uint16
+                   for r in rows)
+        expected = top_k(dense[[2, 0]], k)
+        assert torch.equal(again.ids, expected.ids)
+        assert torch.allclose(again.logp, expected.logp, rtol=0, atol=1e-5)
+        assert torch.allclose(again.tail, expected.tail, rtol=0, atol=1e-5)
+        assert loss == pytest.approx(float(heal.kl_loss(top_k(dense[:2], k), logits[:2], w[:2])), rel=1e-5)
+        assert 0 < loss < exact
+    else:
+        assert all(r.shape == (32, v) for r in rows) and torch.allclose(again, dense[[2, 0]], rtol=0, atol=1e-5)
+        assert loss == pytest.approx(exact, rel=1e-4)  # float32 loss, float64 score
+    assert objective.scorer(cpu, 4)(gm, w[:2]) == pytest.approx(exact, rel=1e-9)
+
+
+def test_negative_teacher_topk_is_refused():
+    with pytest.raises(WsvdError, match="teacher_topk -1 must be at least 0"):
+        heal.LogitKL(_base(), teacher_topk=-1)

@@ -18,15 +18,18 @@ from wsvd_passes.compression.calibration import next_token_loss
 from wsvd_passes.compression.compress import calibrate, compress, factor_plan
 from wsvd_passes.compression.recipes import RECIPES
 from wsvd_passes.errors import WsvdError
+from wsvd_passes.eval.evaluation import evaluate
 from wsvd_passes.eval.generation import reset_cache
 from wsvd_passes.eval.mm_data import check_labels, image_text_samples, load_items, sample_items
 from wsvd_passes.eval.multiple_choice import prepare, score
+from wsvd_passes.eval.topk import top_k
 from wsvd_passes.graph.capture import capture_decode, capture_forward
 from wsvd_passes.graph.pipeline import Pipeline
 from wsvd_passes.graph.sites import find_sites
 from wsvd_passes.models.registry import load_model
 from wsvd_passes.models.vlm import VLM_NAMES, decoder_inputs
 from wsvd_passes.passes.factorize import FactorizeQKV
+from wsvd_passes.passes.heal import LogitKL, kl_loss
 from wsvd_passes.passes.latent_kv import LatentKVCache
 
 DATA = Path(__file__).parent / "data" / "mc_synthetic" / "data.jsonl"
@@ -87,6 +90,32 @@ def test_every_recipe_runs_and_full_rank_factors_reproduce_the_logits(name):
         with torch.no_grad():
             out = compressed.gm(**sample)
         assert out.shape == expected.shape and torch.isfinite(out).all(), recipe.name
+
+
+@pytest.mark.parametrize("k", [0, 5])
+def test_heal_teacher_keeps_image_text_samples_whole_and_scores_exactly(k):
+    """LogitKL on image-text kwargs: the teacher memoised per sample (top k + tail, or the logits at k = 0), the loss
+    over the supervised positions only, the score the exact KL."""
+    base, (sample, other) = tiny_forward("tiny-llava"), samples("tiny-llava")
+    name = "lm_head.weight"  # a student with a sharper head: the random tiny model's distributions are near uniform
+    tensors = {name: dict(base.gm.named_parameters())[name].detach() * 20}
+    objective = LogitKL(base, teacher_topk=k)
+    loss = objective.loss(base.gm, tensors, sample, torch.device("cpu"))
+    objective.loss(base.gm, tensors, sample, torch.device("cpu"))  # memoised: one entry per sample
+    with torch.no_grad():
+        dense = base.gm(**_graph_kwargs(sample))
+        student = torch.func.functional_call(base.gm, tensors, kwargs=_graph_kwargs(sample), strict=False,
+                                             tie_weights=False)
+    (kept,) = objective.teacher.memo.values()
+    assert (kept.logp.shape[-1] == k) if k else torch.equal(kept, dense)
+    expected = kl_loss(top_k(dense, k) if k else dense, student, sample["labels"])
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-6, atol=1e-7)
+    assert 0 < float(loss)
+    with torch.no_grad():
+        gm = copy.deepcopy(base.gm)
+        dict(gm.named_parameters())[name].mul_(20)
+    exact = evaluate(lambda x: gm(**x), [other], reference=lambda x: base.gm(**x), progress=False).kl
+    assert objective.scorer(torch.device("cpu"), 1)(gm, [other]) == pytest.approx(exact, rel=1e-9)
 
 
 def _steps(decoder, embeds):

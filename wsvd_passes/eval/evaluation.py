@@ -44,7 +44,8 @@ class EvalResult:
 class MemoLogits:
     """``fn``'s logits computed once per window and reused: token ids [B, S] are memoised row by row (the rows
     not seen yet are computed in one call, so windows met again in other batches are not recomputed), image-text
-    graph kwargs as a whole. Holds float logits [S, V] per window: n windows x S x V x 4 bytes in float32."""
+    graph kwargs as a whole. Holds what ``fn`` returns per window: float logits [S, V] (n windows x S x V x 4
+    bytes in float32), or a tuple of tensors such as :class:`~wsvd_passes.eval.topk.TopK` (row by row, each field)."""
 
     def __init__(self, fn: Logits):
         self.fn, self.memo = fn, {}
@@ -61,9 +62,23 @@ class MemoLogits:
             if k not in self.memo:
                 first.setdefault(k, i)
         if missing := list(first.values()):
-            for i, row in zip(missing, self.fn(inputs[missing])):
+            for i, row in zip(missing, _rows(self.fn(inputs[missing]))):
                 self.memo[keys[i]] = row
-        return torch.stack([self.memo[k] for k in keys])
+        return _stack([self.memo[k] for k in keys])
+
+
+def _rows(out: torch.Tensor | tuple) -> list:
+    """A batch's output [B, ...] (a tensor or a tuple of tensors) row by row."""
+    if isinstance(out, torch.Tensor):
+        return list(out.unbind())
+    return [type(out)(*fields) for fields in zip(*(t.unbind() for t in out))]
+
+
+def _stack(rows: list) -> torch.Tensor | tuple:
+    """Rows back into a batch: the inverse of :func:`_rows`."""
+    if isinstance(rows[0], torch.Tensor):
+        return torch.stack(rows)
+    return type(rows[0])(*(torch.stack(field) for field in zip(*rows)))
 
 
 def _key(t: torch.Tensor) -> tuple:

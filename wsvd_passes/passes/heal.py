@@ -23,9 +23,9 @@ So the loss is the loss of the quantised graph that is deployed.
 
 Adam on the masters (S2 at its own rate), the learning rate warmed up linearly over the first
 ``warmup`` fraction of the steps and then decayed by a cosine (:func:`lr_factor`); ``batch_size``
-windows per step, reshuffled each epoch. The dense model's logits are computed once per window and
-kept (:class:`~wsvd_passes.eval.evaluation.MemoLogits`): each step runs the compressed graph forward
-and backward only; the backward reaches the masters through the frozen weights (no weight gradients).
+windows per step, reshuffled each epoch. The dense model's side is computed once per training window and
+kept: each step runs the compressed graph forward and backward only; the backward reaches the masters through
+the frozen weights (no weight gradients).
 
 A slice of the calibration windows (``val_fraction``, at least one) is held back: the validation
 loss is measured on the written (deployed) graph every ``eval_every`` steps, the best state is kept,
@@ -36,7 +36,11 @@ reaches this pass: it is given the calibration windows only.
 
 The loss is the pass's objective:
 
-- :class:`LogitKL` (whole-model compression): L above, on the whole graph's logits.
+- :class:`LogitKL` (whole-model compression): L above, on the whole graph's logits. The dense distributions
+  of the training windows are kept as their top k tokens plus the tail's mass (n x S x (6 k + 4) bytes for
+  V <= 65536, not the n x S x V x 4 of the float logits), so the training loss is the top-k + tail KL, a lower
+  bound of L (equal at k = V; ``teacher_topk=0`` keeps the exact logits). The calibration and validation
+  scores, hence early stopping, are the exact L: the dense logits of the scored windows are recomputed.
 - :class:`LayerOutputError` (streamed compression, one decoder layer's graph at a time): the layer's
   relative output error against the dense layer on the dense layer's inputs x,
 
@@ -65,6 +69,7 @@ from ..algorithms.quantize import fake_quant_activation, fake_quant_weight, quan
 from ..compression.calibration import split_batch
 from ..errors import WsvdError
 from ..eval.evaluation import MemoLogits, evaluate
+from ..eval.topk import TopK, kl_topk, top_k
 from ..graph.capture import CapturedGraph
 from ..graph.factor_spec import factor_spec, from_head_blocks, head_blocks
 from ..graph.graph_utils import is_call, tensor_attr
@@ -136,17 +141,32 @@ def _latents(gm: GraphModule, sites: list[AttentionSite], s2: bool) -> list[_Lat
     return list(latents.values())
 
 
+TEACHER_TOPK = 256  # tokens of the dense teacher kept per position for training (README, Healing: measured on SmolLM2)
+
+
 class LogitKL:
     """KL(dense || compressed) of the next-token distributions of the whole graph (token ids [B, S] or image-text
-    kwargs -> logits [B, S, V]); ``reference`` is the uncompressed capture."""
+    kwargs -> logits [B, S, V]); ``reference`` is the uncompressed capture.
+
+    The teacher is computed once per training window and kept as its top k = ``teacher_topk`` tokens and tail
+    (:mod:`wsvd_passes.eval.topk`): n windows x S x (k (4 + b) + 4) bytes, b = 2 for V <= 65536 else 4 (SmolLM2-135M,
+    56 windows of 256, k = 256: 22 MB), and the training loss is KL_k <= KL. ``teacher_topk=0`` keeps the exact
+    float32 logits instead, n x S x V x 4 bytes (3.2 GB for SmolLM2's 64 windows), scoring sharing them.
+    Scores (calibration and validation, hence early stopping) are always the exact KL: with k > 0 the dense
+    logits of the scored windows are recomputed at each score, [batch, S, V] float32 at a time: one dense forward per
+    scored window per score (SmolLM2, 30 steps: 8 calibration windows twice and 8 validation windows 4 times, 48
+    dense window forwards instead of 16 once each: the extra 32 cost about 5 training steps of 2 windows).
+    """
 
     name = "kl"
 
-    def __init__(self, reference: CapturedGraph):
-        self.reference = reference
-        # the dense logits, computed once per window (training and scoring share them); the exact float logits
-        # are kept, not a top-k: n windows x S x V x 4 bytes (SmolLM2-135M, 64 windows of 256: 3.2 GB)
-        self.teacher = MemoLogits(lambda x: _call(reference.gm, x))
+    def __init__(self, reference: CapturedGraph, teacher_topk: int = TEACHER_TOPK):
+        if teacher_topk < 0:
+            raise WsvdError(f"teacher_topk {teacher_topk} must be at least 0 (0: keep the exact dense logits)")
+        self.reference, self.settings = reference, {"teacher_topk": teacher_topk}
+        dense = functools.partial(_call, reference.gm)
+        self.teacher = MemoLogits(lambda x: top_k(dense(x), teacher_topk)) if teacher_topk else MemoLogits(dense)
+        self.exact = dense if teacher_topk else self.teacher  # what the scores compare with
 
     def loss(self, gm: GraphModule, tensors: dict[str, torch.Tensor], batch, device: torch.device) -> torch.Tensor:
         kwargs, labels = split_batch(batch, device)
@@ -157,7 +177,7 @@ class LogitKL:
 
     def scorer(self, device: torch.device, batch_size: int):
         """``score(gm, data)``: the mean KL of ``gm`` over ``data``."""
-        return lambda gm, data: evaluate(lambda x: _call(gm, x), data, reference=self.teacher, progress=False,
+        return lambda gm, data: evaluate(lambda x: _call(gm, x), data, reference=self.exact, progress=False,
                                          device=device, batch_size=batch_size).kl
 
 
@@ -168,6 +188,7 @@ class LayerOutputError:
     graph's other inputs, e.g. multimodal-RoPE ``position_ids``)."""
 
     name = "layer_output_error"
+    settings: dict = {}
 
     def loss(self, gm: GraphModule, tensors: dict[str, torch.Tensor], batch, device: torch.device) -> torch.Tensor:
         error, energy = self._terms(gm, tensors, batch, device)
@@ -189,12 +210,17 @@ class LayerOutputError:
         return (out.float() - y.float()).square().sum(), (y.float() - x.float()).square().sum()
 
 
-def kl_loss(ref_logits: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean over scored positions (t < S-1, label t+1 != -100) of KL(p_ref || p), float32, differentiable in ``logits``."""
+def kl_loss(ref: torch.Tensor | TopK, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over scored positions (t < S-1, label t+1 != -100) of KL(p_ref || p), float32, differentiable in ``logits``:
+    exact for reference logits [B, S, V], KL_k (:func:`~wsvd_passes.eval.topk.kl_topk`) for a top-k reference."""
     keep = (labels[:, 1:].to(logits.device) != -100).float()  # [B, S-1]; a mask, not an index: no scatter in the backward
-    ref = F.log_softmax(ref_logits[:, :-1].float(), -1)
     logp = F.log_softmax(logits[:, :-1].float(), -1)
-    return ((ref.exp() * (ref - logp)).sum(-1) * keep).sum() / keep.sum()
+    if isinstance(ref, TopK):
+        kl = kl_topk(TopK(*(t[:, :-1] for t in ref)), logp)
+    else:
+        p = F.log_softmax(ref[:, :-1].float(), -1)
+        kl = (p.exp() * (p - logp)).sum(-1)
+    return (kl * keep).sum() / keep.sum()
 
 
 def _call(gm: torch.nn.Module, batch) -> torch.Tensor:
@@ -286,7 +312,8 @@ class Heal(GraphPass):
         self._restore(latents, best[2])
         self._write(gm, latents)
         self.report.update({  # in place: holders of the pass's report see it filled
-            "objective": self.objective.name, "steps": self.steps, "steps_taken": step, "best_step": best[1],
+            "objective": self.objective.name, **self.objective.settings, "steps": self.steps, "steps_taken": step,
+            "best_step": best[1],
             "lr": self.lr, "warmup": self.warmup, "s2": bool(rotations), "batch_size": self.batch_size, "train_windows": len(self.train),
             "val_windows": len(self.val), "calib_windows": len(scored), "calib_before": calib_before,
             "calib_after": score(scored), "val_before": val_before, "val_after": best[0], "val_history": history,
