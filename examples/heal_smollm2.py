@@ -3,19 +3,21 @@ artifact healed with each STEPS:LR:WARMUP:BATCH setting, all in one run (the den
 
     wsvd compress --model smollm2-135m --recipe wsvd-noq --rho1 0.5 --save-dtype float32 --no-stream --out runs/noq
     python examples/heal_smollm2.py runs/noq 30:1e-4:0.1:2 30:3e-4:0.1:2
+    python examples/heal_smollm2.py runs/noq 30:1e-4:0.1:2 --teacher-topk 0     # the exact dense logits as teacher
 
 Healing is the last pass of a `-heal` recipe, so healing the float32 artifact of `wsvd-noq` (or of `wsvd`, whose
 recorded bits put the weight quantiser and S2 in the loop) is what `compress` does for `wsvd-heal-noq` (`wsvd-heal`),
 with the setting given here instead of the recipe's. Calibration: 64 windows of the calibration half (the artifact's
 default), the last 8 held back for validation; evaluation: 32 windows of the evaluation half, measured after healing
-and never seen by it (choose settings by the validation KL in the healing report, not by these figures). Prints one
-JSON line per row: ppl, its ratio to fp, KL and top-1 against the uncompressed model, and for a healed row the
-healing's wall and CPU seconds (user + sys, all threads) and its report (calibration and validation KL, validation
-curve)."""
+and never seen by it (choose settings by the validation KL in the healing report, not by these figures). The teacher
+keeps the dense model's top ``--teacher-topk`` tokens per position (the default of ``LogitKL``; 0: the exact logits).
+Prints one JSON line per row: ppl, its ratio to fp, KL and top-1 against the uncompressed model, and for a healed
+row the healing's wall and CPU seconds (user + sys, all threads) and its report (calibration and validation KL,
+validation curve)."""
 
+import argparse
 import copy
 import json
-import sys
 import time
 
 import torch
@@ -27,17 +29,23 @@ from wsvd_passes.eval.evaluation import MemoLogits, evaluate
 from wsvd_passes.graph.capture import capture_forward
 from wsvd_passes.graph.pipeline import Pipeline
 from wsvd_passes.models.registry import load_model
-from wsvd_passes.passes.heal import Heal, LogitKL
+from wsvd_passes.passes.heal import TEACHER_TOPK, Heal, LogitKL
 
-if len(sys.argv) < 3 or any(len(a.split(":")) != 4 for a in sys.argv[2:]):
-    sys.exit("error: usage: heal_smollm2.py ARTIFACT STEPS:LR:WARMUP:BATCH [...]")
+parser = argparse.ArgumentParser(description="heal a SmolLM2-135M artifact with each setting")
+parser.add_argument("artifact")
+parser.add_argument("settings", nargs="+", metavar="STEPS:LR:WARMUP:BATCH")
+parser.add_argument("--teacher-topk", type=int, default=TEACHER_TOPK, help="dense tokens kept per position; 0: exact")
+args = parser.parse_args()
+if any(len(a.split(":")) != 4 for a in args.settings):
+    parser.error("each setting is STEPS:LR:WARMUP:BATCH")
 torch.set_num_threads(2)
 lm = load_model("smollm2-135m")
-art = artifact.load(sys.argv[1], model=lm)
+art = artifact.load(args.artifact, model=lm)
 base = capture_forward(lm.model)
 calibration = art.manifest["calibration"]
 if calibration["source"] != "pydoc_data.topics:calibration":
-    sys.exit(f"error: {sys.argv[1]} was calibrated on {calibration['source']}; this script heals on the pydoc calibration half")
+    parser.exit(2, f"error: {args.artifact} was calibrated on {calibration['source']}; this script heals on the pydoc "
+                "calibration half\n")
 calw = token_windows(lm.tokenizer, pydoc_text("calibration"), calibration["seq_len"], calibration["windows"])
 evw = token_windows(lm.tokenizer, pydoc_text("evaluation"), 256, 32)
 ref = MemoLogits(lambda ids: base.gm(input_ids=ids))
@@ -53,8 +61,8 @@ def row(name, graph, **extra):
 recipe = art.manifest["recipe"]
 row(recipe["name"], art.captured)
 weight_bits = parse_bits(art.manifest["bits"]).weight if recipe["quantize"] else 16
-objective = LogitKL(base)
-for setting in sys.argv[2:]:
+objective = LogitKL(base, args.teacher_topk)
+for setting in args.settings:
     steps, lr, warmup, batch = setting.split(":")
     graph = copy.deepcopy(art.captured)
     p = Heal(objective, calw, steps=int(steps), lr=float(lr), warmup=float(warmup), batch_size=int(batch),
