@@ -106,7 +106,7 @@ class Int8Linears(PassBase):
             weight = weight_target(node)
             x = node.args[1] if node.target is aten.embedding.default else node.args[0]
             fake = (x.op == "call_function" and x.target is fake_quant_activation and x.args[1] == 8
-                    and x.kwargs.get("group") == spec.activation_group)
+                    and x.kwargs.get("group") == spec.activation_group and x.kwargs.get("clip") is None)
             bias = node.args[2] if node.target is aten.linear.default and len(node.args) > 2 else None
             if spec.weight_bits != 8:
                 kind = None

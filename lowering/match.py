@@ -142,7 +142,7 @@ def _int8_cache(gm: GraphModule, write, heads: int) -> tuple[Node, Node] | None:
         with graph.inserting_before(write.node):
             return infer_val(gm, copy_meta(graph.call_function(op, args, kwargs), write.node))
 
-    quantised = call(quantize_activation, latent, bits, group=group)
+    quantised = call(quantize_activation, latent, bits, group=group, clip=source.kwargs.get("clip"))
     codes = call(aten.view.default, call(operator.getitem, quantised, 0), [B, 1, heads, r])
     if width != r:
         codes = call(aten.constant_pad_nd.default, codes, [0, width - r])

@@ -43,7 +43,7 @@ def _save(tmp_path, recipe, bits="w16a16", rho1=0.6):
 
 
 @pytest.mark.parametrize("recipe,bits", [("wsvd", "w4a4"), ("qsvd", "w8a8"), ("svd-llm", "w16a16"),
-                                         ("quarot", "w8a8")])
+                                         ("quarot", "w8a8"), ("wsvd", "w4a4c0.9+latent+layer-1")])
 def test_reload_gives_identical_logits(tmp_path, recipe, bits):
     directory, compressed, manifest = _save(tmp_path, recipe, bits)
     loaded = artifact.load(directory)

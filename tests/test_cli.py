@@ -39,6 +39,8 @@ def test_eval_on_a_user_file(tmp_path):
       "--seq-len", "32", "--out", "x"], "1 calibration window(s) are too few"),
     (["compress", "--model", "tiny-llama", "--recipe", "wsvd", "--rho1", "0.5", "--bits", "w3a3", "--out", "x"],
      "unknown bit setting 'w3a3'"),
+    (["compress", "--model", "tiny-llama", "--recipe", "wsvd", "--rho1", "0.5", "--bits", "w4a4+mlp", "--out", "x"],
+     "unknown 8-bit exception 'mlp'"),
     (["eval", "--artifact", "/nonexistent-dir"], "has no manifest.json"),
     (["generate", "--artifact", "/nonexistent-dir", "--recipe", "wsvd-noq", "--prompt", "x"], "not both"),
     *[([command, "--model", "tiny-llama", *extra, "--dtype", "int8"], "--dtype 'int8' is not supported")

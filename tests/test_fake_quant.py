@@ -2,12 +2,14 @@
 
 import copy
 
+import pytest
 import torch
 from conftest import tiny_forward
 
 from wsvd_passes.algorithms.quantize import fake_quant_activation, parse_bits
 from wsvd_passes.compression.compress import calibrate, factor_plan
 from wsvd_passes.compression.recipes import RECIPES
+from wsvd_passes.errors import WsvdError
 from wsvd_passes.graph.graph_utils import infer_val
 from wsvd_passes.graph.pipeline import Pipeline
 from wsvd_passes.graph.quant_spec import quant_spec, quantized_linears
@@ -90,3 +92,25 @@ def test_vlm_input_rotation_is_not_quantised():
                     and n.args[1].target == INPUT_ROTATION)
     assert quant_spec(rotation) is None and rotation.args[0].op == "placeholder"
     assert quantized_linears(graph.gm)
+
+
+def test_eight_bit_exceptions_keep_exactly_the_named_inputs_and_the_clip_reaches_the_others():
+    graph = _compressed("w4a4c0.9+down_proj+latent+layer-1")
+    last = find_sites(graph.gm)[-1].layer
+    roles = set()
+    for node in quantized_linears(graph.gm):
+        spec, x = quant_spec(node), node.args[0]
+        layer, kind = spec.role.split(".")
+        roles.add(kind)
+        kept = kind in ("down_proj", "latent") or layer == f"layer{last}"
+        assert x.target is fake_quant_activation and x.args[1] == spec.activation_bits == (8 if kept else 4), spec.role
+        assert x.kwargs.get("clip") == (None if kept else 0.9), spec.role
+    assert roles == {"qkv", "o_proj", "gate_up", "down_proj", "latent"}
+
+
+def test_an_exception_for_a_layer_the_model_lacks_gives_one_line():
+    graph = copy.deepcopy(tiny_forward("tiny-llama-gqa"))
+    with pytest.raises(WsvdError) as info:
+        Pipeline([FakeQuantize(parse_bits("w4a4+layer-3"))])(graph)
+    assert "layer-3 names a layer the model does not have (layers 0 to 1" in str(info.value)
+    assert "\n" not in str(info.value)

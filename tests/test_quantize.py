@@ -11,6 +11,7 @@ from wsvd_passes.algorithms.quantize import (
     fake_quant_activation,
     fake_quant_weight,
     parse_bits,
+    quantize_activation,
     search_weight_clip,
     ste,
 )
@@ -231,6 +232,44 @@ def test_parse_bits_rejects_with_the_accepted_values(text):
         parse_bits(text)
     message = str(info.value)
     assert "\n" not in message and all(v in message for v in ("w8a8", "w4a4", "w8a4", "w4a8", "w16a16", "w16"))
+
+
+@pytest.mark.parametrize("text, bits", [
+    ("w4a4c0.9", Bits(4, 4, activation_clip=0.9)),
+    ("w8a4e8c0.85+down_proj+layer-1", Bits(8, 4, 8, 0.85, ("down_proj", "layer-1"))),
+    ("w4a4+latent+layer0+qkv", Bits(4, 4, a8=("latent", "layer0", "qkv")))])
+def test_low_bit_activation_options_parse_and_name_round_trip(text, bits):
+    assert parse_bits(text) == bits and bits.name == text and parse_bits(bits.name) == bits
+
+
+@pytest.mark.parametrize("text, message", [
+    ("w4a4c1", "outside (0, 1)"), ("w4a4c0", "outside (0, 1)"), ("w4a4c0.9.1", "unknown bit setting"),
+    ("w4a4+mlp", "unknown 8-bit exception 'mlp'"), ("w4a4+", "unknown 8-bit exception ''"),
+    ("w4a4+layerx", "unknown 8-bit exception 'layerx'"), ("w8a8+down_proj", "below 8 bits"),
+    ("w4a8c0.9", "below 8 bits"), ("w4a4+qkv+qkv", "twice")])
+def test_bad_low_bit_activation_options_give_one_line(text, message):
+    with pytest.raises(WsvdError) as info:
+        parse_bits(text)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("shape, group, bits, clip", [((3, 5, 13), None, 4, 0.85), ((7, 15), 5, 4, 0.9),
+                                                      ((2, 1, 9), 3, 8, 0.7), ((4, 11), None, 3, 1.0)])
+def test_clipped_activation_matches_a_float64_reference(shape, group, bits, clip):
+    x = _randn(7, *shape, dtype=torch.float64)
+    x[..., 0] *= 8  # an outlier per token that the clip saturates
+    rows = x if group is None else x.unflatten(-1, (-1, group))
+    qmax = 2 ** (bits - 1) - 1
+    scale = clip * rows.abs().amax(-1, keepdim=True) / qmax
+    want = (torch.clamp(torch.round(rows / scale), -qmax, qmax) * scale).reshape(shape)
+    got = fake_quant_activation(x, bits, group=group, clip=clip)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    codes, scales = quantize_activation(x.float(), bits, group=group, clip=clip)
+    scales = scales if group else scales[..., None]  # [..., groups]
+    deq = (codes.float().unflatten(-1, (scales.shape[-1], -1)) * scales[..., None]).reshape(shape)
+    torch.testing.assert_close(deq, fake_quant_activation(x.float(), bits, group=group, clip=clip), rtol=0, atol=0)
+    with pytest.raises(WsvdError, match="outside"):
+        fake_quant_activation(x, bits, clip=1.5)
 
 
 def test_too_few_bits_is_rejected():

@@ -27,26 +27,41 @@ when torch.export inlines it to ``aten.round``, the detach stays in the exported
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 
 import torch
 
 from ..errors import WsvdError
 
+ACTIVATION_KINDS = ("qkv", "o_proj", "gate_up", "down_proj", "latent")  # what a linear's input is (quant_spec.input_role)
+EXCEPTION_BITS = 8  # activations an exception (``+down_proj``) keeps
+
 
 @dataclasses.dataclass(frozen=True)
 class Bits:
     """Bit widths of linear-layer weights and input activations, and of the token-embedding table and
-    LM head (weight-only, per row; one table when they are tied); 16 means not quantised."""
+    LM head (weight-only, per row; one table when they are tied); 16 means not quantised.
+
+    Low-bit activation options (both off by default): ``activation_clip`` c scales every low-bit activation
+    quantiser's range to c * max|x| per token (QuaRot clips A4 at 0.9); ``a8`` names the inputs kept at
+    :data:`EXCEPTION_BITS` bits (unclipped): a kind of :data:`ACTIVATION_KINDS` (every layer's) or ``layerN`` (every
+    input of decoder layer N; ``layer-1`` the last).
+    """
 
     weight: int
     activation: int
     embedding: int = 16
+    activation_clip: float | None = None
+    a8: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
-        """``w8a8``, or ``w8a8e8`` with a quantised embedding (what :func:`parse_bits` reads back)."""
-        return f"w{self.weight}a{self.activation}" + (f"e{self.embedding}" if self.embedding < 16 else "")
+        """``w8a8``, ``w8a8e8`` with a quantised embedding, ``w4a4c0.9+down_proj+layer0`` with the low-bit
+        activation options (what :func:`parse_bits` reads back)."""
+        return (f"w{self.weight}a{self.activation}" + (f"e{self.embedding}" if self.embedding < 16 else "")
+                + (f"c{self.activation_clip:g}" if self.activation_clip is not None else "")
+                + "".join(f"+{s}" for s in self.a8))
 
 
 BIT_SETTINGS = {
@@ -58,16 +73,35 @@ BIT_SETTINGS = {
     "w16": Bits(16, 16),
 }
 EMBEDDING_BITS = (8, 4)  # the suffixes e8, e4
+_BITS = re.compile(r"(?P<base>w\d+(?:a\d+)?)(?:e(?P<embedding>\d+))?(?:c(?P<clip>\d*\.?\d+))?(?P<a8>(?:\+[^+]*)*)")
+_LAYER_SELECTOR = re.compile(r"layer-?\d+")
 
 
 def parse_bits(text: str) -> Bits:
     """``"w8a4"`` -> Bits(weight=8, activation=4); ``"w8a8e8"`` also quantises the embedding and LM head
-    to 8 bits; ``"w16"`` turns quantisation off."""
-    base, _, embedding = text.partition("e")
-    if base not in BIT_SETTINGS or (embedding and embedding not in {str(b) for b in EMBEDDING_BITS}):
+    to 8 bits; ``"w16"`` turns quantisation off; ``"w4a4c0.9+down_proj+layer0"`` clips the 4-bit activations at
+    0.9 of their range and keeps the down_proj inputs and all of layer 0's at 8 bits (:class:`Bits`)."""
+    m = _BITS.fullmatch(text)
+    if (m is None or m["base"] not in BIT_SETTINGS
+            or (m["embedding"] and m["embedding"] not in {str(b) for b in EMBEDDING_BITS})):
         raise WsvdError(f"unknown bit setting {text!r}: use one of {', '.join(BIT_SETTINGS)}, optionally followed "
                         f"by e8 or e4 to quantise the embedding and LM head (e.g. w8a8e8)")
-    return dataclasses.replace(BIT_SETTINGS[base], embedding=int(embedding) if embedding else 16)
+    bits = BIT_SETTINGS[m["base"]]
+    clip = float(m["clip"]) if m["clip"] else None
+    if clip is not None and not 0 < clip < 1:
+        raise WsvdError(f"activation clip {m['clip']!r} in {text!r} is outside (0, 1): use e.g. w4a4c0.9")
+    a8 = tuple(m["a8"].split("+")[1:])
+    for s in a8:
+        if s not in ACTIVATION_KINDS and not _LAYER_SELECTOR.fullmatch(s):
+            raise WsvdError(f"unknown 8-bit exception {s!r} in {text!r}: use {', '.join(ACTIVATION_KINDS)} or layerN "
+                            "(layer-1: the last), e.g. w4a4+down_proj+layer0")
+    if (clip is not None or a8) and bits.activation >= EXCEPTION_BITS:
+        raise WsvdError(f"{text!r}: activation clipping and 8-bit exceptions are for activations below "
+                        f"{EXCEPTION_BITS} bits (e.g. w4a4c0.9+down_proj)")
+    if len(set(a8)) != len(a8):
+        raise WsvdError(f"{text!r} names an 8-bit exception twice: name each once")
+    return dataclasses.replace(bits, embedding=int(m["embedding"]) if m["embedding"] else 16,
+                               activation_clip=clip, a8=a8)
 
 
 def ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -100,19 +134,24 @@ def quantize_weight(w: torch.Tensor, bits: int, *, clip_ratio: torch.Tensor | No
     return codes, scale[:, 0]
 
 
-def fake_quant_activation(x: torch.Tensor, bits: int, *, group: int | None = None, ste: bool = False) -> torch.Tensor:
-    """Dynamic per-token fake quantisation of X [..., d], or per token per group of ``group`` features."""
+def fake_quant_activation(x: torch.Tensor, bits: int, *, group: int | None = None, clip: float | None = None,
+                          ste: bool = False) -> torch.Tensor:
+    """Dynamic per-token fake quantisation of X [..., d], or per token per group of ``group`` features; ``clip`` c
+    in (0, 1] quantises each row on the range c * max|row| (values beyond it saturate at +-qmax)."""
     if bits >= 16:
         return x
+    if clip is not None and not 0 < clip <= 1:
+        raise WsvdError(f"activation clip ratio {clip} is outside (0, 1]: use a ratio such as 0.9")
     if group is None:
-        return _output(x, _fake_quant_rows(x, bits), ste)
+        return _output(x, _fake_quant_rows(x, bits, clip), ste)
     if x.shape[-1] % group:
         raise WsvdError(f"group size {group} does not divide the feature width {x.shape[-1]}: use a divisor")
-    q = _fake_quant_rows(x.unflatten(-1, (-1, group)), bits).flatten(-2)
+    q = _fake_quant_rows(x.unflatten(-1, (-1, group)), bits, clip).flatten(-2)
     return _output(x, q, ste)
 
 
-def quantize_activation(x: torch.Tensor, bits: int, *, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_activation(x: torch.Tensor, bits: int, *, group: int | None = None, clip: float | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """The integer form of :func:`fake_quant_activation`: int8 codes [..., d] and float32 scales [..., d / group]
     (one per token when ``group`` is None) with ``codes * scale`` (per group) equal to the fake-quant value,
     for bits <= 8. What a latent cache stores instead of the dequantised latent."""
@@ -120,7 +159,7 @@ def quantize_activation(x: torch.Tensor, bits: int, *, group: int | None = None)
         raise WsvdError(f"int8 codes hold 2 to 8 bits, not {bits}")
     rows = x if group is None else x.unflatten(-1, (-1, group))
     work = rows.to(_work_dtype(rows))
-    scale = _row_scale(work, bits)
+    scale = _row_scale(work, bits, clip)
     codes = torch.clamp(torch.round(work * scale.reciprocal()), -_qmax(bits), _qmax(bits)).to(torch.int8)
     return (codes if group is None else codes.flatten(-2)), scale[..., 0].float()
 

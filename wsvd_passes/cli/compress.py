@@ -35,7 +35,9 @@ def add_parser(sub) -> None:
     co.add_argument("--out", required=True, help="output directory")
     add_calibration(co)
     co.add_argument("--bits", default="w16a16", help="w8a8, w4a4, w8a4, w4a8 or w16a16 for quantising recipes; append e8 or e4 "
-                    "to also quantise the embedding and LM head (weight-only, per row), e.g. w8a8e8")
+                    "to also quantise the embedding and LM head (weight-only, per row), e.g. w8a8e8; for activations below 8 bits, "
+                    "cC clips them at C x their per-token range and +NAME keeps inputs at 8 bits (NAME: qkv, o_proj, "
+                    "gate_up, down_proj, latent or layerN, layer-1 the last), e.g. w4a4c0.9+down_proj+layer0")
     co.add_argument("--tune-beta", action="store_true",
                     help="tune QSVD's beta (Sigma split) of quantising factor recipes on 8 calibration windows")
     add_heal(co)

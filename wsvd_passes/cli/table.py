@@ -19,8 +19,8 @@ def add_parser(sub) -> None:
     ta.add_argument("--data", help="evaluation text file (default: evaluation half of pydoc_data.topics)")
     ta.add_argument("--eval-windows", type=int, default=32, help="evaluation windows (default 32)")
     add_calibration(ta)
-    ta.add_argument("--bits", default="w16a16", help="w8a8, w4a4, w8a4, w4a8 or w16a16 for quantising recipes; "
-                    "a comma-separated list runs each (one calibration)")
+    ta.add_argument("--bits", default="w16a16", help="w8a8, w4a4, w8a4, w4a8 or w16a16 for quantising recipes "
+                    "(any `wsvd compress --bits` setting); a comma-separated list runs each (one calibration)")
     ta.add_argument("--tune-beta", action="store_true",
                     help="tune QSVD's beta (Sigma split) of quantising factor recipes on 8 calibration windows")
     add_heal(ta)

@@ -10,13 +10,16 @@ keep the linear node and its weight, and the consumers read the layout from here
 re-deriving it: packed artifacts (:mod:`wsvd_passes.artifacts.packing`) and healing (which re-quantises
 the factors it trains and so rewrites their scales).
 
-The activation quantiser itself is the ``fake_quant_activation(x, bits, group=...)`` node
-feeding the linear; the spec repeats its bits and group so that a consumer needs one lookup.
+The activation quantiser itself is the ``fake_quant_activation(x, bits, group=..., clip=...)`` node
+feeding the linear; the spec repeats its bits and group so that a consumer needs one lookup, and names what the
+input is (:func:`input_role`, e.g. ``layer3.down_proj``: what ``--bits w4a4+down_proj`` selects and what
+``examples/lowbit_breakdown.py`` reports).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import torch
 from torch.fx import GraphModule, Node
@@ -33,6 +36,24 @@ class QuantSpec:
     activation_bits: int  # 16: input not quantised
     activation_group: int | None  # features per activation scale (None: one scale per token)
     scale: str | None  # get_attr target of the weight's per-row scale [out] (None when not quantised)
+    role: str | None = None  # what the input is, ``layer3.down_proj`` (:func:`input_role`); None: LM head, embedding
+
+
+# module (the last part of its path) -> kind of its input (ACTIVATION_KINDS); a factored projection's
+# up-projection reads the latent instead
+_INPUT_KINDS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o_proj", "gate_proj": "gate_up",
+                "up_proj": "gate_up", "down_proj": "down_proj"}
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
+
+
+def input_role(module: str, latent: bool) -> tuple[int, str] | None:
+    """(decoder layer, kind of :data:`~wsvd_passes.algorithms.quantize.ACTIVATION_KINDS`) of the input of a linear of
+    module ``module`` (its export path, ``model.layers.3.mlp.down_proj``), ``latent``: it reads a factor latent; None
+    outside the decoder layers' known projections (e.g. a vision tower's)."""
+    layer, leaf = _LAYER.search(module), module.rpartition(".")[2]
+    if layer is None or (leaf not in _INPUT_KINDS and not latent):
+        return None
+    return int(layer.group(1)), "latent" if latent else _INPUT_KINDS[leaf]
 
 
 def quant_spec(node: Node) -> QuantSpec | None:

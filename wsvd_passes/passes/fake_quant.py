@@ -10,10 +10,11 @@ precision, as in QuaRot. For each:
   by ``codes * scale`` (computed once: weights are static) and the scale [out] is kept as a
   buffer ``<weight>_scale``, so the integer codes are exact (:mod:`wsvd_passes.graph.quant_spec`);
 - input activation: a ``fake_quant_activation`` node (per token, dynamic) at
-  ``bits.activation`` bits; for the up-projection of per-head factors the input is the
-  latent [.., heads * r_max] and is quantised per token per head (group r_max, from the
-  recorded :class:`~wsvd_passes.graph.factor_spec.FactorSpec`), the granularity the decode kernel
-  uses; a joint latent is quantised per token.
+  ``bits.activation`` bits, on the clipped range ``bits.activation_clip * max|x|`` when that is set; the inputs
+  that ``bits.a8`` names (by :func:`~wsvd_passes.graph.quant_spec.input_role`) at 8 bits, unclipped; for the
+  up-projection of per-head factors the input is the latent [.., heads * r_max] and is quantised per token per
+  head (group r_max, from the recorded :class:`~wsvd_passes.graph.factor_spec.FactorSpec`), the granularity the
+  decode kernel uses; a joint latent is quantised per token.
 
 With ``bits.embedding < 16`` (``--bits w8a8e8``) the token-embedding table and the LM head weight are
 quantised per row the same way, and the LM head's input per token at 8 bits, as llama.cpp's Q8_0 dot
@@ -32,12 +33,13 @@ import torch
 from torch.fx import GraphModule, Node
 from tqdm.auto import tqdm
 
-from ..algorithms.quantize import Bits, fake_quant_activation, quantize_weight, search_weight_clip
+from ..algorithms.quantize import EXCEPTION_BITS, Bits, fake_quant_activation, quantize_weight, search_weight_clip
+from ..errors import WsvdError
 from ..graph.factor_spec import factor_spec
 from ..graph.graph_utils import add_tensor_attr, copy_meta, is_call, logits_linears, tensor_attr, val_like
 from ..graph.pipeline import GraphPass
-from ..graph.quant_spec import QUANT_META, QuantSpec
-from ..graph.sites import AttentionSite
+from ..graph.quant_spec import QUANT_META, QuantSpec, input_role
+from ..graph.sites import AttentionSite, module_path
 from .rotate import fixed_rotation, replace_tensor_arg
 
 aten = torch.ops.aten
@@ -63,6 +65,8 @@ class FakeQuantize(GraphPass):
                 node.meta[QUANT_META] = QuantSpec(self.bits.embedding, HEAD_ACTIVATION_BITS if node in heads else 16,
                                                   None, scale)
         groups = _latent_groups(sites)
+        latents = {p.node for s in sites for p in (s.q_proj, s.k_proj, s.v_proj) if p.factored}
+        exceptions = _exceptions(self.bits, sites)
         linears = [n for n in gm.graph.nodes if is_call(n, aten.linear.default)]
         for node in tqdm(linears, desc="fake-quant (clip search)", unit="linear", leave=False,
                          disable=not (self.progress and self.clip_search and self.bits.weight < 16)):
@@ -71,16 +75,25 @@ class FakeQuantize(GraphPass):
                 continue
             scale = self._quantize_weight(gm, node, self.bits.weight) if self.bits.weight < 16 else None
             group = groups.get(node)
-            if self.bits.activation < 16:
-                self._quantize_input(gm, node, self.bits.activation, group)
-            node.meta[QUANT_META] = QuantSpec(self.bits.weight, self.bits.activation, group, scale)
+            role = input_role(module_path(node), node in latents)
+            if role is None and exceptions:
+                raise WsvdError(f"cannot name the input of linear {module_path(node)!r} (outside the decoder layers' "
+                                "q/k/v/o/gate/up/down projections): 8-bit exceptions work on Llama-style decoders")
+            bits, clip = self.bits.activation, self.bits.activation_clip
+            if role and {role[1], f"layer{role[0]}"} & exceptions:
+                bits, clip = EXCEPTION_BITS, None
+            if bits < 16:
+                self._quantize_input(gm, node, bits, group, clip)
+            node.meta[QUANT_META] = QuantSpec(self.bits.weight, bits, group, scale,
+                                              role and f"layer{role[0]}.{role[1]}")
         return True
 
     @staticmethod
-    def _quantize_input(gm: GraphModule, node: Node, bits: int, group: int | None) -> None:
+    def _quantize_input(gm: GraphModule, node: Node, bits: int, group: int | None, clip: float | None = None) -> None:
         x = node.args[0]
         with gm.graph.inserting_before(node):
-            q = gm.graph.call_function(fake_quant_activation, (x, bits), {"group": group})
+            kwargs = {"group": group} | ({"clip": clip} if clip is not None else {})
+            q = gm.graph.call_function(fake_quant_activation, (x, bits), kwargs)
         node.replace_input_with(x, val_like(copy_meta(q, node), x))  # fake-quant keeps X's shape and dtype
 
     def _quantize_weight(self, gm: GraphModule, node: Node, bits: int) -> str:
@@ -93,6 +106,24 @@ class FakeQuantize(GraphPass):
         scale = f"{node.args[index].target}_scale"
         add_tensor_attr(gm, scale, row_scale, parameter=False)
         return scale
+
+
+def _exceptions(bits: Bits, sites: list[AttentionSite]) -> set[str]:
+    """``bits.a8`` with ``layer-N`` resolved to the graph's layers (``layer-1``: the last); one error line for a layer
+    the graph does not have."""
+    layers = [s.layer for s in sites]
+    out = set()
+    for name in bits.a8:
+        if name.startswith("layer"):
+            index = int(name.removeprefix("layer"))
+            if index < 0 and -index <= len(layers):
+                index = layers[index]
+            if index not in layers:
+                raise WsvdError(f"8-bit exception {name} names a layer the model does not have (layers {layers[0]} to "
+                                f"{layers[-1]}; layer-1 is the last)")
+            name = f"layer{index}"
+        out.add(name)
+    return out
 
 
 def _latent_groups(sites: list[AttentionSite]) -> dict[Node, int]:

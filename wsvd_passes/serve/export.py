@@ -198,6 +198,9 @@ def _record_quant(quant: dict, name: str, linear: Node, group: int | None) -> No
         quant[name] = None
         return
     got = x.kwargs.get("group")
+    if x.kwargs.get("clip") is not None:
+        raise WsvdError(f"{name} clips its input's range (--bits ...c{x.kwargs['clip']:g}), the vLLM plugin does not: "
+                        "export an artifact compressed without activation clipping")
     if got != group:
         raise WsvdError(f"{name} quantises its input in groups of {got}, the vLLM plugin in groups of {group}: "
                         "export a recipe from wsvd_passes.compression.recipes")
