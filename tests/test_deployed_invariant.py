@@ -28,7 +28,8 @@ QUANTISED = ["w16a16", "w8a8", "w4a4", "w8a4", "w4a4e8"]
 FAST = {("qsvd", "w8a8"), ("qsvd", "w4a4"), ("wsvd-noqat", "w8a4"), ("wsvd", "w8a8"), ("wsvd", "w4a4e8")}
 CASES = ([("svd-llm", "w16a16"), ("qsvd-noq", "w16a16"), ("wsvd-noq", "w16a16"), ("quarot", "w8a8")]
          + [pytest.param(r, b, marks=() if (r, b) in FAST else pytest.mark.slow)
-            for r in ("qsvd", "wsvd-noqat", "wsvd") for b in QUANTISED] + [pytest.param("quarot", "w4a4", marks=pytest.mark.slow)])
+            for r in ("qsvd", "wsvd-noqat", "wsvd") for b in QUANTISED] + [pytest.param("quarot", "w4a4", marks=pytest.mark.slow)]
+         + [pytest.param("wsvd-noqat", "w4a4c0.9+down_proj+layer-1", marks=pytest.mark.slow)])  # clipped int8 latents
 # float32 graphs: what differs between them is the order of float operations (one token at a time vs the whole
 # sequence, the K rebuild, int8 codes times scales), so the logits agree to float32 rounding: measured at most
 # 7e-7 of the largest logit over the whole matrix. A dropped or moved quantiser changes them by 1e-3 to 1e-1.
