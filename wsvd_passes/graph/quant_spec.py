@@ -46,14 +46,14 @@ _INPUT_KINDS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o_
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 
 
-def input_role(module: str, latent: bool) -> tuple[int, str] | None:
-    """(decoder layer, kind of :data:`~wsvd_passes.algorithms.quantize.ACTIVATION_KINDS`) of the input of a linear of
-    module ``module`` (its export path, ``model.layers.3.mlp.down_proj``), ``latent``: it reads a factor latent; None
-    outside the decoder layers' known projections (e.g. a vision tower's)."""
+def input_role(module: str, latent: bool) -> str | None:
+    """``layer3.down_proj``: the decoder layer and the kind (:data:`~wsvd_passes.algorithms.quantize.ACTIVATION_KINDS`)
+    of the input of a linear of module ``module`` (its export path, ``model.layers.3.mlp.down_proj``), ``latent``: it
+    reads a factor latent; None outside the decoder layers' known projections (e.g. a vision tower's)."""
     layer, leaf = _LAYER.search(module), module.rpartition(".")[2]
     if layer is None or (leaf not in _INPUT_KINDS and not latent):
         return None
-    return int(layer.group(1)), "latent" if latent else _INPUT_KINDS[leaf]
+    return f"layer{layer.group(1)}.{'latent' if latent else _INPUT_KINDS[leaf]}"
 
 
 def quant_spec(node: Node) -> QuantSpec | None:

@@ -66,7 +66,7 @@ class FakeQuantize(GraphPass):
                                                   None, scale)
         groups = _latent_groups(sites)
         latents = {p.node for s in sites for p in (s.q_proj, s.k_proj, s.v_proj) if p.factored}
-        exceptions = _exceptions(self.bits, sites)
+        exceptions = resolve_exceptions(self.bits, sites)
         linears = [n for n in gm.graph.nodes if is_call(n, aten.linear.default)]
         for node in tqdm(linears, desc="fake-quant (clip search)", unit="linear", leave=False,
                          disable=not (self.progress and self.clip_search and self.bits.weight < 16)):
@@ -79,13 +79,10 @@ class FakeQuantize(GraphPass):
             if role is None and exceptions:
                 raise WsvdError(f"cannot name the input of linear {module_path(node)!r} (outside the decoder layers' "
                                 "q/k/v/o/gate/up/down projections): 8-bit exceptions work on Llama-style decoders")
-            bits, clip = self.bits.activation, self.bits.activation_clip
-            if role and {role[1], f"layer{role[0]}"} & exceptions:
-                bits, clip = EXCEPTION_BITS, None
+            bits, clip = activation_quantiser(self.bits, role, exceptions)
             if bits < 16:
                 self._quantize_input(gm, node, bits, group, clip)
-            node.meta[QUANT_META] = QuantSpec(self.bits.weight, bits, group, scale,
-                                              role and f"layer{role[0]}.{role[1]}")
+            node.meta[QUANT_META] = QuantSpec(self.bits.weight, bits, group, scale, role)
         return True
 
     @staticmethod
@@ -108,7 +105,15 @@ class FakeQuantize(GraphPass):
         return scale
 
 
-def _exceptions(bits: Bits, sites: list[AttentionSite]) -> set[str]:
+def activation_quantiser(bits: Bits, role: str | None, exceptions: set[str]) -> tuple[int, float | None]:
+    """(bits, clip ratio) of the activation quantiser of an input named ``role`` (``layer3.down_proj``, None outside the
+    decoder layers) under ``bits``, whose exceptions :func:`resolve_exceptions` gives."""
+    if role is not None and set(role.split(".")) & exceptions:
+        return EXCEPTION_BITS, None
+    return bits.activation, bits.activation_clip
+
+
+def resolve_exceptions(bits: Bits, sites: list[AttentionSite]) -> set[str]:
     """``bits.a8`` with ``layer-N`` resolved to the graph's layers (``layer-1``: the last); one error line for a layer
     the graph does not have."""
     layers = [s.layer for s in sites]
