@@ -126,15 +126,16 @@ def main() -> None:
     plain = dataclasses.replace(base, activation_clip=None, a8=()).name
     kinds = {r.split(".")[1] for r in roles.values()}
     layers = sorted({int(r.split(".")[0][5:]) for r in roles.values()})
-    settings = ([plain] + [f"{plain}+{k}" for k in ACTIVATION_KINDS if k in kinds]
-                + [f"{plain}+layer{i}" for i in layers] + [f"{plain}c{c:g}" for c in CLIPS[1:]] + args.settings)
+    settings = ([plain] + [f"{plain}+{k}" for k in ACTIVATION_KINDS if k in kinds] + [f"{plain}c{c:g}" for c in CLIPS[1:]]
+                + args.settings + [f"{plain}+layer{i}" for i in layers])
     print("setting (--bits)                           KL      top-1   ppl")
-    rows = {s: kl(s) for s in settings}
-    out = {"artifact": args.artifact, "bits": art.manifest["bits"], "calibration_windows": len(windows),
-           "clips": CLIPS, "errors": errors, "kl": rows, "seconds": time.time() - start}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+    rows = {}
+    for setting in settings:  # the JSON is rewritten after each row (the per-layer rows come last and take longest)
+        rows[setting] = kl(setting)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"artifact": args.artifact, "bits": art.manifest["bits"], "calibration_windows": len(windows),
+                           "clips": CLIPS, "errors": errors, "kl": rows, "seconds": time.time() - start}, f, indent=2)
     print(f"{time.time() - start:.0f} s")
 
 
