@@ -328,6 +328,8 @@ def test_bad_checkpoints_and_recipes_are_one_line_errors(checkpoint_dir, tmp_pat
                  str(tmp_path / "x")]) == 2
     assert "error: --stream reads a checkpoint directory" in capsys.readouterr().err
     for extra, message in [(["--recipe", "wsvd-noq", "--rho2", "0.01"], "rho2 0.01 is below the minimum of 1 component"),
+                           (["--recipe", "wsvd", "--rho1", "0.5", "--bits", "w4a4+down_proj+layer-1"],
+                            "8-bit exceptions by layer (layer-1) are whole-model only for now"),
                            (["--recipe", "qsvd", "--rho1", "0.5", "--bits", "w8a8", "--tune-beta"],
                             "--stream compresses with the recipe's own beta: drop --tune-beta")]:
         assert main(["compress", "--stream", "--model", str(checkpoint_dir), "--calib-windows", "2", "--seq-len", "17",

@@ -137,7 +137,7 @@ def _stream_refusal(args) -> str | None:
         return f"--stream reads a checkpoint directory; {args.model} is not one (save it with save_pretrained)"
     if args.tune_beta:
         return "--stream compresses with the recipe's own beta: drop --tune-beta"
-    return unstreamable(get_recipe(args.recipe))
+    return unstreamable(get_recipe(args.recipe), bits_of(args))
 
 
 def _compress_streamed(args, out: str, save_dtype: torch.dtype) -> dict:

@@ -371,11 +371,15 @@ def load_calibration(store: LayerStore) -> StreamedCalibration | None:
     return StreamedCalibration(json.loads(meta["heads"]), int(meta["layers"]), groups, scores, int(meta["samples"]), store)
 
 
-def unstreamable(recipe: Recipe) -> str | None:
-    """Why ``recipe`` cannot be compressed layer by layer (one line naming the fix), or None when it can."""
+def unstreamable(recipe: Recipe, bits: Bits | None = None) -> str | None:
+    """Why ``recipe`` (at ``bits``) cannot be compressed layer by layer (one line naming the fix), or None when it can."""
     if not recipe.factor:
         return (f"recipe {recipe.name} has no low-rank factors: --stream runs the low-rank recipes (wsvd, wsvd-noq, "
                 "qsvd, svd-llm, ...); compress it without --stream")
+    layers = [name for name in (bits.a8 if bits else ()) if name.startswith("layer")]
+    if layers:  # a layer graph sees one layer: it cannot resolve layer-1 nor check that the layer exists
+        return (f"--bits {bits.name}: 8-bit exceptions by layer ({layers[0]}) are whole-model only for now: compress with "
+                "--no-stream, or name input kinds (+down_proj, ...)")
     return None
 
 
@@ -632,6 +636,8 @@ def compress_checkpoint(path: str | Path, data: torch.Tensor | list[dict], recip
     """
     import shutil
 
+    if (refusal := unstreamable(recipe, bits)) is not None:
+        raise WsvdError(refusal)
     bound_heap()
     checkpoint = Checkpoint(path, dtype)
     work = Path(offload_dir or out) / ".stream-work"
