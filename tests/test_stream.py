@@ -366,3 +366,13 @@ def test_streamed_peak_memory_does_not_grow_with_depth(tmp_path):
             embed = 2 * 2048 * 1024 * 2  # embedding and LM head, bf16
             layer_bytes = (total - embed - 1024 * 2) / 2
     assert peaks[16] <= peaks[2] + 1.5 * layer_bytes, (peaks, layer_bytes)
+
+
+def test_a_transformers_without_its_conversion_mapping_is_one_line(checkpoint_dir, monkeypatch):
+    """Streamed reading names checkpoint keys through transformers' 5.x conversion mapping: where that module is
+    missing (another transformers), one line naming the fix, not an ImportError from inside."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers.core_model_loading", None)  # import fails as if absent
+    with pytest.raises(WsvdError, match="--stream maps checkpoint keys with transformers' conversion mapping.*--no-stream"):
+        Checkpoint(checkpoint_dir)

@@ -122,9 +122,16 @@ class Checkpoint:
     def _file_keys(self, files: list[str]) -> dict[str, tuple[str, str]]:
         """Model tensor name -> (file, key), by transformers' renaming of checkpoint keys (tensors that transformers
         converts on loading, e.g. fused experts, are refused)."""
+        import transformers
         from safetensors import safe_open
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        try:  # transformers' own key renaming (5.x internals; tested with 5.25)
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+        except ImportError as e:
+            raise WsvdError(f"--stream maps checkpoint keys with transformers' conversion mapping, which transformers "
+                            f"{transformers.__version__} lacks ({e}): upgrade transformers, or compress with "
+                            "--no-stream") from None
 
         mapping = get_model_conversion_mapping(self.skeleton)
         renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
