@@ -16,10 +16,11 @@ from safetensors.torch import load_file
 from wsvd_passes.algorithms.quantize import parse_bits
 from wsvd_passes.artifacts import artifact
 from wsvd_passes.cli import main
-from wsvd_passes.compression import stream
+from wsvd_passes.compression import checkpoint, stream
+from wsvd_passes.compression.checkpoint import Checkpoint
 from wsvd_passes.compression.compress import calibrate, compress, factor_plan
 from wsvd_passes.compression.recipes import RECIPES
-from wsvd_passes.compression.stream import Checkpoint, calibrate_streamed, compress_checkpoint, compress_streamed
+from wsvd_passes.compression.stream import calibrate_streamed, compress_checkpoint, compress_streamed
 from wsvd_passes.errors import WsvdError
 from wsvd_passes.eval.mm_data import image_text_samples, load_items, sample_items
 
@@ -101,9 +102,9 @@ def test_compress_streams_the_whole_models_artifact_when_the_model_would_not_fit
     argv = ["compress", "--model", str(checkpoint_dir), "--recipe", "wsvd-noq", "--rho1", "0.6", "--calib-windows", "4",
             "--seq-len", "33", "--quiet", "--out", str(out), "--save-dtype", "float32"]  # compared with float32 maths
     skeleton = Checkpoint(checkpoint_dir).skeleton
-    need = stream.whole_model_need(Checkpoint(checkpoint_dir))
-    assert need == stream.WHOLE_MODEL_FACTOR * 4 * sum(p.numel() for p in skeleton.parameters())
-    monkeypatch.setattr(stream, "available_memory", lambda: need - 1)  # no --stream: streamed because it would not fit
+    need = checkpoint.whole_model_need(Checkpoint(checkpoint_dir))
+    assert need == checkpoint.WHOLE_MODEL_FACTOR * 4 * sum(p.numel() for p in skeleton.parameters())
+    monkeypatch.setattr(checkpoint, "available_memory", lambda: need - 1)  # no --stream: streamed because it would not fit
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert err.startswith("compressing layer by layer (--stream): the whole-model compression needs about")
@@ -336,7 +337,7 @@ def test_bad_checkpoints_and_recipes_are_one_line_errors(checkpoint_dir, tmp_pat
                      "--quiet", "--out", str(tmp_path / "y"), *extra]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1
-    monkeypatch.setattr(stream, "available_memory", lambda: 1)  # would not fit, cannot stream: said, runs whole-model
+    monkeypatch.setattr(checkpoint, "available_memory", lambda: 1)  # would not fit, cannot stream: said, runs whole-model
     assert main(["compress", "--model", str(checkpoint_dir), "--recipe", "quarot", "--rho1", "0.6", "--bits", "w8a8",
                  "--calib-windows", "2", "--seq-len", "17", "--quiet", "--out", str(tmp_path / "z")]) == 0
     err = capsys.readouterr().err

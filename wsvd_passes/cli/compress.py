@@ -102,8 +102,8 @@ def compress_to(args, out: str, *, keep_model: bool = True):
 def _stream_by_default(args) -> bool:
     """Whether ``compress`` streams without --stream/--no-stream: when --model is a safetensors checkpoint directory
     whose whole-model compression would need more than the available memory (said in one line on stderr)."""
+    from ..compression.checkpoint import Checkpoint, available_memory, whole_model_need
     from ..compression.recipes import get_recipe
-    from ..compression.stream import Checkpoint, available_memory, whole_model_need
     from ..device import parse_dtype
 
     if not Path(args.model).is_dir():
@@ -145,8 +145,9 @@ def _compress_streamed(args, out: str, save_dtype: torch.dtype) -> dict:
     calibrated on text windows (a causal LM) or on --calib image-text samples through the eager front (a VLM)."""
     import transformers
 
+    from ..compression.checkpoint import Checkpoint
     from ..compression.recipes import get_recipe
-    from ..compression.stream import Checkpoint, compress_checkpoint, front_samples
+    from ..compression.stream import compress_checkpoint, front_samples
     from ..device import parse_dtype
     from ..eval.data import text_source, token_windows
     from .common import image_text_calibration

@@ -1,7 +1,7 @@
 """Streamed compression: one decoder layer in memory at a time (``wsvd compress --stream``).
 
 The model is built on the meta device; a decoder layer's weights are read from the checkpoint's
-safetensors (memory-mapped, :class:`Checkpoint`) only while that layer is processed, then freed.
+safetensors (memory-mapped, :class:`~wsvd_passes.compression.checkpoint.Checkpoint`) only while that layer is processed, then freed.
 Each layer is exported as its own graph ``gm(hidden_states [1, S, E]) -> [1, S, E]`` (one window at a time: static
 shapes for text windows, any S for image-text samples; causal mask and RoPE computed inside, parameter names as in the whole-model capture, ``gm.meta`` saying
 which layer it is and that its input is the residual stream), so
@@ -13,8 +13,8 @@ the same passes rotate and quantise. For n calibration windows of S tokens and L
    made once per image-text sample by the eager front (:func:`front_samples`: the model without its decoder
    layers runs its vision tower, projector and merge of image features into the token embeddings, as the
    whole-model mode does); for layer i the Gram statistics of its q/k/v input and
-   o_proj input, its SVD groups, and h_{i+1} = layer_i(h_i). The inputs h_i (n x [1, S, E]) stay on
-   the CPU (or in ``offload_dir``) for step 2.
+   o_proj input, its SVD groups, and h_{i+1} = layer_i(h_i). The inputs h_i (n x [1, S, E]) wait on disk
+   (:class:`~wsvd_passes.compression.layer_store.LayerStore`, in ``offload_dir``) for step 2.
 2. backward, top down, one window at a time: the next-token loss and g_L = dL/dh_L through the
    final norm and LM head; then for each layer its forward recomputed from h_i under autograd
    gives the window's gradients of q/k/v (rank importance, Fisher) and g_i = dL/dh_i. Recipes
@@ -44,7 +44,6 @@ e.g. Qwen3-VL-MoE) are refused in one line: compress them with ``--no-stream``.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -59,175 +58,19 @@ from ..algorithms.quantize import Bits
 from ..algorithms.rank_allocation import ImportanceAccumulator, above_break_even, achieved_rho1
 from ..artifacts.artifact import digests, library_version, packed_changes, save_streamed, shard_metadata, write_shard
 from ..errors import WsvdError
-from ..graph.capture import CapturedGraph, capture_forward, logits_module, unlift, uses_mrope, vision_language
+from ..graph.capture import CapturedGraph, capture_forward, unlift
 from ..graph.graph_utils import FIRST_LAYER, NO_LAYERS, RESIDUAL_INPUT, tensor_attr
 from ..graph.pipeline import GraphPass, Pipeline
 from ..graph.sites import AttentionSite, find_sites
 from ..passes.heal import Heal, LayerOutputError
 from ..passes.qat import LocalQAT, QATTarget, RotatedTargets
 from ..passes.rotate import S1_SEED, qkv_bases
-from .calibration import InputStats, SiteStats, collect_input_stats, next_token_loss, split_batch
+from .calibration import collect_input_stats, next_token_loss, split_batch
+from .checkpoint import Checkpoint
 from .compress import Calibration, FactorReport, allocate_ranks, factor_plan, layer_groups, recipe_passes
+from .layer_store import LayerStore, StreamedCalibration, graph_inputs, load_calibration, save_calibration
 from .memory import bound_heap, release_memory
 from .recipes import Recipe
-
-
-class Checkpoint:
-    """A Hugging Face checkpoint directory (a causal LM or a VLM) read tensor by tensor from its safetensors
-    (memory-mapped).
-
-    Tensors are named as in the model (``skeleton``, on the meta device); the file's keys are mapped to those names by
-    transformers' own checkpoint conversion (``save_pretrained`` writes LLaVA's ``model.language_model.*`` as
-    ``language_model.model.*``). ``decoder`` is the language decoder's path in the model (``model``,
-    ``model.language_model``, ``model.text_model``: the module ``get_decoder()`` returns), ``embedding`` and ``head``
-    those of the input and output embeddings; ``graph_paths`` maps model paths to the whole-model capture's
-    (:func:`~wsvd_passes.graph.capture.logits_module`), ``graph_names`` the capture's tensor names to the model's.
-    """
-
-    def __init__(self, path: str | Path, dtype: torch.dtype = torch.float32):
-        import transformers
-
-        self.path, self.dtype = Path(path), dtype
-        if not (self.path / "config.json").is_file():
-            raise WsvdError(f"--stream reads a local checkpoint: {path} has no config.json (give a directory)")
-        self.config = transformers.AutoConfig.from_pretrained(self.path)
-        self.text_config = self.config.get_text_config()
-        self.config._attn_implementation = self.text_config._attn_implementation = "sdpa"
-        self.vlm, self.mrope = vision_language(self.config), uses_mrope(self.config)
-        index = self.path / "model.safetensors.index.json"
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        elif (self.path / "model.safetensors").is_file():
-            files = ["model.safetensors"]
-        else:
-            raise WsvdError(f"{path} has no model.safetensors(.index.json): --stream reads safetensors checkpoints")
-        missing = [f for f in files if not (self.path / f).is_file()]
-        if missing:
-            raise WsvdError(f"{path} lacks the shard {missing[0]} named by its index: download the whole checkpoint")
-        auto = transformers.AutoModelForImageTextToText if self.vlm else transformers.AutoModelForCausalLM
-        with torch.device("meta"):
-            self.skeleton = auto.from_config(self.config)
-        self._where = self._file_keys(files)
-        paths = {id(m): n for n, m in self.skeleton.named_modules()}
-        self.decoder, self.embedding, self.head = (paths[id(m)] for m in (
-            self.skeleton.get_decoder(), self.skeleton.get_input_embeddings(), self.skeleton.get_output_embeddings()))
-        names = {}  # tensor id -> model names (a tied head and its embedding share one)
-        for name, t in self.skeleton.state_dict(keep_vars=True).items():
-            names.setdefault(id(t), []).append(name)
-        self._aliases = {n: group for group in names.values() for n in group}
-        wrapper = logits_module(self.skeleton)
-        self.graph_paths = {paths[id(m)]: n for n, m in wrapper.named_modules() if id(m) in paths}
-        self.graph_names = {n: names[id(t)][0] for n, t in wrapper.state_dict(keep_vars=True).items()}
-
-    def _file_keys(self, files: list[str]) -> dict[str, tuple[str, str]]:
-        """Model tensor name -> (file, key), by transformers' renaming of checkpoint keys (tensors that transformers
-        converts on loading, e.g. fused experts, are refused)."""
-        import transformers
-        from safetensors import safe_open
-
-        try:  # transformers' own key renaming (5.x internals; tested with 5.25)
-            from transformers.conversion_mapping import get_model_conversion_mapping
-            from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-        except ImportError as e:
-            raise WsvdError(f"--stream maps checkpoint keys with transformers' conversion mapping, which transformers "
-                            f"{transformers.__version__} lacks ({e}): upgrade transformers, or compress with "
-                            "--no-stream") from None
-
-        mapping = get_model_conversion_mapping(self.skeleton)
-        renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
-        converters = [t for t in mapping if isinstance(t, WeightConverter)]
-        expected, prefix = self.skeleton.state_dict(), self.skeleton.base_model_prefix
-        where = {}
-        for file in files:
-            with safe_open(self.path / file, "pt") as f:
-                for key in f.keys():
-                    name, converted = rename_source_key(key, renamings, converters, prefix, expected)
-                    if converted is not None:
-                        raise WsvdError(f"{self.path}: transformers converts the checkpoint tensor {key} on loading "
-                                        "(not a plain rename), which --stream does not read: compress with --no-stream")
-                    where[name if name in expected else key] = (file, key)
-        return where
-
-    def tensor(self, name: str) -> torch.Tensor:
-        """The model tensor ``name`` (a tied LM head reads the embedding) from the checkpoint in the model dtype,
-        checked against the model's shape."""
-        stored = next((self._where[n] for n in self._aliases.get(name, [name]) if n in self._where), None)
-        if stored is None:
-            raise WsvdError(f"{self.path}: the checkpoint has no tensor {name}: its shards are incomplete or belong to "
-                            "another model")
-        from safetensors import safe_open
-
-        file, key = stored
-        with safe_open(self.path / file, "pt") as f:  # mapped only while read: RSS stays one tensor
-            value = f.get_tensor(key).to(self.dtype)
-        expected = self.skeleton.get_parameter(name).shape
-        if value.shape != expected:
-            raise WsvdError(f"{self.path}: {key} is {tuple(value.shape)}, the config says {tuple(expected)}: "
-                            "the shards do not match config.json")
-        return value
-
-    def module(self, path: str) -> torch.nn.Module:
-        """A real (CPU) copy of the skeleton's submodule ``path`` with its checkpoint weights."""
-        module = copy.deepcopy(self.skeleton.get_submodule(path))
-        prefix = f"{path}." if path else ""
-        state = {n: self.tensor(prefix + n) for n, _ in module.named_parameters()}
-        module.load_state_dict(state, assign=True, strict=True)
-        return module.eval()
-
-    def without_layers(self) -> torch.nn.Module:
-        """The whole model with no decoder layers (embedding, final norm, LM head; a VLM's vision tower and
-        projector), loaded by transformers from the checkpoint (its non-persistent buffers built as it builds them)."""
-        import transformers
-
-        config = copy.deepcopy(self.config)
-        text = config.get_text_config()
-        text.num_hidden_layers = 0
-        if getattr(text, "layer_types", None) is not None:
-            text.layer_types = []
-        auto = transformers.AutoModelForImageTextToText if self.vlm else transformers.AutoModelForCausalLM
-        logging = transformers.utils.logging
-        verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
-        logging.set_verbosity_error()  # its load report lists every layer tensor as unexpected
-        logging.disable_progress_bar()
-        try:
-            model = auto.from_pretrained(self.path, config=config, dtype=self.dtype, attn_implementation="sdpa")
-        finally:
-            logging.set_verbosity(verbosity)
-            if bars:
-                logging.enable_progress_bar()
-        return model.eval()
-
-    def fingerprint(self) -> str:
-        """:func:`~wsvd_passes.artifacts.artifact.fingerprint` of the whole-model capture, one tensor at a time."""
-        digest = hashlib.sha256()
-        for name in sorted(self.graph_names):
-            digest.update(name.encode())
-            digest.update(self.tensor(self.graph_names[name]).contiguous().view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()
-
-
-# Peak RSS of the whole-model compression over the model's parameter bytes in its compute dtype; the least
-# measured (`/usr/bin/time -v`): 4.2 for a TinyLlama-1.1B-shaped checkpoint (wsvd-noq, 4 windows, 17.3 GiB),
-# 10 for SmolLM2-135M (wsvd W8A8e8, 4 windows, 5.47 GB).
-WHOLE_MODEL_FACTOR = 4
-
-
-def whole_model_need(checkpoint: Checkpoint) -> int:
-    """Bytes the whole-model compression of ``checkpoint`` needs at least: WHOLE_MODEL_FACTOR x its parameters
-    (a tied head counted once) in the compute dtype."""
-    numel = sum(p.numel() for p in checkpoint.skeleton.parameters())
-    return WHOLE_MODEL_FACTOR * numel * checkpoint.dtype.itemsize
-
-
-def available_memory() -> int | None:
-    """Bytes the OS can give this process now without swapping (``MemAvailable``; None where unknown)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def _place(root: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
@@ -298,86 +141,6 @@ def capture_top(checkpoint: Checkpoint) -> CapturedGraph:
     return captured
 
 
-class LayerStore:
-    """Per-layer tensors kept on disk between the passes: one safetensors file per (layer, what) in ``directory``."""
-
-    def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
-
-    def put(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-        write_shard(self.directory, name, tensors, metadata)
-
-    def get(self, name: str) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file
-
-        return load_file(self.directory / f"{name}.safetensors")
-
-    def put_hidden(self, layer: int, hidden: list[torch.Tensor]) -> None:
-        """Layer ``layer``'s input h_i, one [1, S_n, E] tensor per sample."""
-        self.put(f"input{layer:05d}", {str(n): h for n, h in enumerate(hidden)})
-
-    def hidden(self, layer: int) -> list[torch.Tensor]:
-        t = self.get(f"input{layer:05d}")
-        return [t[str(n)] for n in range(len(t))]
-
-    def put_positions(self, positions: list[torch.Tensor] | None) -> None:
-        """The samples' multimodal-RoPE position ids [3, 1, S_n] (the same for every layer), when the model has them."""
-        if positions is not None:
-            self.put("positions", {str(n): p for n, p in enumerate(positions)})
-
-    def layer_inputs(self, layer: int) -> list[dict[str, torch.Tensor]]:
-        """Layer ``layer``'s graph inputs per sample: h_i (and position ids)."""
-        path = self.directory / "positions.safetensors"
-        positions = self.get("positions") if path.is_file() else None
-        return graph_inputs(self.hidden(layer), [positions[str(n)] for n in range(len(positions))] if positions else None)
-
-    def put_stats(self, layer: int, stats: SiteStats) -> None:
-        self.put(f"stats{layer:05d}", {f"qkv.{f}": torch.as_tensor(getattr(stats.qkv, f)) for f in ("gram", "absmean", "tokens")})
-
-    def stats(self, layer: int) -> SiteStats:
-        t = self.get(f"stats{layer:05d}")
-        return SiteStats(InputStats(t["qkv.gram"], t["qkv.absmean"], int(t["qkv.tokens"])))
-
-
-@dataclasses.dataclass
-class StreamedCalibration:
-    """What rank allocation needs of every layer (sites, scores, groups without their matrices); the rest
-    (statistics, Fisher) is in ``store``, read back one layer at a time."""
-
-    heads: dict  # n_heads, n_kv_heads, head_dim, hidden_size (sites are found again in each layer's graph)
-    layers: int
-    groups: list[Group]  # all layers; weight/U/Vh on the meta device (shapes only), sigma kept
-    scores: dict[tuple, torch.Tensor]
-    samples: int
-    store: LayerStore
-
-
-def save_calibration(calib: StreamedCalibration) -> None:
-    """Keep ``calib`` in its store (``calibration.safetensors``) for ``--resume``."""
-    tensors = {f"sigma.{j}": g.sigma for j, g in enumerate(calib.groups)}
-    tensors.update({f"score.{j}": calib.scores[g.key] for j, g in enumerate(calib.groups) if g.key in calib.scores})
-    groups = [{"key": list(g.key), "shapes": [list(getattr(g, f).shape) for f in ("source", "U", "Vh")]}
-              for g in calib.groups]
-    calib.store.put("calibration", tensors, {"groups": json.dumps(groups), "heads": json.dumps(
-        calib.heads), "layers": str(calib.layers), "samples": str(calib.samples)})
-
-
-def load_calibration(store: LayerStore) -> StreamedCalibration | None:
-    """The calibration :func:`save_calibration` kept in ``store``, or None."""
-    path = store.directory / "calibration.safetensors"
-    if not path.is_file():
-        return None
-    meta, tensors = shard_metadata(path), store.get("calibration")
-    groups, scores = [], {}
-    for j, g in enumerate(json.loads(meta["groups"])):
-        source, U, Vh = (torch.empty(shape, device="meta") for shape in g["shapes"])
-        groups.append(Group(layer=g["key"][0], name=g["key"][1], head=g["key"][2], source=source, scaling=None, U=U,
-                            sigma=tensors[f"sigma.{j}"], Vh=Vh))
-        if f"score.{j}" in tensors:
-            scores[groups[-1].key] = tensors[f"score.{j}"]
-    return StreamedCalibration(json.loads(meta["heads"]), int(meta["layers"]), groups, scores, int(meta["samples"]), store)
-
-
 def unstreamable(recipe: Recipe, bits: Bits | None = None) -> str | None:
     """Why ``recipe`` (at ``bits``) cannot be compressed layer by layer (one line naming the fix), or None when it can."""
     if not recipe.factor:
@@ -402,11 +165,6 @@ def calibration_inputs(checkpoint: Checkpoint, data: torch.Tensor | list[dict]
     positions = [kwargs["position_ids"] for kwargs, _ in samples] if checkpoint.mrope else None
     return ([kwargs["inputs_embeds"].to(checkpoint.dtype) for kwargs, _ in samples], [labels for _, labels in samples],
             positions)
-
-
-def graph_inputs(hidden: list[torch.Tensor], positions: list[torch.Tensor] | None) -> list[dict[str, torch.Tensor]]:
-    """A layer graph's kwargs per sample: ``hidden_states`` (and ``position_ids`` for multimodal RoPE)."""
-    return [{"hidden_states": h, **({"position_ids": positions[n]} if positions else {})} for n, h in enumerate(hidden)]
 
 
 def front_samples(checkpoint: Checkpoint, items: list) -> list[dict]:
