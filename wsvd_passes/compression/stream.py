@@ -101,8 +101,9 @@ class LayerForward(torch.nn.Module):
         from transformers.masking_utils import create_causal_mask
 
         positions = torch.arange(hidden_states.shape[1], device=hidden_states.device).unsqueeze(0)
-        mask = create_causal_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=None, cache=None,
-                                  position_ids=positions)
+        # (config, inputs_embeds, attention_mask, no cache, position_ids) by position: the cache argument is
+        # ``past_key_values`` up to transformers 5.1x (the device image's 5.17) and ``cache`` in 5.2x
+        mask = create_causal_mask(self.config, hidden_states, None, None, positions)
         rope = self.get_submodule(self.rotary)(hidden_states, position_ids=positions if position_ids is None else position_ids)
         return self.get_submodule(self.layer)(hidden_states, attention_mask=mask, position_ids=positions,
                                               position_embeddings=rope)
