@@ -262,13 +262,21 @@ def test_streamed_healing_lowers_each_layers_output_error_and_the_artifact_has_t
         hidden = target
 
 
-@pytest.mark.slow  # 51 s: two streamed runs in subprocesses
-def test_a_killed_run_resumes_to_the_same_artifact(checkpoint_dir, tmp_path, monkeypatch, capsys):
+@pytest.mark.slow  # about a minute each: an uninterrupted, a killed and a resumed streamed run
+@pytest.mark.parametrize("model", [MODEL, VLM])
+def test_a_killed_run_resumes_to_the_same_artifact(model, tmp_path, monkeypatch, capsys, request):
+    """Kill a streamed run while it writes layer 1, resume it: the artifact of an uninterrupted run. The VLM's run
+    streams by default (it would not fit), so that path and its image-text calibration resume too."""
     from wsvd_passes.compression import stream as stream_module
 
-    argv = ["compress", "--stream", "--model", str(checkpoint_dir), "--recipe", "wsvd-noq", "--rho1", "0.6",
-            "--calib-windows", "4", "--seq-len", "33", "--quiet"]
-    assert main(argv + ["--out", str(tmp_path / "whole")]) == 0
+    path = request.getfixturevalue("checkpoint_dir") if model == MODEL else request.getfixturevalue("vlm_checkpoints")(VLM)
+    data = ["--calib-windows", "4", "--seq-len", "33"] if model == MODEL else ["--calib", str(DATA), "--calib-samples", "2"]
+    argv = ["compress", "--model", str(path), "--recipe", "wsvd-noq", "--rho1", "0.6", "--quiet", *data]
+    assert main(argv + ["--stream", "--out", str(tmp_path / "whole")]) == 0
+    if model == VLM:
+        monkeypatch.setattr(checkpoint, "available_memory", lambda: 1)
+    else:
+        argv.append("--stream")
     write_shard, written = stream_module.write_shard, []
 
     def killed_after_layer_0(directory, name, tensors, metadata=None):
@@ -280,6 +288,7 @@ def test_a_killed_run_resumes_to_the_same_artifact(checkpoint_dir, tmp_path, mon
     monkeypatch.setattr(stream_module, "write_shard", killed_after_layer_0)  # where the shards are written
     out = tmp_path / "resumed"
     assert main(argv + ["--out", str(out)]) == 130  # interrupted
+    assert model == MODEL or "compressing layer by layer (--stream)" in capsys.readouterr().err
     monkeypatch.setattr(stream_module, "write_shard", write_shard)
     assert "layer00000" in written and (out / "layer00000.safetensors").is_file()
     assert main([a if a != "0.6" else "0.5" for a in argv] + ["--out", str(out), "--resume"]) == 2
