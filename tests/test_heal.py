@@ -293,3 +293,16 @@ def test_teacher_keeps_top_k_for_training_and_scores_stay_exact(k):
 def test_negative_teacher_topk_is_refused():
     with pytest.raises(WsvdError, match="teacher_topk -1 must be at least 0"):
         heal.LogitKL(_base(), teacher_topk=-1)
+
+
+def test_rotating_recipes_heal_at_the_rate_for_factors_with_the_fused_norm_gain():
+    """The down-projections of a rotating recipe carry the RMSNorm gain (D diag(gamma) S1), so the same Adam step is
+    larger relative to them: their default peak rate is HEAL_LR_ROTATED, also when --heal-steps turns healing on for
+    another rotating recipe; an explicit rate is kept."""
+    from wsvd_passes.compression.recipes import HEAL_LR, HEAL_LR_ROTATED
+
+    assert HEAL_LR_ROTATED < HEAL_LR
+    assert RECIPES["wsvd-heal"].heal_lr == HEAL_LR_ROTATED and RECIPES["wsvd-heal-noq"].heal_lr == HEAL_LR
+    assert dataclasses.replace(RECIPES["qsvd"], heal_steps=5).heal_lr == HEAL_LR_ROTATED
+    assert dataclasses.replace(RECIPES["svd-llm"], heal_steps=5).heal_lr == HEAL_LR
+    assert dataclasses.replace(RECIPES["wsvd-heal"], heal_lr=3e-5).heal_lr == 3e-5
