@@ -64,8 +64,9 @@ def served_logits(directory, ids: torch.Tensor, dtype=torch.float64) -> torch.Te
         h = h + _linear(w, a + "self_attn.o_proj", fq(attn))
         x = fq(rms(h, w[a + "post_attention_layernorm.weight"]))
         m = torch.nn.functional.silu(_linear(w, a + "mlp.gate_proj", x)) * _linear(w, a + "mlp.up_proj", x)
-        if block["online_hadamard"]:
-            m = m @ w[a + "mlp.down_hadamard.weight"].T
+        if block["online_hadamard"]:  # H = diag(signs) (K^T kron M1 kron M2), formed densely here
+            f = [w[a + f"mlp.down_hadamard.{name}"].double() for name in ("signs", "k", "m1", "m2")]
+            m = (m.double() @ (torch.diag(f[0]) @ torch.kron(f[1].T.contiguous(), torch.kron(f[2], f[3])))).to(m.dtype)
         h = h + _linear(w, a + "mlp.down_proj", fq(m))
     head = w["lm_head.weight"] if not cfg["tie_word_embeddings"] else w["model.embed_tokens.weight"]
     return rms(h, w["model.norm.weight"]) @ head.T

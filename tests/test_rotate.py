@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wsvd_passes.algorithms.hadamard import random_hadamard
+from wsvd_passes.algorithms.hadamard import hadamard_factors, hadamard_macs, hadamard_rotate, random_hadamard
 from wsvd_passes.errors import WsvdError
 from wsvd_passes.eval.generation import greedy_generate
 from wsvd_passes.graph.capture import capture_decode, capture_forward
@@ -70,6 +70,26 @@ def test_hadamard_is_exactly_orthogonal_for_awkward_orders():
     assert not torch.equal(random_hadamard(96, 0), random_hadamard(96, 1))
     with pytest.raises(WsvdError, match="no Hadamard matrix of order 50"):
         random_hadamard(50, 0)
+
+
+def test_structured_hadamard_is_torchaos_matrix_and_applies_it_without_forming_it():
+    from torchao.prototype.spinquant.hadamard_utils import random_hadamard_matrix
+
+    for n in (1, 12, 40, 96, 128, 688, 1536):  # K in {1, 12, 20, 12, 1, 172, 12}, M from 1 to 128
+        dense = torch.round(random_hadamard_matrix(n, "cpu", seed=5).double() * n**0.5) / n**0.5
+        assert torch.equal(random_hadamard(n, 5), dense)  # torchao's seeded matrix, bit for bit
+        factors = hadamard_factors(n, 5).tensors()
+        signs, k, m1, m2 = factors  # the layout the vLLM export documents: H = diag(signs) (k^T kron m1 kron m2)
+        assert torch.equal(torch.diag(signs) @ torch.kron(k.T.contiguous(), torch.kron(m1, m2)), dense)
+        x = torch.randn(3, 7, n, dtype=torch.float64, requires_grad=True)
+        y = hadamard_rotate(x, *factors)
+        torch.testing.assert_close(y, x @ dense, atol=1e-12, rtol=0)
+        y.square().sum().backward()  # |x H|^2 = |x|^2: the gradient flows through the factors
+        torch.testing.assert_close(x.grad, 2 * x.detach(), atol=1e-11, rtol=0)
+        low = hadamard_rotate(x.detach().float(), *(f.float() for f in factors))
+        torch.testing.assert_close(low, (x.detach() @ dense).float(), atol=1e-5, rtol=1e-5)
+    structured, full = hadamard_macs(11008)  # Llama-2-7B's MLP: K 172, M1 = M2 = 8
+    assert (structured, full) == (11008 * 188, 11008**2)
 
 
 def test_rotated_factored_decode_graph_generates_the_same_tokens():

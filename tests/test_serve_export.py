@@ -4,6 +4,7 @@ plugin cannot serve with one error line."""
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -48,7 +49,9 @@ def test_exported_directory_computes_the_artifacts_function(tmp_path, capsys, mo
     assert config["architectures"] == [f"Wsvd{family}ForCausalLM"] and config["wsvd"] == block
     assert block["format_version"] == FORMAT_VERSION and block["recipe"] == recipe and block["bits"] == bits
     assert block["activation_bits"] == (8 if bits == "w8a8" else None)
-    assert block["online_hadamard"] == RECIPES[recipe].rotate and block["qkv_bias"] == (model == "tiny-qwen2")
+    hadamard = block["online_hadamard"]  # the factor orders of the MLP's online Hadamard, [K, M1, M2]
+    assert (math.prod(hadamard) == config["intermediate_size"]) if RECIPES[recipe].rotate else hadamard is None
+    assert block["qkv_bias"] == (model == "tiny-qwen2")
     joint = block["granularity"] == "joint"
     assert block["kv_cache"] == ("dense" if joint else "latent")  # the default: latent where the factors allow it
     if joint:  # one latent feeds K and V: the latent cache is refused in one line
@@ -119,6 +122,9 @@ def test_a_newer_format_version_is_refused_at_load():
     with pytest.raises(ValueError, match="wsvd export vllm"):
         check_block(None)
     assert check_block(dict(block))["kv_cache"] == "dense"  # a block without kv_cache (the first format 1)
+    with pytest.raises(ValueError, match="online_hadamard True .* export the directory again"):
+        check_block(block | {"online_hadamard": True})  # format 1's flag for a dense matrix
+    assert check_block(block | {"online_hadamard": [12, 4, 8]})["online_hadamard"] == [12, 4, 8]
     for granularity, kv_cache in (("head", "paged"), ("joint", "latent")):
         with pytest.raises(ValueError, match=f"kv_cache '{kv_cache}' with {granularity} factors"):
             check_block(block | {"granularity": granularity, "kv_cache": kv_cache})

@@ -52,9 +52,9 @@ from ..passes.qat import QATTarget
 from .packing import merge_layouts, pack, tensor_digest, unpack
 
 FORMAT = "wsvd-artifact"
-FORMAT_VERSION = 3  # 3: a rotated tied LM head reads the rotated embedding (rotate.TIED_GAMMA);
-# 2: packed weights (manifest["storage"]); 1: float tensors as they are
-FIRST_TIED_ROTATION = 3  # rotating recipes written before this version replay into a different graph
+FORMAT_VERSION = 4  # 4: the online Hadamard is stored as its factors (rotate.OnlineHadamard); 3: a rotated tied LM
+# head reads the rotated embedding (rotate.TIED_GAMMA); 2: packed weights (manifest["storage"]); 1: float tensors
+FIRST_ROTATION_FORMAT = 4  # rotating recipes written before this version replay into a different graph
 
 
 def library_version() -> str:
@@ -178,9 +178,9 @@ def read_manifest(directory: str | Path) -> dict:
         raise WsvdError(f"{path} has artifact format version {got!r} (written by wsvd-passes "
                         f"{manifest.get('wsvd_version')}); this wsvd-passes {library_version()} reads up to "
                         f"{FORMAT_VERSION}: upgrade wsvd-passes or compress again")
-    if got < FIRST_TIED_ROTATION and manifest.get("recipe", {}).get("rotate"):
-        raise WsvdError(f"{path} is a rotated model in artifact format {got}, from before a tied LM head stayed tied "
-                        f"under rotation (format {FIRST_TIED_ROTATION}): compress it again")
+    if got < FIRST_ROTATION_FORMAT and manifest.get("recipe", {}).get("rotate"):
+        raise WsvdError(f"{path} is a rotated model in artifact format {got}, from before the online Hadamard was "
+                        f"stored as its factors (format {FIRST_ROTATION_FORMAT}): compress it again")
     return manifest
 
 
@@ -325,7 +325,8 @@ def save_streamed(directory: str | Path, *, model: str, model_sha256: str, shard
               for suffix in ("weight", "weight_packed", "weight_shape", "weight_scale")}
     # packed codes and scales keep their own names; graph tensors stored as they are may be shared
     stored, aliases = concatenate_safetensors(shards, out / "weights.safetensors", {"format": FORMAT}, packed)
-    storage["aliases"].update(aliases)
+    # a shard's alias may name a tensor that the concatenation dropped as a copy: point it at the one written
+    storage["aliases"] = {name: aliases.get(target, target) for name, target in storage["aliases"].items()} | aliases
     write_shard(out, "spectra", {k: v.contiguous() for k, v in report.spectra.items()})
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "wsvd_version": library_version(),

@@ -8,15 +8,17 @@ readers) through :func:`~wsvd_passes.graph.residual.find_residual_stream`, activ
 
 - ``config.json``: the base model's config with ``architectures: ["Wsvd<Family>ForCausalLM"]`` and a
   ``wsvd`` block (format version, recipe, granularity, per-layer per-projection ranks and latent width,
-  activation bits, online Hadamard, and ``kv_cache``: what vLLM's paged cache holds, ``latent`` or ``dense``);
+  activation bits, online Hadamard (its factor orders [K, M1, M2], or null), and ``kv_cache``: what vLLM's paged cache holds, ``latent`` or ``dense``);
 - ``model.safetensors`` (:func:`write_weights`), Hugging Face names plus the factors as linears, for layer i
   and p in q, k, v (``attn = model.layers.{i}.self_attn``, E hidden, D head dim, w latent width per block)::
 
       head         {attn}.{p}_down.weight [n_p w, E]    {attn}.{p}_up.weight [n_p D, w]  (the diagonal blocks of U)
       projection   {attn}.{p}_down.weight [r_p, E]      {attn}.{p}_up.weight [n_p D, r_p]
       joint        {attn}.qkv_down.weight [r, E]        {attn}.{p}_up.weight [n_p D, r]
-                   {attn}.{p}_up.bias [n_p D] (Qwen2);  model.layers.{i}.mlp.down_hadamard.weight [I, I] (rotated
-                   recipes: the online Hadamard before down_proj); RMSNorm weights of ones when the gammas are fused;
+                   {attn}.{p}_up.bias [n_p D] (Qwen2);  model.layers.{i}.mlp.down_hadamard.{signs, k, m1, m2}
+                   (rotated recipes: the factors of the online Hadamard before down_proj, I = K M1 M2,
+                   :class:`~wsvd_passes.algorithms.hadamard.HadamardFactors`); RMSNorm weights of ones when the
+                   gammas are fused;
                    ``lm_head.weight`` only when it differs from the embedding (tied embeddings are stored once; a
                    rotated tied head ``x G (E S1)^T`` is served untied as ``E S1 G``);
 
@@ -36,6 +38,7 @@ import torch
 from safetensors.torch import save_file
 from torch.fx import GraphModule, Node
 
+from ..algorithms.hadamard import FACTOR_NAMES, hadamard_rotate
 from ..algorithms.quantize import fake_quant_activation
 from ..errors import WsvdError
 from ..graph.factor_spec import factor_spec, head_blocks
@@ -127,18 +130,22 @@ def read_graph(gm: GraphModule) -> tuple[dict[str, torch.Tensor], dict]:
                             site.k_proj.latent, site.v_proj.latent}
     output = next(n for n in gm.graph.nodes if n.op == "output")
     logits = set(output.all_input_nodes)
-    hadamard = False
+    hadamard = None
     for node in gm.graph.nodes:
         if is_call(node, aten.embedding.default):
             tensors[_name(module_path(node)) + ".weight"] = _get(gm, node.args[0])
+        if is_call(node, hadamard_rotate):  # carries its writer's module path (OnlineHadamard)
+            path = _name(module_path(node))
+            if not path.endswith(".mlp.down_proj"):
+                raise WsvdError(f"an online Hadamard sits before {path}; the vLLM plugin has one only before down_proj")
+            factors = [_get(gm, arg) for arg in node.args[1:]]
+            for part, tensor in zip(FACTOR_NAMES, factors):
+                tensors[f"{path.removesuffix('_proj')}_hadamard.{part}"] = tensor
+            hadamard = [f.shape[0] for f in factors[1:]]
         if not is_call(node, aten.linear.default) or node in attention_nodes or node.args[1].target.endswith(TIED_GAMMA):
             continue
         path = "lm_head" if node in logits else _name(module_path(node))
-        if node.args[1].target.endswith("online_hadamard"):
-            if not path.endswith(".mlp.down_proj"):
-                raise WsvdError(f"an online Hadamard sits before {path}; the vLLM plugin has one only before down_proj")
-            path, hadamard = path.removesuffix("_proj") + "_hadamard", True
-        elif node not in logits:
+        if node not in logits:
             _record_quant(quant, path, node, None)
         _put_linear(gm, node, path, tensors)
         head_input = node.args[0]

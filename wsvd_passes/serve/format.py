@@ -6,7 +6,7 @@ No heavy imports: the vLLM plugin and model read this module, and so does the ex
 from __future__ import annotations
 
 FORMAT = "wsvd-vllm"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the online Hadamard is stored as its factors (orders [K, M1, M2] in the block)
 ARCHITECTURES = {"llama": "WsvdLlamaForCausalLM", "mistral": "WsvdMistralForCausalLM", "qwen2": "WsvdQwen2ForCausalLM"}
 GRANULARITIES = ("head", "projection", "joint")
 # what vLLM's paged cache holds: "latent", per token and layer one latent head [c_k | c_v] of the real (unpadded)
@@ -94,6 +94,11 @@ def check_block(block) -> dict:
     if block.get("granularity") not in GRANULARITIES:
         raise ValueError(f"config.json's wsvd granularity {block.get('granularity')!r} is not one of "
                          f"{', '.join(GRANULARITIES)}: export the directory again")
+    hadamard = block.get("online_hadamard")
+    if hadamard and not (isinstance(hadamard, list) and len(hadamard) == 3
+                         and all(isinstance(n, int) and n > 0 for n in hadamard)):
+        raise ValueError(f"config.json's wsvd online_hadamard {hadamard!r} is not the orders [K, M1, M2] of its factors "
+                         "(format 1 stored a dense matrix): export the directory again with this wsvd-passes")
     kv_cache = block.setdefault("kv_cache", "dense")
     if kv_cache not in KV_CACHES or (kv_cache == "latent" and block["granularity"] not in LATENT_GRANULARITIES):
         raise ValueError(f"config.json's wsvd kv_cache {kv_cache!r} with {block['granularity']} factors: the plugin "

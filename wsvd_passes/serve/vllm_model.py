@@ -47,6 +47,7 @@ from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.model_executor.utils import set_weight_attrs
 
+from ..algorithms.hadamard import FACTOR_NAMES, hadamard_rotate
 from ..algorithms.quantize import fake_quant_activation
 from .format import SCALE_BYTES, check_block, latent_cache_heads, latent_cache_layout, latent_cache_scales
 from .latent_cache import LatentAttention, int8_entry, int8_latent, latent_decode, pack_latent, unpack_latent
@@ -207,6 +208,20 @@ class WsvdAttention(nn.Module):
         return nn.functional.pad(x.unflatten(-1, (-1, self.head_dim)), (0, self.attn_dim - self.head_dim)).flatten(-2)
 
 
+class OnlineHadamard(nn.Module):
+    """h -> h H from the factors of H (the graph's :func:`~wsvd_passes.algorithms.hadamard.hadamard_rotate`;
+    ``orders``: [K, M1, M2] of the block), loaded as ``signs``, ``k``, ``m1``, ``m2``."""
+
+    def __init__(self, orders: list[int]):
+        super().__init__()
+        k, m1, m2 = orders
+        for name, shape in zip(FACTOR_NAMES, [(k * m1 * m2,), (k, k), (m1, m1), (m2, m2)]):
+            self.register_parameter(name, nn.Parameter(torch.empty(shape), requires_grad=False))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return hadamard_rotate(h, *(getattr(self, name).to(h.dtype) for name in FACTOR_NAMES))
+
+
 class WsvdMLP(nn.Module):
     """SwiGLU MLP; quantised recipes: fake-quant inputs and the online Hadamard before down_proj."""
 
@@ -218,8 +233,7 @@ class WsvdMLP(nn.Module):
         self.bits = block["activation_bits"]
         self.gate_up_proj = MergedColumnParallelLinear(E, [inner] * 2, bias=bias, prefix=f"{prefix}.gate_up_proj")
         self.down_proj = RowParallelLinear(inner, E, bias=bias, prefix=f"{prefix}.down_proj")
-        self.down_hadamard = ReplicatedLinear(inner, inner, bias=False, prefix=f"{prefix}.down_hadamard") \
-            if block["online_hadamard"] else None
+        self.down_hadamard = OnlineHadamard(block["online_hadamard"]) if block["online_hadamard"] else None
         self.act_fn = SiluAndMul()
 
     def _quant(self, x: torch.Tensor) -> torch.Tensor:
@@ -228,7 +242,7 @@ class WsvdMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.act_fn(self.gate_up_proj(self._quant(x))[0])
         if self.down_hadamard is not None:
-            h = self.down_hadamard(h)[0]
+            h = self.down_hadamard(h)
         return self.down_proj(self._quant(h))[0]
 
 
