@@ -8,7 +8,8 @@ readers) through :func:`~wsvd_passes.graph.residual.find_residual_stream`, activ
 
 - ``config.json``: the base model's config with ``architectures: ["Wsvd<Family>ForCausalLM"]`` and a
   ``wsvd`` block (format version, recipe, granularity, per-layer per-projection ranks and latent width,
-  activation bits, online Hadamard (its factor orders [K, M1, M2], or null), and ``kv_cache``: what vLLM's paged cache holds, ``latent`` or ``dense``);
+  activation bits, online Hadamard (its factor orders [K, M1, M2], or null), and ``kv_cache``: what vLLM's paged
+  cache holds, ``latent`` or ``dense``);
 - ``model.safetensors`` (:func:`write_weights`), Hugging Face names plus the factors as linears, for layer i
   and p in q, k, v (``attn = model.layers.{i}.self_attn``, E hidden, D head dim, w latent width per block)::
 

@@ -97,8 +97,8 @@ def check_block(block) -> dict:
     hadamard = block.get("online_hadamard")
     if hadamard and not (isinstance(hadamard, list) and len(hadamard) == 3
                          and all(isinstance(n, int) and n > 0 for n in hadamard)):
-        raise ValueError(f"config.json's wsvd online_hadamard {hadamard!r} is not the orders [K, M1, M2] of its factors "
-                         "(format 1 stored a dense matrix): export the directory again with this wsvd-passes")
+        raise ValueError(f"config.json's wsvd online_hadamard {hadamard!r} is not the orders [K, M1, M2] of its "
+                         "factors (format 1 stored a dense matrix): export the directory again with this wsvd-passes")
     kv_cache = block.setdefault("kv_cache", "dense")
     if kv_cache not in KV_CACHES or (kv_cache == "latent" and block["granularity"] not in LATENT_GRANULARITIES):
         raise ValueError(f"config.json's wsvd kv_cache {kv_cache!r} with {block['granularity']} factors: the plugin "
