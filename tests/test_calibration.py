@@ -11,6 +11,7 @@ from wsvd_passes.compression.calibration import (
     RemoveObservers,
     collect_gradients,
     collect_input_stats,
+    head_loss,
     next_token_loss,
 )
 from wsvd_passes.errors import WsvdError
@@ -105,3 +106,50 @@ def test_next_token_loss_masks_and_rejects_bad_labels():
         next_token_loss(logits, labels[:, :4])
     with pytest.raises(WsvdError, match="every label is masked"):
         next_token_loss(logits, torch.full((1, 5), -100))
+
+
+def _labels(B, S, V):
+    labels = torch.randint(0, V, (B, S))
+    labels[0, 5:9] = -100
+    labels[-1, -1] = -100
+    return labels
+
+
+def test_head_loss_is_next_token_loss_in_chunks_float64():
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 37, 24, dtype=torch.float64, requires_grad=True)
+    head = torch.randn(101, 24, dtype=torch.float64, requires_grad=True)
+    labels = _labels(2, 37, 101)
+    want = next_token_loss(torch.nn.functional.linear(hidden, head), labels)
+    want_grads = torch.autograd.grad(want, [hidden, head])
+    got = head_loss(hidden, head, labels, chunk_bytes=7 * 4 * 101)  # 7 positions a chunk: 72 = 10 x 7 + 2
+    got_grads = torch.autograd.grad(got, [hidden, head])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    with pytest.raises(WsvdError, match="every label is masked"):
+        head_loss(hidden, head, torch.full((2, 37), -100))
+
+
+def test_head_loss_saves_no_logits():
+    """Outside its checkpointed chunks head_loss saves nothing of size V per position for backward (the head
+    itself, which lives anyway, aside); the plain loss saves its [N, V] log-softmax."""
+    torch.manual_seed(0)
+    S, V = 64, 1000
+    hidden, head = torch.randn(1, S, 16, requires_grad=True), torch.randn(V, 16)
+    labels = _labels(1, S, V)
+
+    def largest_saved(loss_fn) -> int:
+        sizes = [0]
+        def pack(t):
+            if t.untyped_storage().data_ptr() != head.untyped_storage().data_ptr():
+                sizes.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = loss_fn()
+        loss.backward()
+        return max(sizes)
+
+    assert largest_saved(lambda: next_token_loss(torch.nn.functional.linear(hidden, head), labels)) >= (S - 1) * V
+    assert largest_saved(lambda: head_loss(hidden, head, labels, chunk_bytes=8 * 4 * V)) <= S * 16

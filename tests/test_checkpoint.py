@@ -8,6 +8,7 @@ from conftest import fresh_forward, tiny
 from wsvd_passes.compression.calibration import next_token_loss
 from wsvd_passes.graph.capture import capture_forward
 from wsvd_passes.graph.checkpoint import LayerCheckpointed, layer_of
+from wsvd_passes.graph.graph_utils import logits_head
 from wsvd_passes.graph.sites import find_sites
 
 
@@ -66,3 +67,13 @@ def test_checkpointed_gradients_match_float64_eager():
     expected = [getattr(layer.self_attn, f"{p}_proj").weight.grad for layer in model.model.layers for p in "qkv"]
     for got, want in zip(grads, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_arguments_of_the_head_are_what_the_graph_computes_it_from():
+    captured = fresh_forward("tiny-llama-gqa")
+    head = logits_head(captured.gm)
+    assert head is not None
+    ids = torch.randint(0, 384, (2, 17))
+    hidden, weight = LayerCheckpointed(captured.gm).arguments_of(head, input_ids=ids)
+    assert hidden.shape[:2] == ids.shape
+    assert torch.equal(torch.nn.functional.linear(hidden, weight), captured.gm(input_ids=ids))

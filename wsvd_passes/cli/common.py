@@ -139,7 +139,7 @@ def prepare(args, recipe_names: list[str]):
     """Load --model, cut the calibration windows, capture and calibrate for ``recipe_names``: (lm, captured graph,
     calibration, recipes, provenance)."""
     from ..compression.compress import calibrate
-    from ..compression.memory import WHOLE_MODEL_MMAP_THRESHOLD, bound_heap
+    from ..compression.memory import WHOLE_MODEL_MMAP_THRESHOLD, bound_heap, own_weights
     from ..compression.recipes import get_recipe
     from ..eval.data import text_source, token_windows
     from ..eval.mm_data import image_text_samples
@@ -152,6 +152,7 @@ def prepare(args, recipe_names: list[str]):
         if value is not None and value < 1:
             raise WsvdError(f"--{flag.replace('_', '-')} {value} must be at least 1")
     lm = load_lm(args, args.model)
+    own_weights(lm.model)  # passes replacing weights free them (see own_weights)
     if lm.processor is not None or getattr(args, "calib", None):
         windows, provenance = image_text_calibration(args, lm.name, lm.processor is not None,
                                                      functools.partial(image_text_samples, lm))

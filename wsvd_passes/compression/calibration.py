@@ -16,7 +16,8 @@ sequence (a "sample") and reduces the per-sample gradients g of the next-token
 loss w.r.t. chosen weights. The forward keeps each decoder layer's input only and
 backward recomputes the layer's activations from it
 (:class:`~wsvd_passes.graph.checkpoint.LayerCheckpointed`: the same gradients bit for bit,
-one layer's activations alive at a time). The built-in reduction is the diagonal Fisher
+one layer's activations alive at a time); a graph that ends in its LM head stops at the head's input and
+:func:`head_loss` makes the logits a chunk of positions at a time. The built-in reduction is the diagonal Fisher
 F = E_samples[g * g]; a callback sees every per-sample gradient for other
 reductions (e.g. projections onto singular vectors for rank importance).
 
@@ -28,19 +29,22 @@ unsupervised positions (:mod:`wsvd_passes.eval.mm_data`); :func:`split_batch` te
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch.fx import GraphModule
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from ..errors import WsvdError
 from ..graph.capture import CapturedGraph
 from ..graph.checkpoint import LayerCheckpointed
-from ..graph.graph_utils import copy_meta
+from ..graph.graph_utils import copy_meta, logits_head
 from ..graph.pipeline import GraphPass, Pipeline
 from ..graph.sites import PASSTHROUGH_MODULE_PREFIX as OBSERVER_PREFIX
 from ..graph.sites import AttentionSite, find_sites
+from .memory import trim_heap
 
 
 class InputStatsObserver(torch.nn.Module):
@@ -141,10 +145,12 @@ def collect_input_stats(captured: CapturedGraph, batches: Iterable[torch.Tensor 
     if captured.kind != "forward":
         raise WsvdError("calibration needs the full-sequence graph: capture it with capture_forward()")
     Pipeline([InsertInputObservers()])(captured)
+    head = logits_head(captured.gm)  # the statistics are all read below it: stop at its input, no [B, S, V] logits
+    run = captured.gm if head is None else functools.partial(LayerCheckpointed(captured.gm).arguments_of, head)
     try:
         with torch.no_grad():
             for batch in tqdm(list(batches), desc="calibration statistics", disable=not progress):
-                captured.gm(**split_batch(batch, captured.device)[0])
+                run(**split_batch(batch, captured.device)[0])
         return [SiteStats(_stats(getattr(captured.gm, f"{OBSERVER_PREFIX}{s.layer}_qkv"), f"layer {s.layer} q/k/v input"))
                 for s in find_sites(captured.gm)]
     finally:
@@ -154,17 +160,46 @@ def collect_input_stats(captured: CapturedGraph, batches: Iterable[torch.Tensor 
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of predicting ``labels[:, t+1]`` from ``logits[:, t]``.
 
-    The shift happens here and nowhere else. Positions whose label is -100 do not count
-    (e.g. prompt tokens when only answers are supervised).
+    The shift happens here (and in :func:`head_loss`, through :func:`_shifted`) and nowhere else. Positions whose
+    label is -100 do not count (e.g. prompt tokens when only answers are supervised).
     """
-    if logits.shape[:2] != labels.shape:
-        raise WsvdError(f"labels {tuple(labels.shape)} do not match logits {tuple(logits.shape[:2])}")
-    shifted = labels[:, 1:].to(logits.device)
-    if not (shifted != -100).any():
-        raise WsvdError("every label is masked (-100): nothing to compute a loss on")
+    shifted = _shifted(labels, logits)
     return torch.nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]).float(), shifted.reshape(-1), ignore_index=-100
     )
+
+
+LOGIT_CHUNK_BYTES = 16 * 2**20  # float32 logits per chunk of head_loss (SmolLM2, V = 49152: 85 positions)
+
+
+def head_loss(hidden: torch.Tensor, head: torch.Tensor, labels: torch.Tensor, *,
+              chunk_bytes: int = LOGIT_CHUNK_BYTES) -> torch.Tensor:
+    """``next_token_loss(linear(hidden, head), labels)`` for hidden states [B, S, E] and an LM head [V, E], without
+    the [B, S, V] logits: sum_c CE_sum(linear(h_c, head), labels_c) / #scored over chunks c of
+    p = chunk_bytes / (4 V) positions, each chunk a non-reentrant checkpoint (its logits are made again in
+    backward). So forward and backward hold one chunk's float32 logits, log-softmax and their gradients instead of
+    four [B, S, V] tensors (SmolLM2, S = 256: 16 MB instead of 0.2 GB) for one more head matmul per window."""
+    shifted = _shifted(labels, hidden).reshape(-1)
+    flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    step = max(1, chunk_bytes // (4 * head.shape[0]))
+    total = sum(checkpoint(_chunk_loss, flat[i:i + step], head, shifted[i:i + step], use_reentrant=False)
+                for i in range(0, len(flat), step))
+    return total / (shifted != -100).sum()
+
+
+def _chunk_loss(hidden: torch.Tensor, head: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = torch.nn.functional.linear(hidden, head).float()
+    return torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+
+
+def _shifted(labels: torch.Tensor, per_position: torch.Tensor) -> torch.Tensor:
+    """``labels[:, 1:]`` on ``per_position``'s device after checking it against its [B, S, ...] shape."""
+    if per_position.shape[:2] != labels.shape:
+        raise WsvdError(f"labels {tuple(labels.shape)} do not match logits {tuple(per_position.shape[:2])}")
+    shifted = labels[:, 1:].to(per_position.device)
+    if not (shifted != -100).any():
+        raise WsvdError("every label is masked (-100): nothing to compute a loss on")
+    return shifted
 
 
 def collect_gradients(
@@ -190,7 +225,7 @@ def collect_gradients(
     if missing:
         raise WsvdError(f"no parameter named {missing[0]!r} in the captured graph: pass weight targets from the sites")
     saved = {name: p.requires_grad for name, p in params.items()}
-    run = LayerCheckpointed(gm)
+    run, head = LayerCheckpointed(gm), logits_head(gm)
     fisher = {t: torch.zeros_like(params[t], dtype=torch.float32) for t in targets}
     count = 0
     try:
@@ -203,7 +238,11 @@ def collect_gradients(
                 ids, labels = sample if isinstance(sample, tuple) else (sample, sample)
                 kwargs, labels = {"input_ids": ids[None].to(captured.device)}, labels[None]
             with torch.enable_grad():
-                loss = next_token_loss(run(**kwargs), labels)
+                if head is None:
+                    loss = next_token_loss(run(**kwargs), labels)
+                else:  # the graph ends in its LM head: the loss from the head's input, chunk by chunk
+                    hidden, weight = run.arguments_of(head, **kwargs)
+                    loss = head_loss(hidden, weight, labels)
                 grads = torch.autograd.grad(loss, [params[t] for t in targets])
             grads = dict(zip(targets, grads))
             if on_sample is not None:
@@ -211,6 +250,8 @@ def collect_gradients(
             for t, g in grads.items():
                 fisher[t] += g.float().square()
             count += 1
+            del grads
+            trim_heap()
     finally:
         for name, p in params.items():
             p.requires_grad_(saved[name])

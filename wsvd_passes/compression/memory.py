@@ -4,7 +4,8 @@ Both modes free large temporaries all the time (a layer's graph when streamed; w
 the statistics pass, the rotated copy for QAT targets). glibc keeps freed heap pages and, after each large free,
 raises its mmap threshold, so later large tensors come from a heap that fragments and the peak grows stage by
 stage. :func:`bound_heap` fixes the threshold; :func:`release_memory` frees reference cycles (fx graphs are
-cycles) and returns free pages at stage (or layer) boundaries.
+cycles) and returns free pages at stage (or layer) boundaries; :func:`own_weights` takes a loaded model's weights
+out of the memory-mapped checkpoint, so that replaced weights are freed.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import ctypes
 import ctypes.util
 import functools
 import gc
+
+import torch
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 STREAMED_MMAP_THRESHOLD = 128 * 1024  # glibc's initial value, kept fixed
@@ -46,9 +49,32 @@ def release_memory() -> None:
     once layers were exported with static shapes (:func:`~wsvd_passes.compression.stream.capture_layer`).
     """
     gc.collect()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Hand the heap's free pages back to the OS (``malloc_trim(0)``; a no-op without glibc): after a step that
+    freed many tensors below the mmap threshold, whose pages glibc would otherwise keep."""
     trim = getattr(_libc(), "malloc_trim", None)
     if trim is not None:
         trim(0)
+
+
+def own_weights(model: torch.nn.Module) -> None:
+    """Copy the model's CPU parameters out of the checkpoint file they may be memory-mapped from into memory of their
+    own, in place (tied parameters stay tied), and drop the mapping. (Not the buffers: small, and swapping a buffer's
+    data under transformers' RoPE modules breaks their export.)
+
+    transformers maps a safetensors checkpoint and the loaded tensors are views of the mapping: it stays mapped until
+    its last tensor is freed and every page a pass has read stays resident with it. A whole-model compression that
+    replaces the weights as it goes (rotation, factorisation) would then hold all the old weights and the new ones
+    (SmolLM2-135M ``wsvd`` W8A8: about 0.5 GB more at the rotation); copies of their own are freed one by one.
+    """
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.device.type == "cpu":
+                p.data = p.data.clone()
+    release_memory()
 
 
 @functools.cache

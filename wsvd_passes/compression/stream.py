@@ -65,7 +65,7 @@ from ..graph.sites import AttentionSite, find_sites
 from ..passes.heal import Heal, LayerOutputError
 from ..passes.qat import LocalQAT, QATTarget, RotatedTargets
 from ..passes.rotate import S1_SEED, qkv_bases
-from .calibration import collect_input_stats, next_token_loss, split_batch
+from .calibration import collect_input_stats, head_loss, split_batch
 from .checkpoint import Checkpoint
 from .compress import Calibration, FactorReport, allocate_ranks, factor_plan, layer_groups, recipe_passes
 from .layer_store import LayerStore, StreamedCalibration, graph_inputs, load_calibration, save_calibration
@@ -237,7 +237,7 @@ def _streamed_gradients(checkpoint: Checkpoint, labels: list[torch.Tensor], top:
     for h_L, label in zip(top, labels):
         h = h_L.detach().requires_grad_(True)
         with torch.enable_grad():
-            loss = next_token_loss(torch.nn.functional.linear(norm(h), head), label)
+            loss = head_loss(norm(h), head, label)
             upstream.append(torch.autograd.grad(loss, h)[0])
     del norm, head
     scores = {}

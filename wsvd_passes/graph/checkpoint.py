@@ -66,11 +66,23 @@ class LayerCheckpointed:
         return sum(s.layer is not None for s in self._segments)
 
     def __call__(self, *args, **kwargs):
+        return self._run_graph(None, args, kwargs)
+
+    def arguments_of(self, node: Node, *args, **kwargs) -> tuple:
+        """The values ``node`` (outside the decoder layers, e.g. the LM head) would be called with, running the
+        graph only as far as that: callers compute the rest themselves (e.g. the head's loss in chunks)."""
+        if layer_of(node) is not None:
+            raise ValueError(f"{node.name} lies inside {layer_of(node)}: stop at a node outside the decoder layers")
+        return self._run_graph(node, args, kwargs)
+
+    def _run_graph(self, stop: Node | None, args: tuple, kwargs: dict):
         flat = iter(fx_pytree.tree_flatten_spec((args, kwargs), self.gm._in_spec))
         env: dict[Node, object] = {}
         for segment in self._segments:
             if segment.layer is None:
                 for node in segment.nodes:
+                    if node is stop:
+                        return map_arg(node.args, env.__getitem__)
                     env[node] = next(flat) if node.op == "placeholder" else self._run(node, env)
             else:
                 values = checkpoint(self._segment, segment, *(env[n] for n in segment.inputs), use_reentrant=False)

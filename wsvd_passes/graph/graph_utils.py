@@ -102,6 +102,17 @@ def logits_linears(gm: GraphModule) -> list[Node]:
     return [n for n in output.all_input_nodes if is_call(n, torch.ops.aten.linear.default)]
 
 
+def logits_head(gm: GraphModule) -> Node | None:
+    """The LM head when the graph returns its output unchanged and nothing else: the one bias-free linear
+    ``logits = linear(h, W)``; None for other graphs (several outputs, a bias, a soft cap or scale after the head)."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    heads = logits_linears(gm)
+    if len(output.all_input_nodes) != 1 or len(heads) != 1 or len(heads[0].users) != 1:
+        return None
+    head = heads[0]
+    return head if len(head.args) == 2 or head.args[2] is None else None
+
+
 def val_like(node: Node, source: Node) -> Node:
     """Set ``meta["val"]`` of ``node``, whose output has the shape and dtype of its input ``source``, without running
     its op: an empty fake tensor like the source's (symbolic shapes kept). :func:`infer_val` runs the op on fake
