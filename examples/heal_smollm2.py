@@ -8,9 +8,10 @@ artifact healed with each STEPS:LR:WARMUP:BATCH setting, all in one run (the den
 Healing is the last pass of a `-heal` recipe, so healing the float32 artifact of `wsvd-noq` (or of `wsvd`, whose
 recorded bits put the weight quantiser and S2 in the loop) is what `compress` does for `wsvd-heal-noq` (`wsvd-heal`),
 with the setting given here instead of the recipe's. Calibration: 64 windows of the calibration half (the artifact's
-default), the last 8 held back for validation; evaluation: 32 windows of the evaluation half, measured after healing
-and never seen by it (choose settings by the validation KL in the healing report, not by these figures). The teacher
-keeps the dense model's top ``--teacher-topk`` tokens per position (the default of ``LogitKL``; 0: the exact logits).
+default; ``--heal-windows N``: the first N, as `compress --heal-windows`), the last 8 held back for validation;
+evaluation: 32 windows of the evaluation half, measured after healing and never seen by it (choose settings by the
+validation KL in the healing report, not by these figures). The teacher keeps the dense model's top
+``--teacher-topk`` tokens per position (the default of ``LogitKL``; 0: the exact logits).
 Prints one JSON line per row: ppl, its ratio to fp, KL and top-1 against the uncompressed model, and for a healed
 row the healing's wall and CPU seconds (user + sys, all threads) and its report (calibration and validation KL,
 validation curve)."""
@@ -35,6 +36,7 @@ parser = argparse.ArgumentParser(description="heal a SmolLM2-135M artifact with 
 parser.add_argument("artifact")
 parser.add_argument("settings", nargs="+", metavar="STEPS:LR:WARMUP:BATCH")
 parser.add_argument("--teacher-topk", type=int, default=TEACHER_TOPK, help="dense tokens kept per position; 0: exact")
+parser.add_argument("--heal-windows", type=int, help="calibration windows to heal on (default: the artifact's)")
 args = parser.parse_args()
 if any(len(a.split(":")) != 4 for a in args.settings):
     parser.error("each setting is STEPS:LR:WARMUP:BATCH")
@@ -46,7 +48,8 @@ calibration = art.manifest["calibration"]
 if calibration["source"] != "pydoc_data.topics:calibration":
     parser.exit(2, f"error: {args.artifact} was calibrated on {calibration['source']}; this script heals on the pydoc "
                 "calibration half\n")
-calw = token_windows(lm.tokenizer, pydoc_text("calibration"), calibration["seq_len"], calibration["windows"])
+calw = token_windows(lm.tokenizer, pydoc_text("calibration"), calibration["seq_len"],
+                     args.heal_windows or calibration["windows"])
 evw = token_windows(lm.tokenizer, pydoc_text("evaluation"), 256, 32)
 ref = MemoLogits(lambda ids: base.gm(input_ids=ids))
 fp = evaluate(ref, evw, progress=False)

@@ -215,11 +215,26 @@ def test_artifact_reload_reproduces_the_healed_logits(tmp_path):
      "--heal-steps: recipe quarot has no low-rank factors to heal"),
     (["compress", "--model", MODEL, "--recipe", "wsvd-noq", "--rho1", "0.5", "--heal-steps", "0", "--out", "x"],
      "--heal-steps 0 must be at least 1"),
+    (["compress", "--model", MODEL, "--recipe", "wsvd-heal-noq", "--rho1", "0.5", "--heal-windows", "1", "--out", "x"],
+     "--heal-windows 1 must be at least 2"),
+    (["compress", "--model", MODEL, "--recipe", "wsvd-heal-noq", "--rho1", "0.5", "--heal-windows", "8", "--stream",
+      "--out", "x"], "--heal-windows is for end-to-end healing"),
 ])
 def test_heal_steps_bad_input_gives_one_line(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_compress_heals_on_the_heal_windows_not_the_calibration_windows(tmp_path):
+    """--heal-windows (the recipe's heal_windows) cuts its own windows from the calibration text: healing trains and
+    validates on those (at most 8 held back), the statistics and gradients keep --calib-windows."""
+    out = tmp_path / "a"
+    assert main(["compress", "--model", MODEL, "--recipe", "wsvd-heal-noq", "--rho1", "0.5", "--heal-steps", "2",
+                 "--heal-windows", "11", "--calib-windows", "3", "--seq-len", "32", "--quiet", "--out", str(out)]) == 0
+    manifest = artifact.read_manifest(out)
+    assert manifest["calibration"]["windows"] == 3 and manifest["calibration"]["heal_windows"] == 11
+    assert (manifest["heal"]["train_windows"], manifest["heal"]["val_windows"]) == (10, 1)
 
 
 def test_teacher_logits_are_computed_once_per_window_across_batches():

@@ -33,11 +33,18 @@ def add_heal(p: argparse.ArgumentParser) -> None:
                    help="heal the factors for N steps over the calibration windows: end to end on KL(dense || "
                    "compressed); with --stream, per layer on its output error against the dense layer (on by default "
                    "in wsvd-heal and wsvd-heal-noq; any factor recipe)")
+    p.add_argument("--heal-windows", type=int, default=None, metavar="N",
+                   help="end-to-end healing trains on the first N windows of the calibration text (default: the "
+                   "recipe's, 192 for wsvd-heal-noq; else the calibration windows); text calibration only")
 
 
 def with_heal(args, recipes: list):
     """``recipes`` with --heal-steps applied (refused for recipes without factors)."""
-    steps = getattr(args, "heal_steps", None)
+    steps, windows = getattr(args, "heal_steps", None), getattr(args, "heal_windows", None)
+    if windows is not None:
+        if windows < 2:
+            raise WsvdError(f"--heal-windows {windows} must be at least 2 (one is held back for validation)")
+        recipes = [dataclasses.replace(r, heal_windows=windows) for r in recipes]
     if steps is None:
         return recipes
     if steps < 1:
@@ -154,15 +161,23 @@ def prepare(args, recipe_names: list[str]):
     lm = load_lm(args, args.model)
     own_weights(lm.model)  # passes replacing weights free them (see own_weights)
     if lm.processor is not None or getattr(args, "calib", None):
+        if getattr(args, "heal_windows", None) is not None:
+            raise WsvdError("--heal-windows cuts text windows: image-text calibration heals on its samples, drop it")
         windows, provenance = image_text_calibration(args, lm.name, lm.processor is not None,
                                                      functools.partial(image_text_samples, lm))
+        heal_windows = None
     else:
         text, provenance = text_source(args.calib_data, "calibration")
         windows = token_windows(lm.tokenizer, text, args.seq_len, args.calib_windows)
+        n_heal = max((r.heal_windows for r in recipes if r.heal_steps), default=0)
+        heal_windows = token_windows(lm.tokenizer, text, args.seq_len, n_heal) if n_heal else None
     captured = capture_forward(lm.model)
     start = time.perf_counter()
     calib = (calibrate(captured, windows, recipes, grad_samples=args.grad_samples, progress=not args.quiet)
              if any(r.factor for r in recipes) else None)
+    if calib is not None and heal_windows is not None:
+        calib.heal_windows = heal_windows
+        provenance.update(heal_windows=len(heal_windows))
     provenance.update(windows=len(windows), seq_len=args.seq_len, grad_samples=calib.samples if calib else 0,
                       seconds=round(time.perf_counter() - start, 1))
     return lm, captured, calib, recipes, provenance

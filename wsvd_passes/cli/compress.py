@@ -77,6 +77,9 @@ def compress_to(args, out: str, *, keep_model: bool = True):
 
     save_dtype = parse_dtype(getattr(args, "save_dtype", "bfloat16"), "--save-dtype")  # bad input fails before work
     if getattr(args, "stream", False):
+        if getattr(args, "heal_windows", None) is not None:
+            raise WsvdError("--heal-windows is for end-to-end healing; streamed healing is per layer on the "
+                            "calibration windows: drop it or add --no-stream")
         return None, _compress_streamed(args, out, save_dtype)
     if getattr(args, "resume", False) or getattr(args, "offload_dir", None):
         raise WsvdError("--resume and --offload-dir belong to streamed compression: add --stream")

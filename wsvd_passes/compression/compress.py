@@ -57,11 +57,12 @@ class Calibration:
     samples: int
     qat_targets: dict[tuple[int, str], QATTarget] | None = None  # rotated dense W' and F' (recipes with QAT)
     windows: torch.Tensor | list | None = None  # the calibration data itself (for tune_beta)
+    heal_windows: torch.Tensor | None = None  # what end-to-end healing trains on (None: ``windows``)
 
     def release(self) -> None:
         """Drop every measurement (one-shot compression, once its passes hold what they still read)."""
         self.stats, self.weights, self.groups, self.scores, self.fisher = [], {}, {}, {}, {}
-        self.qat_targets = self.windows = None
+        self.qat_targets = self.windows = self.heal_windows = None
 
 
 def calibrate(
@@ -280,7 +281,7 @@ def compress(captured: CapturedGraph, calib: Calibration | None, recipe: Recipe,
         raise WsvdError(f"recipe {recipe.name} heals against the uncompressed graph: compress a copy (in_place=False)")
     plan, report = factor_plan(calib, recipe, rho1, rho2) if recipe.factor else (None, None)
     passes = recipe_passes(recipe, bits, plan, calib.qat_targets if calib else None, progress=progress,
-                           heal_data=(LogitKL(captured), calib.windows) if calib else None)
+                           heal_data=(LogitKL(captured), _heal_windows(calib)) if calib else None)
     del plan  # held by FactorizeQKV until it has run
     for p in passes:  # their reports are filled in as they run
         if isinstance(p, LocalQAT):
@@ -295,6 +296,10 @@ def compress(captured: CapturedGraph, calib: Calibration | None, recipe: Recipe,
     while passes:
         Pipeline([passes.pop(0)])(compressed)
     return compressed, report
+
+
+def _heal_windows(calib: Calibration) -> torch.Tensor | list:
+    return calib.windows if calib.heal_windows is None else calib.heal_windows
 
 
 BETA_GRID = (0.25, 0.5, 0.75)

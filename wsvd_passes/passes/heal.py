@@ -27,12 +27,12 @@ windows per step, reshuffled each epoch. The dense model's side is computed once
 kept: each step runs the compressed graph forward and backward only; the backward reaches the masters through
 the frozen weights (no weight gradients).
 
-A slice of the calibration windows (``val_fraction``, at least one) is held back: the validation
-loss is measured on the written (deployed) graph every ``eval_every`` steps, the best state is kept,
-and training stops after ``patience`` evaluations without improvement. The calibration loss is
-measured before and after on the first ``score_windows`` training windows; the report also has the
-mean training loss between evaluations (``train_history``). Evaluation data never
-reaches this pass: it is given the calibration windows only.
+A slice of the calibration windows (``val_fraction``, at least one, at most ``max_val``: each evaluation costs two
+forwards per held-back window) is held back: the validation loss is measured on the written (deployed) graph every
+``eval_every`` steps (default max(10, steps / 6)), the best state is kept, and training stops after ``patience``
+evaluations without improvement. The calibration loss is measured before and after on the first ``score_windows``
+training windows; the report also has the mean training loss between evaluations (``train_history``). Evaluation
+data never reaches this pass: it is given the calibration windows only.
 
 The loss is the pass's objective:
 
@@ -238,9 +238,9 @@ class Heal(GraphPass):
     """
 
     def __init__(self, objective: LogitKL | LayerOutputError, windows, *, steps: int, lr: float, weight_bits: int = 16,
-                 s2: bool = False, s2_lr: float = 1e-3, warmup: float = 0.1, batch_size: int = 2, val_fraction: float = 0.125,
-                 eval_every: int = 10, patience: int = 3, clip_every: int = 10, score_windows: int = 8, seed: int = 0,
-                 progress: bool = False):
+                 s2: bool = False, s2_lr: float = 1e-3, warmup: float = 0.1, batch_size: int = 2,
+                 val_fraction: float = 0.125, max_val: int = 8, eval_every: int | None = None, patience: int = 3,
+                 clip_every: int = 10, score_windows: int = 8, seed: int = 0, progress: bool = False):
         if steps < 0:
             raise WsvdError(f"heal steps {steps} must be at least 0")
         if len(windows) < 2:
@@ -248,11 +248,12 @@ class Heal(GraphPass):
         self.objective, self.windows = objective, windows
         self.steps, self.lr, self.weight_bits, self.s2, self.s2_lr = steps, lr, weight_bits, s2, s2_lr
         self.warmup = warmup
+        eval_every = max(10, steps // 6) if eval_every is None else eval_every  # None: at most about 6 evaluations
         self.batch_size, self.eval_every, self.patience, self.clip_every = batch_size, eval_every, patience, clip_every
         if not isinstance(windows, torch.Tensor):
             self.batch_size = 1  # image-text samples differ in length, layer samples are one window: one per step
         self.score_windows, self.seed, self.progress = score_windows, seed, progress
-        n_val = max(1, min(len(windows) - 1, round(len(windows) * val_fraction)))
+        n_val = max(1, min(len(windows) - 1, max_val, round(len(windows) * val_fraction)))
         self.train, self.val = windows[: len(windows) - n_val], windows[len(windows) - n_val:]
         self.report: dict = {}
 
