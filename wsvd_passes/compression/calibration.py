@@ -241,7 +241,7 @@ def collect_gradients(
                 if head is None:
                     loss = next_token_loss(run(**kwargs), labels)
                 else:  # the graph ends in its LM head: the loss from the head's input, chunk by chunk
-                    hidden, weight = run.arguments_of(head, **kwargs)
+                    hidden, weight = run.arguments_of(head, **kwargs)[:2]  # (h, W) or (h, W, None)
                     loss = head_loss(hidden, weight, labels)
                 grads = torch.autograd.grad(loss, [params[t] for t in targets])
             grads = dict(zip(targets, grads))
